@@ -1,0 +1,1 @@
+"""Open X-Embodiment RLDS input pipeline: reading, standardization, statistics, transforms, batching."""

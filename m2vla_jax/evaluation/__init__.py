@@ -1,0 +1,1 @@
+"""Offline evaluation of policies over held-out RLDS episodes."""

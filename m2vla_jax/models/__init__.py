@@ -1,0 +1,1 @@
+"""Neural network modules (Flax linen): the frozen vision-language backbone and the action heads."""

@@ -1,0 +1,1 @@
+"""Closed-loop simulation: Meta-World demonstrations and evaluation, MJX compiled rollouts."""

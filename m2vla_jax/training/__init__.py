@@ -1,0 +1,1 @@
+"""Everything that turns a model and a data stream into trained parameters."""

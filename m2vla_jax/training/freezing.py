@@ -1,0 +1,53 @@
+"""Which parameters train: regex rules over parameter paths, as data in the config.
+
+A rule list is `[(regex, trainable), ...]`; the first rule whose regex fully matches a path decides.
+Every path must be matched by some rule (end the list with `('.*', ...)`), so a new parameter can never
+be frozen or trained by accident. Frozen parameters are cast to `frozen_dtype` (bf16 by default): they
+get no gradient and no optimizer state because the trainer differentiates only the trainable subtree.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from m2vla_jax import tree_util
+
+Rules = Sequence[tuple[str, bool]]
+
+
+def trainable_mask(params: Any, rules: Rules) -> Any:
+  """A tree of bools, True where the parameter trains."""
+  compiled = [(re.compile(pattern), bool(trainable)) for pattern, trainable in rules]
+
+  def decide(path, _):
+    for pattern, trainable in compiled:
+      if pattern.fullmatch(path):
+        return trainable
+    raise ValueError(f"parameter {path!r} matches no freezing rule; add a rule for it or end "
+                     f"config.trainable with ('.*', True) or ('.*', False)")
+
+  return tree_util.map_with_path(decide, params)
+
+
+def split(params: Any, mask: Any) -> tuple[dict, dict]:
+  """(trainable, frozen) flat dicts keyed by path; `merge` undoes it."""
+  flat, flat_mask = tree_util.flatten(params), tree_util.flatten(mask)
+  trainable = {k: v for k, v in flat.items() if flat_mask[k]}
+  frozen = {k: v for k, v in flat.items() if not flat_mask[k]}
+  return trainable, frozen
+
+
+def merge(trainable: dict, frozen: dict) -> dict:
+  """Nested parameter tree from the two flat halves."""
+  return tree_util.unflatten({**frozen, **trainable})
+
+
+def cast_frozen(frozen: dict, dtype: Any = jnp.bfloat16) -> dict:
+  """Frozen weights in a compact dtype (they are only read)."""
+  if dtype is None:
+    return frozen
+  return jax.tree_util.tree_map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                                frozen)

@@ -1,0 +1,1 @@
+"""Importers that turn released checkpoints into our parameter trees, validating every key."""

