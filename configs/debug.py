@@ -1,0 +1,38 @@
+"""Debug config: a tiny policy, CPU-sized shapes, a few steps. Short args: `configs/debug.py:steps=8,fsdp=2`.
+
+model=toy (default) trains the trainer's toy policy on synthetic batches; model=m2vla trains the real
+M²-VLA policy with a tiny backbone on the bridge debug sample (/work/shared/data/octo_bridge_debug).
+"""
+import ml_collections
+
+from m2vla_jax.training import config_base
+from m2vla_jax.training import toy
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  a = config_base.parse_arg(arg, steps=20, batch=16, fsdp=1, model="toy", data="synthetic",
+                            data_dir="/work/shared/data/octo_bridge_debug")
+  c = config_base.base_config()
+  c.total_steps = a.steps
+  c.batch_size = a.batch
+  c.policy = a.model
+  c.data.kind = a.data
+  if a.model == "toy":
+    c.model = toy.default_config()
+  else:
+    c.model = ml_collections.ConfigDict()  # filled once models/m2vla.py exposes its debug config
+  c.data.data_dir = a.data_dir
+  c.data.dataset = "bridge_dataset"
+  c.trainable = [("vlm/.*", False), (".*", True)]
+  c.optimizer.lr = 3e-3
+  c.optimizer.warmup_steps = 2
+  c.mesh.data = -1
+  c.mesh.fsdp = a.fsdp
+  c.sharding.fsdp_min_bytes = 0     # shard even tiny arrays so FSDP is exercised on CPU
+  c.checkpoint.every = 5
+  c.checkpoint.keep = 3
+  c.log_every = 1
+  c.eval_every = 10
+  c.eval_steps = 2
+  c.lock()
+  return c

@@ -1,0 +1,72 @@
+"""Defaults every training config starts from, and big_vision-style short-argument parsing.
+
+`base_config()` is the one source of truth for trainer fields and their types; config files
+(configs/*.py) override what differs and return a locked ConfigDict, so a misspelt `--config.<key>`
+override fails in flag parsing and an ill-typed one fails ConfigDict's type check, both before any work.
+"""
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """'res=224,freeze=True' -> ConfigDict, values typed like their defaults; unknown keys are errors."""
+  out = ml_collections.ConfigDict(defaults)
+  if not arg:
+    return out
+  for item in arg.split(","):
+    if not item:
+      continue
+    if "=" not in item:
+      raise ValueError(f"config argument {item!r} is not key=value (known keys: {sorted(defaults)})")
+    key, value = item.split("=", 1)
+    if key not in defaults:
+      raise ValueError(f"unknown config argument {key!r}; known: {sorted(defaults)}")
+    kind = type(defaults[key])
+    if kind is bool:
+      if value.lower() not in ("true", "false", "1", "0"):
+        raise ValueError(f"config argument {key}={value!r} must be a bool")
+      out[key] = value.lower() in ("true", "1")
+    else:
+      try:
+        out[key] = kind(value)
+      except ValueError as e:
+        raise ValueError(f"config argument {key}={value!r} must be a {kind.__name__}") from e
+  return out
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.total_steps = 1000
+  c.batch_size = 32                 # global, over all hosts
+  c.grad_accum_steps = 1            # micro-batches per optimizer step (batch_size must divide)
+  c.policy = "m2vla"                # trainer.POLICIES name or 'module:Class'
+  c.model = ml_collections.ConfigDict()
+  c.data = ml_collections.ConfigDict()
+  c.data.kind = "rlds"              # trainer.DATA name or 'module:function'
+  # First fully-matching regex decides; every path must match (freezing.py).
+  c.trainable = [("vlm/img/.*", False), ("vlm/llm/.*", False), (".*", True)]
+  c.frozen_dtype = "bfloat16"
+  c.optimizer = ml_collections.ConfigDict(dict(
+      lr=1e-4, warmup_steps=100, end_lr_factor=0.1, b1=0.9, b2=0.95, eps=1e-8, weight_decay=1e-4,
+      clip_grad_norm=1.0))
+  c.ema_decay = 0.0                 # 0 disables the EMA of trainable params
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1))
+  c.sharding = ml_collections.ConfigDict()
+  c.sharding.param_rules = []       # [(regex, partition spec tuple)], before the default FSDP rule
+  c.sharding.fsdp_min_bytes = 4 * 2**20
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every = 500
+  c.checkpoint.keep = 3
+  c.checkpoint.keep_every = config_dict.placeholder(int)   # also keep every K-th step (None: off)
+  c.checkpoint.async_save = True
+  c.log_every = 10
+  c.eval_every = 500                # 0 disables validation
+  c.eval_steps = 8
+  c.profile_steps = config_dict.placeholder(tuple)         # (first, last) step of a profiler trace
+  c.peak_flops_per_device = config_dict.placeholder(float)  # MFU denominator; None: by device kind
+  c.progress_bar = True
+  c.required_fields = []            # dotted names that must be set (checked by trainer.validate_config)
+  return c

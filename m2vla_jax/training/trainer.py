@@ -1,0 +1,450 @@
+"""The training loop: config -> mesh, policy, data, sharded state, checkpoints, metrics, profiler.
+
+Owns `validate_config`, `build_policy`, `build_data` and `train(config, workdir)`. The policy and the data
+are named in the config (`config.policy`, `config.data.kind`: a short name from the registries below or a
+'module:attribute' import string), so the trainer never special-cases a model. Failure behaviour:
+  * SIGTERM (TPU preemption): the step in flight finishes, a checkpoint is written, `train` returns.
+  * a non-finite loss or gradient norm raises `NonFiniteLossError` naming the step; the state built on it
+    is never saved, so the newest checkpoint on disk is the last good one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import math
+import signal
+import time
+from typing import Any, Iterator, Mapping, Optional
+
+from absl import logging
+from etils import epath
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from m2vla_jax.training import checkpoints as ckpt_lib
+from m2vla_jax.training import metrics_writer
+from m2vla_jax.training import optimizer as optimizer_lib
+from m2vla_jax.training import sharding as sharding_lib
+from m2vla_jax.training import train_state as ts_lib
+
+POLICIES = {
+    "toy": "m2vla_jax.training.toy:ToyPolicy",
+    "m2vla": "m2vla_jax.models.m2vla:M2VLA",
+}
+DATA = {
+    "synthetic": "m2vla_jax.training.toy:make_data",
+    "rlds": "m2vla_jax.training.data_adapter:make_data",
+}
+DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16, "none": None}
+
+
+class NonFiniteLossError(RuntimeError):
+  """Training produced a NaN/Inf loss or gradient norm; the message names the step."""
+
+
+class ConfigError(ValueError):
+  """A config field is missing, ill-typed or out of range; the message names the field."""
+
+
+def _import(name: str, registry: Mapping[str, str], field: str) -> Any:
+  target = registry.get(name, name)
+  if ":" not in target:
+    raise ConfigError(f"{field}={name!r} is neither one of {sorted(registry)} nor a 'module:attribute' string")
+  module, attr = target.split(":", 1)
+  try:
+    return getattr(importlib.import_module(module), attr)
+  except (ImportError, AttributeError) as e:
+    raise ConfigError(f"{field}={name!r}: cannot import {target} ({e})") from e
+
+
+def _require(cond: bool, field: str, msg: str) -> None:
+  if not cond:
+    raise ConfigError(f"config.{field}: {msg}")
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Checks every field the trainer reads before any work starts; errors name the field."""
+  def get(path):
+    node = config
+    for part in path.split("."):
+      if part not in node:
+        raise ConfigError(f"config.{path} is missing; add it to the config file")
+      node = node[part]
+    return node
+
+  def check_int(path, minimum=None, optional=False):
+    v = get(path)
+    if v is None and optional:
+      return
+    _require(isinstance(v, int) and not isinstance(v, bool), path, f"must be an int, got {v!r}")
+    if minimum is not None:
+      _require(v >= minimum, path, f"must be >= {minimum}, got {v}")
+
+  def check_float(path, minimum=None):
+    v = get(path)
+    _require(isinstance(v, (int, float)) and not isinstance(v, bool), path, f"must be a number, got {v!r}")
+    if minimum is not None:
+      _require(v >= minimum, path, f"must be >= {minimum}, got {v}")
+
+  for p in ("seed",):
+    check_int(p)
+  check_int("total_steps", 1)
+  check_int("batch_size", 1)
+  check_int("grad_accum_steps", 1)
+  check_int("log_every", 1)
+  check_int("eval_every", 0)
+  check_int("eval_steps", 0)
+  check_int("checkpoint.every", 1)
+  check_int("checkpoint.keep", 1, optional=True)
+  check_int("checkpoint.keep_every", 1, optional=True)
+  for p in ("optimizer.lr", "optimizer.weight_decay", "optimizer.clip_grad_norm", "optimizer.eps",
+            "optimizer.end_lr_factor", "ema_decay"):
+    check_float(p, 0.0)
+  check_int("optimizer.warmup_steps", 0)
+  _require(0.0 <= get("ema_decay") < 1.0, "ema_decay", f"must be in [0, 1), got {get('ema_decay')}")
+  _require(get("frozen_dtype") in DTYPES, "frozen_dtype", f"must be one of {sorted(DTYPES)}")
+  rules = get("trainable")
+  _require(isinstance(rules, (list, tuple)) and len(rules) > 0, "trainable",
+           "must be a non-empty list of (regex, bool) pairs ending with ('.*', True|False)")
+  for i, rule in enumerate(rules):
+    _require(isinstance(rule, (list, tuple)) and len(rule) == 2 and isinstance(rule[0], str)
+             and isinstance(rule[1], bool), f"trainable[{i}]", f"must be a (regex, bool) pair, got {rule!r}")
+  mesh = get("mesh")
+  for axis in mesh:
+    _require(axis in sharding_lib.AXES, f"mesh.{axis}", f"unknown mesh axis; use {sharding_lib.AXES}")
+    _require(isinstance(mesh[axis], int), f"mesh.{axis}", f"must be an int, got {mesh[axis]!r}")
+  for i, rule in enumerate(get("sharding.param_rules")):
+    _require(isinstance(rule, (list, tuple)) and len(rule) == 2 and isinstance(rule[0], str),
+             f"sharding.param_rules[{i}]", f"must be a (regex, partition spec tuple) pair, got {rule!r}")
+  profile = get("profile_steps")
+  _require(profile is None or (isinstance(profile, (list, tuple)) and len(profile) == 2
+                               and all(isinstance(s, int) for s in profile) and profile[0] < profile[1]),
+           "profile_steps", f"must be None or (first_step, last_step) with first < last, got {profile!r}")
+  bs, accum = get("batch_size"), get("grad_accum_steps")
+  _require(bs % accum == 0, "batch_size", f"{bs} is not divisible by config.grad_accum_steps={accum}")
+  _require(bs % jax.process_count() == 0, "batch_size",
+           f"{bs} is not divisible by the number of hosts ({jax.process_count()})")
+  _import(get("policy"), POLICIES, "config.policy")
+  _import(get("data.kind"), DATA, "config.data.kind")
+  # Required fields (`placeholder`s) left unset anywhere in the config.
+  missing = [k for k, v in _flat_items(config) if v is None and k in _required_fields(config)]
+  if missing:
+    raise ConfigError(f"required config fields are unset: {', '.join('config.' + k for k in missing)}; "
+                      "set them with --config.<field>=...")
+
+
+def _flat_items(config, prefix=""):
+  for k in config.keys():
+    v = config[k]
+    if isinstance(v, ml_collections.ConfigDict):
+      yield from _flat_items(v, prefix + k + ".")
+    else:
+      yield prefix + k, v
+
+
+def _required_fields(config) -> set[str]:
+  return set(config.get("required_fields", ()) or ())
+
+
+def build_policy(config: ml_collections.ConfigDict) -> Any:
+  return _import(config.policy, POLICIES, "config.policy")(config.model)
+
+
+def build_data(config: ml_collections.ConfigDict, split: str) -> Iterator:
+  """Per-host iterator of numpy batches (batch_size / num_hosts rows) with get_state / set_state."""
+  factory = _import(config.data.kind, DATA, "config.data.kind")
+  return factory(config, split=split, batch_size=config.batch_size // jax.process_count(),
+                 seed=config.seed + 7919 * jax.process_index())
+
+
+def _shardings(abstract: ts_lib.TrainState, mesh, config) -> ts_lib.TrainState:
+  rules = [tuple(r) for r in config.sharding.param_rules]
+  paths = set(abstract.trainable) | set(abstract.frozen)
+  kw = dict(mesh=mesh, rules=rules, min_bytes=config.sharding.fsdp_min_bytes, param_paths=paths)
+  rep = sharding_lib.replicated(mesh)
+  return ts_lib.TrainState(
+      step=rep, rng=rep,
+      trainable=sharding_lib.param_shardings(abstract.trainable, **kw),
+      frozen=sharding_lib.param_shardings(abstract.frozen, **kw),
+      opt_state=sharding_lib.param_shardings(abstract.opt_state, **kw),
+      ema=None if abstract.ema is None else sharding_lib.param_shardings(abstract.ema, **kw),
+      policy_state=sharding_lib.state_shardings(abstract.policy_state, mesh))
+
+
+def _config_json(config) -> dict:
+  return ckpt_lib._to_json(config.to_dict())  # pylint: disable=protected-access
+
+
+@dataclasses.dataclass
+class Setup:
+  """Everything built from a config before the first step (also used by export and evaluation)."""
+  mesh: Any
+  policy: Any
+  tx: Any
+  schedule: Any
+  state: ts_lib.TrainState
+  shardings: ts_lib.TrainState
+  abstract: ts_lib.TrainState
+  example_batch: Any
+
+
+def setup(config: ml_collections.ConfigDict, example_batch: Any) -> Setup:
+  """Mesh, policy, optimizer and a freshly initialised, sharded TrainState."""
+  mesh = sharding_lib.make_mesh(config.mesh.to_dict())
+  policy = build_policy(config)
+  tx, schedule = optimizer_lib.make_optimizer(config)
+  example = jax.tree_util.tree_map(lambda x: np.asarray(x)[:1], example_batch)
+  init_fn = ts_lib.make_init_fn(policy, tx, example, [tuple(r) for r in config.trainable],
+                                DTYPES[config.frozen_dtype], config.ema_decay > 0)
+  rng = jax.random.PRNGKey(config.seed)
+  abstract = jax.eval_shape(init_fn, rng)
+  shardings = _shardings(abstract, mesh, config)
+  state = jax.jit(init_fn, out_shardings=shardings)(rng)
+  if hasattr(policy, "load_pretrained"):
+    # Optional policy hook: a flat {path: array} of pretrained weights, merged outside jit so that a
+    # multi-GB backbone is never a compile-time constant.
+    loaded = policy.load_pretrained()
+    if loaded:
+      state = _merge_pretrained(state, shardings, loaded)
+  return Setup(mesh, policy, tx, schedule, state, shardings, abstract, example)
+
+
+def _merge_pretrained(state, shardings, loaded: Mapping[str, Any]):
+  unknown = set(loaded) - set(state.trainable) - set(state.frozen)
+  if unknown:
+    raise ValueError(f"pretrained weights hold keys the model does not have: {sorted(unknown)[:10]}")
+  def put(tree, shard):
+    out = dict(tree)
+    for k in tree:
+      if k in loaded:
+        v = np.asarray(loaded[k])
+        if v.shape != tree[k].shape:
+          raise ValueError(f"pretrained weight {k!r} has shape {v.shape}, the model expects {tree[k].shape}")
+        out[k] = jax.device_put(v.astype(tree[k].dtype), shard[k])
+    return out
+  trainable = put(state.trainable, shardings.trainable)
+  ema = None if state.ema is None else put(state.ema, shardings.ema)
+  return state.replace(trainable=trainable, frozen=put(state.frozen, shardings.frozen), ema=ema)
+
+
+def abstract_for_restore(s: Setup) -> ts_lib.TrainState:
+  """Restore target: ShapeDtypeStructs with shardings; the real frozen arrays are passed through."""
+  tree = jax.tree_util.tree_map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                                s.abstract, s.shardings)
+  return tree.replace(frozen=s.state.frozen)
+
+
+PEAK_FLOPS = {  # dense bf16 FLOP/s per chip
+    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12,
+    "TPU v6 lite": 918e12, "TPU v6e": 918e12, "H100": 989e12, "H200": 989e12, "A100": 312e12,
+}
+
+
+def peak_flops_per_device(config) -> Optional[float]:
+  if config.get("peak_flops_per_device"):
+    return float(config.peak_flops_per_device)
+  kind = jax.devices()[0].device_kind
+  for name, flops in PEAK_FLOPS.items():
+    if name in kind:
+      return flops
+  return None
+
+
+def step_flops(compiled) -> Optional[float]:
+  """FLOPs of one compiled step per device, from XLA's cost analysis (None if unavailable)."""
+  try:
+    cost = compiled.cost_analysis()
+  except Exception:  # Some backends do not implement it.
+    return None
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  if not cost or "flops" not in cost:
+    return None
+  return float(cost["flops"])
+
+
+class _Stop:
+  """SIGTERM flag; the handler only records the request, the loop acts at a step boundary."""
+
+  def __init__(self):
+    self.requested = False
+    self._old = None
+
+  def __enter__(self):
+    def handler(signum, frame):
+      del frame
+      logging.warning("Received signal %d: finishing the current step, saving, exiting.", signum)
+      self.requested = True
+    try:
+      self._old = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # Not the main thread (e.g. a notebook worker): preemption is not handled.
+      self._old = None
+    return self
+
+  def __exit__(self, *exc):
+    if self._old is not None:
+      signal.signal(signal.SIGTERM, self._old)
+
+
+def _is_finite_metrics(m: Mapping[str, Any]) -> bool:
+  return bool(np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"]))
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains until config.total_steps (resuming from workdir's newest good checkpoint); returns last metrics.
+
+  Returns {'step': last step, 'loss': ..., 'preempted': bool, 'history': [(step, loss), ...]}.
+  """
+  validate_config(config)
+  jax.config.update("jax_threefry_partitionable", True)
+  workdir_path = epath.Path(workdir)
+  is_main = jax.process_index() == 0
+  if is_main:
+    workdir_path.mkdir(parents=True, exist_ok=True)
+    ckpt_lib.dump_json(workdir_path / "config.json", _config_json(config))
+
+  train_data = build_data(config, "train")
+  initial_data_state = train_data.get_state()
+  example = next(train_data)
+  train_data.set_state(initial_data_state)
+
+  s = setup(config, example)
+  mesh = s.mesh
+  checkpointer = ckpt_lib.Checkpointer(str(workdir_path / "checkpoints"), keep=config.checkpoint.keep,
+                                       keep_every=config.checkpoint.keep_every,
+                                       async_save=config.checkpoint.async_save)
+  state = s.state
+  restored = checkpointer.restore_latest(abstract_for_restore(s))
+  if restored is not None:
+    state, data_state, _ = restored
+    train_data.set_state(data_state)
+    logging.info("Resumed from step %d", int(state.step))
+  start_step = int(jax.device_get(state.step))
+  stats = train_data.statistics() if hasattr(train_data, "statistics") else {}
+  assets = {"config": _config_json(config), "statistics": stats}
+
+  train_step = ts_lib.make_train_step(s.policy, s.tx, s.schedule, config.grad_accum_steps, config.ema_decay)
+  batch_sharding = sharding_lib.batch_sharding(mesh)
+  rep = sharding_lib.replicated(mesh)
+  step_jit = jax.jit(train_step, in_shardings=(s.shardings, batch_sharding), out_shardings=(s.shardings, rep),
+                     donate_argnums=0)
+  eval_jit = jax.jit(ts_lib.make_eval_step(s.policy), in_shardings=(s.shardings, batch_sharding),
+                     out_shardings=rep)
+
+  writer = metrics_writer.MetricsWriter(str(workdir_path / "tensorboard"), enabled=is_main)
+  total = config.total_steps
+  result = {"step": start_step, "loss": None, "preempted": False, "history": []}
+  if start_step >= total:
+    logging.info("Nothing to do: checkpoint step %d >= total_steps %d", start_step, total)
+    checkpointer.close()
+    return result
+
+  global_batch = sharding_lib.host_to_global(example, mesh)
+  t0 = time.time()
+  compiled = step_jit.lower(state, global_batch).compile()
+  logging.info("Compiled the train step in %.1fs", time.time() - t0)
+  flops = step_flops(compiled)
+  peak = peak_flops_per_device(config)
+  examples_per_step = config.batch_size
+
+  progress = None
+  if is_main:
+    import tqdm  # pylint: disable=g-import-not-at-top
+    progress = tqdm.tqdm(total=total, initial=start_step, desc="train", dynamic_ncols=True,
+                         disable=not config.get("progress_bar", True))
+
+  pending: list[tuple[int, Any]] = []
+  last_good_ckpt = max(checkpointer.all_steps(), default=None)
+  window_start, window_steps = time.time(), 0
+  profiling = False
+
+  def flush(keep_last: int):
+    """Fetches metrics of all but the newest `keep_last` dispatched steps; raises on non-finite values."""
+    nonlocal window_start, window_steps
+    while len(pending) > keep_last:
+      step, m = pending.pop(0)
+      m = jax.device_get(m)
+      if not _is_finite_metrics(m):
+        checkpointer.wait()
+        raise NonFiniteLossError(
+            f"non-finite training loss at step {step} (loss={float(m['loss'])}, grad_norm="
+            f"{float(m['grad_norm'])}); stopping without saving. Last good checkpoint: "
+            f"{max(checkpointer.all_steps(), default=None)} in {workdir_path / 'checkpoints'}")
+      result["history"].append((step, float(m["loss"])))
+      result["loss"], result["step"] = float(m["loss"]), step
+      if progress is not None:
+        progress.update(step - progress.n)
+        progress.set_postfix(loss=f"{float(m['loss']):.4f}", refresh=False)
+      if step % config.log_every == 0 or step == total:
+        elapsed = max(time.time() - window_start, 1e-9)
+        steps_per_s = window_steps / elapsed if window_steps else float("nan")
+        scalars = {f"train/{k}": v for k, v in m.items()}
+        scalars["perf/steps_per_s"] = steps_per_s
+        scalars["perf/examples_per_s"] = steps_per_s * examples_per_step
+        if flops is not None:
+          scalars["perf/step_gflops_per_device"] = flops / 1e9
+          if peak:
+            scalars["perf/mfu"] = flops * steps_per_s / peak
+        writer.write(step, scalars)
+        window_start, window_steps = time.time(), 0
+
+  with _Stop() as stop, mesh:
+    try:
+      for step in range(start_step + 1, total + 1):
+        if config.profile_steps and step == config.profile_steps[0] and is_main:
+          jax.profiler.start_trace(str(workdir_path / "profile"))
+          profiling = True
+        try:
+          batch = next(train_data)
+        except StopIteration:
+          logging.warning("Training data ran out at step %d", step)
+          break
+        state, metrics = compiled(state, sharding_lib.host_to_global(batch, mesh))
+        window_steps += 1
+        pending.append((step, metrics))
+        if profiling and step == config.profile_steps[1]:
+          jax.block_until_ready(state)
+          jax.profiler.stop_trace()
+          profiling = False
+        preempt = stop.requested or (jax.process_count() > 1 and checkpointer.reached_preemption(step))
+        save_due = step % config.checkpoint.every == 0 or step == total or preempt
+        eval_due = config.eval_every and step % config.eval_every == 0
+        flush(keep_last=0 if (save_due or eval_due or step == total) else 1)
+        if eval_due:
+          writer.write(step, _evaluate(config, eval_jit, state, mesh))
+        if save_due:
+          checkpointer.save(state, train_data.get_state(), assets)
+          last_good_ckpt = step
+        if preempt:
+          logging.warning("Preempted: saved step %d, exiting.", step)
+          result["preempted"] = True
+          break
+      flush(keep_last=0)
+    finally:
+      if profiling:
+        jax.profiler.stop_trace()
+      if progress is not None:
+        progress.close()
+      writer.close()
+      checkpointer.close()
+  result["last_checkpoint"] = last_good_ckpt
+  return result
+
+
+def _evaluate(config, eval_jit, state, mesh) -> dict:
+  """Mean held-out loss over the first config.eval_steps validation batches (the same ones every time)."""
+  data = build_data(config, "val")
+  sums: dict[str, float] = {}
+  n = 0
+  for _ in range(config.eval_steps):
+    try:
+      batch = next(data)
+    except StopIteration:
+      break
+    m = jax.device_get(eval_jit(state, sharding_lib.host_to_global(batch, mesh)))
+    for k, v in m.items():
+      sums[k] = sums.get(k, 0.0) + float(v)
+    n += 1
+  return {f"val/{k}": v / max(n, 1) for k, v in sums.items()}
