@@ -1,0 +1,125 @@
+"""Per-frame transforms: action chunking, image decode/resize/augmentation, instruction tokenization.
+
+All are plain numpy/PIL functions of one frame, applied by the grain pipeline after the frame-level
+shuffle and mixing (so shuffling moves indices and encoded bytes, never decoded pixels).
+
+Chunking: the chunk at step t is actions[t : t + H]; steps past the episode end (episodes may end
+without `is_last`) repeat the episode's last action and get mask False, so a loss that ignores the mask
+still sees a plausible "hold" target.
+"""
+from __future__ import annotations
+
+import io
+from typing import Any, Sequence
+
+import numpy as np
+from PIL import Image
+
+from m2vla_jax.data.errors import DataError
+
+
+def chunk_actions(actions: np.ndarray, t: int, horizon: int) -> tuple[np.ndarray, np.ndarray]:
+  """actions [T, A], start t -> (chunk [H, A], mask bool [H]); past the end repeats actions[T-1]."""
+  n = actions.shape[0]
+  idx = np.arange(t, t + horizon)
+  mask = idx < n
+  return actions[np.minimum(idx, n - 1)], mask
+
+
+def decode_image(data: Any) -> np.ndarray:
+  """Encoded JPEG/PNG bytes (or a uint8 array) -> uint8 [H, W, 3]."""
+  if isinstance(data, np.ndarray):
+    return data
+  with Image.open(io.BytesIO(data)) as im:
+    return np.asarray(im.convert("RGB") if im.mode != "RGB" else im)
+
+
+def decode_resize(data: Any, size: tuple[int, int], crop: tuple[float, float, float, float] | None = None
+                  ) -> np.ndarray:
+  """Decode, optionally crop (box in relative [x0, y0, x1, y1]) and resize to size=(H, W) (bilinear).
+
+  Crop and resize are one PIL call; no work when the image already has the target size and no crop.
+  """
+  if isinstance(data, np.ndarray):
+    im = Image.fromarray(data)
+  else:
+    im = Image.open(io.BytesIO(data))
+    if im.mode != "RGB":
+      im = im.convert("RGB")
+  h, w = size
+  if crop is None and im.size == (w, h):
+    return np.asarray(im)
+  box = None
+  if crop is not None:
+    x0, y0, x1, y1 = crop
+    box = (x0 * im.size[0], y0 * im.size[1], x1 * im.size[0], y1 * im.size[1])
+  return np.asarray(im.resize((w, h), Image.BILINEAR, box=box))
+
+
+def random_crop_box(rng: np.random.Generator, scale: Sequence[float], ratio: Sequence[float]
+                    ) -> tuple[float, float, float, float]:
+  """A random-resized-crop box in relative coordinates: area fraction in `scale`, aspect in `ratio`."""
+  area = rng.uniform(*scale)
+  log_r = rng.uniform(np.log(ratio[0]), np.log(ratio[1]))
+  r = np.exp(log_r)
+  cw, ch = min(1.0, np.sqrt(area * r)), min(1.0, np.sqrt(area / r))
+  x0, y0 = rng.uniform(0, 1 - cw), rng.uniform(0, 1 - ch)
+  return (x0, y0, x0 + cw, y0 + ch)
+
+
+def color_jitter(img: np.ndarray, rng: np.random.Generator, brightness: float, contrast: float,
+                 saturation: float) -> np.ndarray:
+  """uint8 [H, W, 3] -> uint8: brightness/contrast/saturation factors uniform in [1 - s, 1 + s]."""
+  x = img.astype(np.float32)
+  if brightness:
+    x *= rng.uniform(1 - brightness, 1 + brightness)
+  if contrast:
+    mean = x.mean()
+    x = (x - mean) * rng.uniform(1 - contrast, 1 + contrast) + mean
+  if saturation:
+    gray = x @ np.array([0.299, 0.587, 0.114], np.float32)
+    x = (x - gray[..., None]) * rng.uniform(1 - saturation, 1 + saturation) + gray[..., None]
+  return np.clip(x + 0.5, 0, 255).astype(np.uint8)
+
+
+class Tokenize:
+  """Instruction -> (tokens int32 [T], mask bool [T]) with an injected tokenizer, cached per string.
+
+  The tokenizer has `tokenize_batch(texts, max_len)` returning (tokens [B, T], mask [B, T]) or just
+  tokens (then `pad_id` marks padding), or `encode(text) -> list[int]` (truncated / right-padded here).
+  """
+
+  def __init__(self, tokenizer: Any, max_len: int, pad_id: int = 0):
+    if not (hasattr(tokenizer, "tokenize_batch") or hasattr(tokenizer, "encode")):
+      raise DataError(f"tokenizer {type(tokenizer).__name__} has neither tokenize_batch(texts, "
+                      "max_len) nor encode(text); pass m2vla_jax.tokenizer's tokenizer.")
+    self.tokenizer, self.max_len, self.pad_id = tokenizer, int(max_len), pad_id
+    self._cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+  def __call__(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+    hit = self._cache.get(text)
+    if hit is None:
+      hit = self._tokenize(text)
+      self._cache[text] = hit
+    return hit
+
+  def _tokenize(self, text: str):
+    t = self.max_len
+    if hasattr(self.tokenizer, "tokenize_batch"):
+      out = self.tokenizer.tokenize_batch([text], t)
+      if isinstance(out, tuple):
+        tokens, mask = (np.asarray(o)[0] for o in out)
+      elif isinstance(out, dict):
+        tokens, mask = np.asarray(out["tokens"])[0], np.asarray(out["mask"])[0]
+      else:
+        tokens = np.asarray(out)[0]
+        mask = tokens != self.pad_id
+    else:
+      ids = list(self.tokenizer.encode(text))[:t]
+      tokens = np.full(t, self.pad_id, np.int32)
+      tokens[: len(ids)] = ids
+      mask = np.arange(t) < len(ids)
+    tokens, mask = tokens.astype(np.int32)[:t], mask.astype(bool)[:t]
+    if tokens.shape != (t,):
+      raise DataError(f"tokenizer returned {tokens.shape} tokens for max_len {t}; expected ({t},).")
+    return tokens, mask
