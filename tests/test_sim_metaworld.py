@@ -1,0 +1,266 @@
+"""Meta-World simulation: environments, expert demonstrations and closed-loop evaluation."""
+import math
+import os
+
+os.environ.setdefault("MUJOCO_GL", "egl")
+
+import mujoco  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from m2vla_jax.sim import demos  # noqa: E402
+from m2vla_jax.sim import evaluate_metaworld as ev  # noqa: E402
+from m2vla_jax.sim import instructions  # noqa: E402
+from m2vla_jax.sim import metaworld_env as me  # noqa: E402
+
+SMALL = me.EnvConfig(image_size=32)
+
+
+def _replay_success_steps(task, seed, actions):
+  """Success flag after each of `actions`, replayed without rendering from `seed`."""
+  flags = []
+  with me.MetaWorldEnv(task, SMALL) as env:
+    env.reset(seed, render=False)
+    for a in actions:
+      flags.append(env.step(a, render=False)[2])
+  return flags
+
+
+def test_instructions_cover_mt50_and_split_disjointly():
+  for task in me.suite_tasks("mt50"):
+    train, held = instructions.train_instructions(task), instructions.held_out_instructions(task)
+    assert len(train) >= 2 and len(held) >= 2
+    assert not set(train) & set(held)
+  with pytest.raises(ValueError, match="reach-v3"):
+    instructions.all_instructions("reach")
+
+
+def test_seeds_determine_initial_state_and_splits_are_disjoint():
+  with me.MetaWorldEnv("push-v3", SMALL) as env:
+    s0 = me.episode_seed("push-v3", 0, "train")
+    env.reset(s0, render=False)
+    first = env.last_rand_vec.copy()
+    env.reset(me.episode_seed("push-v3", 1, "train"), render=False)
+    other = env.last_rand_vec.copy()
+    env.reset(s0, render=False)
+    np.testing.assert_array_equal(env.last_rand_vec, first)
+    assert not np.allclose(first, other)
+  train = {me.episode_seed(t, i, "train") for t in me.suite_tasks("mt50") for i in range(100)}
+  evals = {me.episode_seed(t, i, "eval") for t in me.suite_tasks("mt50") for i in range(100)}
+  assert len(train) == len(evals) == 5000 and not train & evals
+
+
+def test_demos_cut_at_first_success_and_images_flipped():
+  cfg = demos.DemoConfig(env=SMALL, post_success_steps=0)
+  episodes, stats = demos.generate_demos(["reach-v3", "drawer-close-v3"], 2, cfg)
+  assert [s.task for s in stats] == ["reach-v3", "drawer-close-v3"]
+  for s in stats:
+    assert s.discarded == s.attempts - s.succeeded_any
+    assert s.success_rate == s.succeeded_any / s.attempts
+  assert len(episodes) == sum(s.succeeded_any for s in stats) >= 3
+  for ep in episodes:
+    steps, meta = ep["steps"], ep["episode_metadata"]
+    assert steps[0]["is_first"] and steps[-1]["is_last"] and steps[-1]["is_terminal"]
+    assert not any(s["is_last"] for s in steps[:-1]) and not any(s["is_first"] for s in steps[1:])
+    assert steps[0]["observation"]["image"].shape == (32, 32, 3)
+    assert steps[0]["observation"]["image"].dtype == np.uint8
+    assert steps[0]["observation"]["wrist_image"].shape == (32, 32, 3)
+    assert steps[0]["observation"]["state"].shape == (4,)
+    actions = np.stack([s["action"] for s in steps])
+    assert actions.shape == (len(steps), 4) and np.all(np.abs(actions) <= 1.0)
+    assert steps[0]["language_instruction"] in instructions.train_instructions(meta["task"])
+    # Independent check of the cut: replaying the recorded actions succeeds first at the last one.
+    flags = _replay_success_steps(meta["task"], meta["seed"], actions)
+    assert flags[-1] and not any(flags[:-1])
+    assert meta["first_success_step"] == len(steps) - 1
+
+  # Primary camera against a raw MuJoCo render of the same initial state: rotated by 180 degrees.
+  ep = episodes[0]
+  with me.MetaWorldEnv(ep["episode_metadata"]["task"], SMALL) as env:
+    env.reset(ep["episode_metadata"]["seed"], render=False)
+    raw = mujoco.Renderer(env.raw_env.model, 32, 32)
+    raw.scene.flags[mujoco.mjtRndFlag.mjRND_SHADOW] = 0
+    raw.scene.flags[mujoco.mjtRndFlag.mjRND_REFLECTION] = 0
+    raw.update_scene(env.raw_env.data, camera="corner")
+    raw_image = raw.render().copy()
+    raw.close()
+  recorded = ep["steps"][0]["observation"]["image"]
+  np.testing.assert_array_equal(recorded, raw_image[::-1, ::-1])
+  assert not np.array_equal(recorded, raw_image)
+
+
+def test_failed_demos_are_discarded_and_counted():
+  cfg = demos.DemoConfig(env=me.EnvConfig(image_size=16, wrist_camera=None,
+                                          max_episode_steps=5), max_attempts_per_episode=2)
+  episodes, stats = demos.generate_task_demos("drawer-close-v3", 1, cfg)
+  assert episodes == []
+  assert (stats.attempts, stats.succeeded_any, stats.discarded) == (2, 0, 2)
+  assert "| drawer-close-v3 | 2 | 0% |" in demos.stats_markdown([stats])
+
+
+def test_post_success_steps_kept_only_while_success_holds():
+  cfg = demos.DemoConfig(env=me.EnvConfig(image_size=16, wrist_camera=None), post_success_steps=3)
+  episodes, _ = demos.generate_task_demos("reach-v3", 1, cfg)
+  steps, meta = episodes[0]["steps"], episodes[0]["episode_metadata"]
+  first = meta["first_success_step"]
+  assert first < len(steps) <= first + 4
+  flags = _replay_success_steps("reach-v3", meta["seed"], [s["action"] for s in steps])
+  assert all(flags[first:]) and not any(flags[:first])
+
+
+def test_wilson_interval_matches_hand_computation():
+  # Hand computation: the Wilson bounds are the roots p of (k/n - p)^2 = z^2 p (1 - p) / n,
+  # i.e. (1 + z^2/n) p^2 - (2 k/n + z^2/n) p + (k/n)^2 = 0, solved with numpy's polynomial roots.
+  z = 1.959963984540054
+  for k, n in [(8, 10), (0, 20), (20, 20), (37, 50), (1, 3)]:
+    ph = k / n
+    roots = np.sort(np.roots([1 + z * z / n, -(2 * ph + z * z / n), ph * ph]).real)
+    lo, hi = ev.wilson_interval(k, n)
+    np.testing.assert_allclose([lo, hi], np.clip(roots, 0, 1), atol=1e-12)
+  # Worked by hand for 8/10: center (0.8 + z^2/20) / (1 + z^2/10) = 0.71673, half-width
+  # z * sqrt(0.016 + z^2/400) / (1 + z^2/10) = 0.22658.
+  np.testing.assert_allclose(ev.wilson_interval(8, 10), (0.4902, 0.9433), atol=1e-4)
+  assert ev.wilson_interval(0, 0) == (0.0, 1.0)
+
+
+def test_expert_as_chunked_policy_succeeds(tmp_path):
+  cfg = ev.EvalConfig(env=me.EnvConfig(image_size=32, wrist_camera=None), episodes_per_task=3,
+                      batch_size=3, execute_steps=1, num_videos=1)
+  result = ev.evaluate(ev.ExpertChunkPolicy(horizon=2), ["reach-v3", "drawer-close-v3"], cfg,
+                       out_dir=str(tmp_path), name="expert")
+  successes = sum(e["successes"] for e in result["per_task"].values())
+  assert successes >= 5, result["per_task"]
+  assert result["episodes"] == 6
+  for ep in result["episode_records"]:
+    assert ep["seed"] == me.episode_seed(ep["task"], ep["index"], "eval")
+    assert ep["instruction"] in instructions.train_instructions(ep["task"])
+    if ep["success"]:
+      assert ep["steps"] < me.max_path_length(ep["task"])  # ended at the first success
+  assert os.path.exists(tmp_path / "expert.json") and os.path.exists(tmp_path / "expert.png")
+  assert os.path.exists(tmp_path / "expert_videos" / "reach-v3_0.gif")
+
+
+@pytest.mark.slow
+def test_random_policy_fails():
+  cfg = ev.EvalConfig(env=me.EnvConfig(image_size=16, wrist_camera=None), episodes_per_task=2,
+                      batch_size=4, execute_steps=8, num_videos=0, instruction_variant="paraphrased")
+  result = ev.evaluate(ev.RandomChunkPolicy(horizon=8), ["pick-place-v3", "peg-insert-side-v3"],
+                       cfg)
+  assert sum(e["successes"] for e in result["per_task"].values()) == 0
+  for ep in result["episode_records"]:
+    assert ep["reason"] == "timeout" and ep["steps"] == 500
+    assert ep["instruction"] in instructions.held_out_instructions(ep["task"])
+
+
+# Fake environments keep real task names (instructions are looked up by name); their behaviour:
+OK, OK2, NAN_POLICY, CRASHES, BROKEN = ("reach-v3", "push-v3", "door-open-v3", "drawer-open-v3",
+                                        "window-open-v3")
+
+
+class _FakeEnv:
+  """A deterministic stand-in: succeeds once the summed x-actions reach 1, records actions."""
+  log: list = []
+
+  def __init__(self, task, config):
+    self.task, self.config, self.steps = task, config, 0
+    if task == BROKEN:
+      raise RuntimeError("cannot build")
+
+  def _obs(self):
+    return {"images": np.zeros((1, 4, 4, 3), np.uint8), "image_mask": np.ones((1,), bool),
+            "state": np.full((4,), self.total, np.float32), "privileged": np.zeros((39,))}
+
+  def reset(self, seed, render=True):
+    self.steps, self.total = 0, 0.0
+    return self._obs()
+
+  def step(self, action, render=True):
+    if self.task == CRASHES and self.steps == 2:
+      raise me.SimulationError("NaN state")
+    self.steps += 1
+    self.total += float(action[0])
+    _FakeEnv.log.append((self.task, self.steps, np.array(action)))
+    return self._obs(), 0.0, self.total >= 1.0 - 1e-9, self.steps >= 20, {}
+
+  def close(self):
+    pass
+
+
+def test_failures_are_isolated_and_logged(caplog):
+  def policy(obs):
+    out = np.full((len(obs["task"]), 3, 4), 0.25)
+    for i, task in enumerate(obs["task"]):
+      if task == NAN_POLICY:
+        out[i] = np.nan
+    return out
+
+  cfg = ev.EvalConfig(env=SMALL, episodes_per_task=2, batch_size=3, execute_steps=3, num_videos=0)
+  tasks = [OK, NAN_POLICY, CRASHES, BROKEN, OK2]
+  with caplog.at_level("WARNING"):
+    episodes, _ = ev.run_episodes(policy, tasks, cfg, env_factory=_FakeEnv)
+  reasons = {(e["task"], e["index"]): e["reason"] for e in episodes}
+  assert len(episodes) == 10
+  for i in range(2):
+    assert reasons[(OK, i)] == reasons[(OK2, i)] == "success"
+    assert reasons[(NAN_POLICY, i)].startswith("nonfinite_action")
+    assert reasons[(CRASHES, i)].startswith("env_error: SimulationError")
+    assert reasons[(BROKEN, i)].startswith("env_error at reset: RuntimeError")
+  # 4 actions of 0.25 reach the goal: success is scored at the 4th step, mid-chunk.
+  assert all(e["steps"] == 4 for e in episodes if e["success"])
+  assert "nonfinite_action" in caplog.text and "SimulationError" in caplog.text
+  summary = ev.summarize(episodes)
+  assert summary["per_task"][OK]["success_rate"] == 1.0
+  assert summary["per_task"][CRASHES]["failures"] == {"env_error": 2}
+  assert summary["mean_success"] == pytest.approx(0.4)
+
+
+def test_policy_exception_fails_batch_and_continues():
+  calls = []
+
+  def policy(obs):
+    calls.append(1)
+    if len(calls) == 1:
+      raise RuntimeError("device OOM")
+    return np.ones((len(obs["task"]), 1, 4))
+
+  cfg = ev.EvalConfig(env=SMALL, episodes_per_task=2, batch_size=2, execute_steps=1, num_videos=0)
+  episodes, _ = ev.run_episodes(policy, [OK], cfg, env_factory=_FakeEnv)
+  assert [e["reason"].split(":")[0] for e in episodes] == ["policy_error", "policy_error"]
+  episodes, _ = ev.run_episodes(policy, [OK, OK2], cfg, env_factory=_FakeEnv)
+  assert all(e["success"] and e["steps"] == 1 for e in episodes)
+
+
+def test_receding_horizon_executes_chunk_prefix():
+  _FakeEnv.log = []
+  calls = []
+
+  def policy(obs):
+    calls.append(obs["state"][:, 0].copy())
+    b = len(obs["task"])
+    chunk = np.zeros((b, 5, 4))
+    chunk[:, :, 0] = 0.01 * (np.arange(5) + 1) + 0.1 * (len(calls) - 1)   # tags (call, k)
+    return chunk
+
+  cfg = ev.EvalConfig(env=SMALL, episodes_per_task=1, batch_size=1, execute_steps=2, num_videos=0)
+  ev.run_episodes(policy, [OK], cfg, env_factory=_FakeEnv)
+  executed = [a[0] for (_, _, a) in _FakeEnv.log]
+  expected = []
+  for call in range(len(calls)):
+    expected += [0.1 * call + 0.01, 0.1 * call + 0.02]
+  np.testing.assert_allclose(executed, expected[:len(executed)], atol=1e-12)
+  assert len(executed) <= len(expected) and len(expected) - len(executed) < 2
+  # The policy saw the state after each executed prefix (re-planning from the new observation).
+  np.testing.assert_allclose([c[0] for c in calls[1:]],
+                             np.cumsum(executed)[1::2][:len(calls) - 1], atol=1e-6)
+  with pytest.raises(ValueError, match="execute_steps"):
+    ev.EvalConfig(execute_steps=0)
+
+
+def test_env_detects_nan_state():
+  with me.MetaWorldEnv("reach-v3", me.EnvConfig(image_size=16, wrist_camera=None)) as env:
+    env.reset(me.episode_seed("reach-v3", 0), render=False)
+    env.raw_env.data.qvel[:] = math.nan
+    with pytest.raises(me.SimulationError):
+      env.step(np.zeros(4), render=False)
+  with pytest.raises(ValueError, match="primary_camera"):
+    me.EnvConfig(primary_camera="front")
