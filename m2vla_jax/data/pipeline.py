@@ -65,7 +65,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.max_tokens = 32              # T
   c.batch_size = 32              # global batch; each host gets batch_size // process_count
   c.shuffle_buffer = 1024        # window shuffle of the mixed frame stream (0 = off); each dataset is
-                                 # also fully permuted every epoch
+                                 # also fully permuted every epoch. A window longer than a dataset's
+                                 # epoch can put one frame twice into a batch.
   c.balance_by_size = False      # weights *= number of steps (octo's balance_weights)
   c.augment = False              # random resized crop + color jitter (train split only)
   c.crop_scale = (0.8, 1.0)      # area fraction of the random crop

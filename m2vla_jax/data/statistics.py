@@ -71,7 +71,7 @@ def save_statistics(stats: Mapping, path: str | os.PathLike) -> None:
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.parent / (path.name + ".tmp")
   tmp.write_text(json.dumps(stats, indent=1))
-  tmp.rename(path)
+  tmp.replace(path)
 
 
 def load_statistics(path: str | os.PathLike) -> dict:

@@ -1,0 +1,43 @@
+"""Test helpers for the data package: a tiny tokenizer, toy episodes and the shared-data locator."""
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import numpy as np
+
+
+class ByteTokenizer:
+  """Tiny stand-in for the Gemma tokenizer: one token per UTF-8 byte (+1, 0 is padding), BOS = 257."""
+  bos = 257
+
+  def encode(self, text: str) -> list[int]:
+    return [self.bos] + [b + 1 for b in text.encode("utf-8")]
+
+
+def shared_data_dir() -> str | None:
+  """$M2VLA_SHARED_DATA, else `<repo>/../shared/data`; None if it does not exist."""
+  path = os.environ.get("M2VLA_SHARED_DATA")
+  if not path:
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    path = os.path.join(os.path.dirname(repo), "shared", "data")
+  return path if os.path.isdir(path) else None
+
+
+def toy_episodes(num: int, lengths: Sequence[int] | int = 6, *, image_hw: tuple[int, int] = (16, 16),
+                 action_dim: int = 4, state_dim: int = 3, seed: int = 0, task: str = "task") -> list[dict]:
+  """Random episodes in `write_rlds_dataset` format: observation/image uint8, state, action (last dim
+  a 0/1 gripper), language_instruction '<task> <i % 3>'."""
+  rng = np.random.default_rng(seed)
+  lengths = [lengths] * num if isinstance(lengths, int) else list(lengths)
+  eps = []
+  for i, t in enumerate(lengths):
+    action = rng.normal(size=(t, action_dim)).astype(np.float32)
+    action[:, -1] = rng.integers(0, 2, t)
+    eps.append({
+        "observation": {"image": rng.integers(0, 256, (t, *image_hw, 3), dtype=np.uint8),
+                        "state": rng.normal(size=(t, state_dim)).astype(np.float32)},
+        "action": action,
+        "language_instruction": f"{task} {i % 3}",
+    })
+  return eps
