@@ -5,6 +5,8 @@ key fails in flag parsing and an ill-typed value fails ConfigDict's type check; 
 checks ranges and required fields, all before any device work. Exit status: 0 when training finished or
 was preempted (SIGTERM, after saving), 1 on a non-finite loss or a config error.
 """
+import difflib
+import importlib.util
 import sys
 
 from absl import app
@@ -46,5 +48,38 @@ def main(argv):
         f"last_checkpoint={result.get('last_checkpoint')}", flush=True)
 
 
+def check_overrides(argv: list[str]) -> None:
+  """Exits with a message naming the key when a `--config.<key>` override names no config field.
+
+  config_flags would also refuse it, but with an AttributeError that names only the last path component.
+  """
+  config_arg = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+  if config_arg is None:
+    return
+  path, _, arg = config_arg.partition(":")
+  try:
+    spec = importlib.util.spec_from_file_location("_m2vla_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(arg or None) if arg else module.get_config()
+  except Exception:  # Let config_flags report a config file that does not load.
+    return
+  for a in argv:
+    if not a.startswith("--config.") or "=" not in a:
+      continue
+    key = a[len("--config."):].split("=", 1)[0]
+    node, walked = config, []
+    for part in key.split("."):
+      keys = list(node.keys()) if hasattr(node, "keys") else []
+      if part not in keys:
+        close = difflib.get_close_matches(part, keys, n=3)
+        hint = f"; did you mean {', '.join('config.' + '.'.join(walked + [c]) for c in close)}?" if close else ""
+        print(f"Config error: unknown config key config.{key} (no field {part!r} in "
+              f"config{'.' if walked else ''}{'.'.join(walked)}){hint}", file=sys.stderr)
+        sys.exit(1)
+      node, walked = node[part], walked + [part]
+
+
 if __name__ == "__main__":
+  check_overrides(sys.argv[1:])
   app.run(main)

@@ -9,6 +9,7 @@ linear function of the observation, so the loss can decrease; its state is `{'in
 """
 from __future__ import annotations
 
+import time
 from typing import Any, Iterator, Mapping
 
 import flax.linen as nn
@@ -153,8 +154,11 @@ class SyntheticData:
   """
 
   def __init__(self, config: Mapping[str, Any], batch_size: int, seed: int = 0, split: str = "train",
-               num_batches: int | None = None):
+               num_batches: int | None = None, nan_at_batch: int = -1, slow_after_batch: int = -1,
+               slow_seconds: float = 0.0):
     self.c = config
+    # Fault injection for trainer tests: NaN actions in one batch; slow batches (a preemption window).
+    self.nan_at_batch, self.slow_after_batch, self.slow_seconds = nan_at_batch, slow_after_batch, slow_seconds
     self.batch_size = batch_size
     self.seed = seed + (0 if split == "train" else 1_000_003)
     self.num_batches = num_batches
@@ -194,6 +198,10 @@ class SyntheticData:
     if self.num_batches is not None and self.index >= self.num_batches:
       raise StopIteration
     batch = self.make_batch(self.index)
+    if self.index == self.nan_at_batch:
+      batch["actions"][:] = np.nan
+    if 0 <= self.slow_after_batch <= self.index:
+      time.sleep(self.slow_seconds)
     self.index += 1
     return batch
 
@@ -215,4 +223,8 @@ class SyntheticData:
 
 def make_data(config: ml_collections.ConfigDict, split: str, batch_size: int, seed: int):
   """Data factory used by configs: `config.data.kind = 'synthetic'`."""
-  return SyntheticData(config.model, batch_size=batch_size, seed=seed, split=split)
+  d = config.data
+  return SyntheticData(config.model, batch_size=batch_size, seed=seed, split=split,
+                       nan_at_batch=d.get("nan_at_batch", -1) if split == "train" else -1,
+                       slow_after_batch=d.get("slow_after_batch", -1) if split == "train" else -1,
+                       slow_seconds=d.get("slow_seconds", 0.0))

@@ -357,12 +357,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   pending: list[tuple[int, Any]] = []
   last_good_ckpt = max(checkpointer.all_steps(), default=None)
-  window_start, window_steps = time.time(), 0
+  window_start = (time.time(), start_step)  # (time, step) of the last rate measurement
   profiling = False
 
   def flush(keep_last: int):
     """Fetches metrics of all but the newest `keep_last` dispatched steps; raises on non-finite values."""
-    nonlocal window_start, window_steps
+    nonlocal window_start
     while len(pending) > keep_last:
       step, m = pending.pop(0)
       m = jax.device_get(m)
@@ -378,8 +378,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         progress.update(step - progress.n)
         progress.set_postfix(loss=f"{float(m['loss']):.4f}", refresh=False)
       if step % config.log_every == 0 or step == total:
-        elapsed = max(time.time() - window_start, 1e-9)
-        steps_per_s = window_steps / elapsed if window_steps else float("nan")
+        # Rate over the steps since the last log; metrics lag dispatch by at most one step.
+        now = time.time()
+        steps_per_s = (step - window_start[1]) / max(now - window_start[0], 1e-9)
         scalars = {f"train/{k}": v for k, v in m.items()}
         scalars["perf/steps_per_s"] = steps_per_s
         scalars["perf/examples_per_s"] = steps_per_s * examples_per_step
@@ -388,7 +389,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
           if peak:
             scalars["perf/mfu"] = flops * steps_per_s / peak
         writer.write(step, scalars)
-        window_start, window_steps = time.time(), 0
+        window_start = (now, step)
 
   with _Stop() as stop, mesh:
     try:
@@ -402,7 +403,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
           logging.warning("Training data ran out at step %d", step)
           break
         state, metrics = compiled(state, sharding_lib.host_to_global(batch, mesh))
-        window_steps += 1
         pending.append((step, metrics))
         if profiling and step == config.profile_steps[1]:
           jax.block_until_ready(state)
