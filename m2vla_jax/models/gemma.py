@@ -11,6 +11,11 @@ Versions differ only through `GemmaConfig` fields, so one block serves all three
   * Gemma 3: + RMS-norm of queries and keys (`_query_norm`, `_key_norm`), no soft-capping, 5 local : 1
     global layers, RoPE base 10k on local and 1M on global layers (optionally linearly scaled).
 
+Sliding windows are symmetric over positions (|pos_q - pos_k| < window, as the original gemma library's
+`_create_sliding_mask`), combined with whatever `attn_mask` allows. With a causal mask this equals
+transformers' window; inside a bidirectional prefix transformers lets the prefix override the window,
+which only differs for prefixes longer than the window (never the case for PaliGemma-sized prefixes).
+
 Local vs global and the RoPE base are per-layer *scanned inputs*, so all layers keep one stacked set of
 parameters under `layers/` (leading axis = layer) regardless of the pattern.
 
