@@ -8,8 +8,8 @@ Every dataset of the mixture is read once into memory as standardized episodes w
 whose element i is the frame (episode e, step t) with its action chunk. grain then builds, lazily and
 deterministically from (seed, index):
 
-  per dataset:  global shuffle (reshuffled each epoch) -> host shard [process_index::process_count]
-                -> repeat
+  per dataset:  global permutation, fresh each epoch, repeated (EpochShuffle)
+                -> host shard [process_index::process_count]
   mix by weight (grain's deterministic weighted interleave) -> window shuffle (config.shuffle_buffer)
   -> decode + resize (+ random resized crop, color jitter) + tokenize -> batch
 
@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 def get_config() -> ml_collections.ConfigDict:
   """Data config; every field is documented here (single source of the defaults)."""
   c = ml_collections.ConfigDict()
-  c.datasets = "bridge"          # mixture name (oxe.MIXTURES), 'a,b' (equal weights) or {name: weight}
+  c.datasets = "bridge"          # mixture name (oxe.MIXTURES), 'a,b' (equal weights) or 'a:3,b:1'
   c.data_dir = ""                # root holding <name>/<version>/ TFDS directories; local or gs://
   c.cameras = ("primary", "wrist")  # batch camera slots, in order (registry slot names)
   c.image_size = (224, 224)      # (H, W) after resize
@@ -188,6 +188,33 @@ class FrameTransform:
     }
 
 
+class EpochShuffle:
+  """Infinite random-access view: element i is base[perm_e[i mod n]], e = i // n, with a fresh
+  permutation per epoch from (seed, e). Equivalent to grain's shuffle().repeat() but with the
+  permutation materialized (n int32 per cached epoch), which is much cheaper per element than grain's
+  index_shuffle and affordable because the datasets here are indexed in memory anyway."""
+
+  def __init__(self, base, seed: int):
+    self.base, self.seed, self.n = base, seed, len(base)
+    self._perms: dict[int, np.ndarray] = {}
+
+  def __len__(self) -> int:
+    return 2**62
+
+  def _perm(self, epoch: int) -> np.ndarray:
+    perm = self._perms.get(epoch)
+    if perm is None:
+      perm = np.random.default_rng([self.seed, epoch]).permutation(self.n).astype(np.int64)
+      if len(self._perms) > 4:  # Threads may straddle an epoch boundary; keep a few.
+        self._perms.pop(min(self._perms))
+      self._perms[epoch] = perm
+    return perm
+
+  def __getitem__(self, i: int):
+    epoch, j = divmod(int(i), self.n)
+    return self.base[int(self._perm(epoch)[j])]
+
+
 def load_mixture(config, split: str, statistics: Mapping[str, Mapping] | None = None):
   """(loaded datasets, weights, statistics) for config.datasets; statistics computed/cached if None."""
   mix = oxe.resolve_mixture(config.datasets if not isinstance(config.datasets, ml_collections.ConfigDict)
@@ -255,13 +282,9 @@ def make_dataset(config, *, tokenizer: Any, split: str = "train", seed: int = 0,
     raise DataError(f"{total} frames do not fit int32 frame_id; split the mixture.")
   streams = []
   for k, src in enumerate(sources):
-    ds = grain.MapDataset.source(src)
-    if train:
-      ds = ds.shuffle(seed=seed * 1_000_003 + k)
-    ds = ds[process_index::process_count]
-    if train:
-      ds = ds.repeat()
-    streams.append(ds)
+    # Hosts take interleaved positions of the same per-epoch permutation: disjoint within an epoch.
+    ds = grain.MapDataset.source(EpochShuffle(src, seed * 1_000_003 + k) if train else src)
+    streams.append(ds[process_index::process_count])
   ds = streams[0] if len(streams) == 1 else grain.MapDataset.mix(streams, weights)
   if train and config.shuffle_buffer > 1:
     ds = grain.experimental.WindowShuffleMapDataset(ds, window_size=int(config.shuffle_buffer),

@@ -24,6 +24,15 @@ def shared_data_dir() -> str | None:
   return path if os.path.isdir(path) else None
 
 
+def _smooth_images(rng: np.random.Generator, t: int, hw: tuple[int, int]) -> np.ndarray:
+  """uint8 [t, H, W, 3] colour gradients (smooth, so JPEG round trips are close)."""
+  yy, xx = np.meshgrid(np.linspace(0, 1, hw[0]), np.linspace(0, 1, hw[1]), indexing="ij")
+  base = rng.uniform(30, 220, (t, 1, 1, 3))
+  slope = rng.uniform(-30, 30, (t, 1, 1, 3, 2))
+  img = base + slope[..., 0] * yy[None, :, :, None] + slope[..., 1] * xx[None, :, :, None]
+  return np.clip(img, 0, 255).astype(np.uint8)
+
+
 def toy_episodes(num: int, lengths: Sequence[int] | int = 6, *, image_hw: tuple[int, int] = (16, 16),
                  action_dim: int = 4, state_dim: int = 3, seed: int = 0, task: str = "task") -> list[dict]:
   """Random episodes in `write_rlds_dataset` format: observation/image uint8, state, action (last dim
@@ -35,7 +44,7 @@ def toy_episodes(num: int, lengths: Sequence[int] | int = 6, *, image_hw: tuple[
     action = rng.normal(size=(t, action_dim)).astype(np.float32)
     action[:, -1] = rng.integers(0, 2, t)
     eps.append({
-        "observation": {"image": rng.integers(0, 256, (t, *image_hw, 3), dtype=np.uint8),
+        "observation": {"image": _smooth_images(rng, t, image_hw),
                         "state": rng.normal(size=(t, state_dim)).astype(np.float32)},
         "action": action,
         "language_instruction": f"{task} {i % 3}",

@@ -178,7 +178,8 @@ MIXTURES["oxe_magic_soup_plus"] = {**MIXTURES["oxe_magic_soup"], "fmb_dataset": 
 
 
 def resolve_mixture(datasets: str | Mapping[str, float] | list) -> dict[str, float]:
-  """A mixture name, a comma list 'a,b', a {name: weight} map or [(name, weight)] -> {name: weight}.
+  """A mixture name, 'a,b' (equal weights), 'a:3,b:1', a {name: weight} map or [(name, weight)]
+  -> {name: weight}.
 
   Every name is checked against the registry here, before any file is opened.
   """
@@ -186,7 +187,15 @@ def resolve_mixture(datasets: str | Mapping[str, float] | list) -> dict[str, flo
     if datasets in MIXTURES:
       mix = dict(MIXTURES[datasets])
     else:
-      mix = {n.strip(): 1.0 for n in datasets.split(",") if n.strip()}
+      mix = {}
+      for item in (x.strip() for x in datasets.split(",")):
+        if not item:
+          continue
+        name, _, weight = item.partition(":")
+        try:
+          mix[name.strip()] = float(weight) if weight else 1.0
+        except ValueError:
+          raise DataError(f"mixture {datasets!r}: weight {weight!r} of {name!r} is not a number.") from None
   elif isinstance(datasets, Mapping):
     mix = {str(k): float(v) for k, v in datasets.items()}
   else:
