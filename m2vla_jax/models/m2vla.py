@@ -1,0 +1,322 @@
+"""The M²-VLA policy: frozen VLM + action head with Mixture-of-Layers + Meta Skill Module.
+
+Owns the policy contract of docs/ARCHITECTURE.md as pure functions over explicit params and state:
+
+    policy = M2VLA(config)
+    params, state = policy.init(rng, example_batch)       # params {'vlm': ..., 'head': ...}, state {'msm': memory}
+    loss, (metrics, new_state) = policy.loss(params, state, batch, rng)
+    actions = policy.sample_actions(params, state, observation, rng)     # [B, H, A]
+
+Per call the backbone runs ONCE, forward only for frozen parameters (`stop_gradient` on every parameter
+that `config.trainable` freezes, so a full `jax.grad` gives exact zeros there; the trainer differentiates
+only the trainable subtree anyway). Gradients still reach the learnable query tokens through the frozen
+layers. The head then runs one denoising step (paper) or `flow_steps` Euler steps on the same prefix.
+
+The MSM (eqs. 10-13): keys are pooled visual states of `memory.key_layers`; in `loss` the batch first
+retrieves the top-K skills (its own frame_ids excluded) and then writes its (key, chunk, frame_id)
+into the FIFO memory, returned as the new state. `sample_actions` only reads; an empty memory there is an
+error (a policy trained with MSM needs the memory from its checkpoint).
+
+With `msm=False` (ablation) the state is `{}` and the head has no memory attention.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from m2vla_jax import tree_util
+from m2vla_jax.models import action_head as ah
+from m2vla_jax.models import msm as msm_lib
+from m2vla_jax.models import vlm as vlm_lib
+from m2vla_jax.training import freezing
+
+DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16, "none": None}
+_HEAD_FIELDS = ("width", "num_heads", "head_dim", "mlp_dim", "num_blocks", "layer_for_block", "objective",
+                "flow_steps", "alpha_v_init")
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """Default M²-VLA model config (the trainer's `config.model`).
+
+  Fields:
+    vlm: backbone name for `vlm.get_config` (or a `VLMConfig`); vlm_overrides: its keyword overrides
+      (e.g. num_queries — 64 as in VLA-Adapter, the paper does not say).
+    num_cameras, state_dim, horizon, action_dim: the batch geometry the policy accepts.
+    head: `action_head.HeadConfig` fields (defaults documented there).
+    mol, msm: module switches for the ablations.
+    memory: size (FIFO entries; ours 4096), k (paper: 4), key_layers (None = (0, L//2, L-1): shallow,
+      middle, deep), key_normalize (ours: per-layer parameter-free norm of the pooled keys),
+      shard_axis (mesh axis name that shards the entry axis; None = let XLA partition the plain search).
+    trainable: freezing rules (first full regex match decides).
+    frozen_dtype: dtype of frozen parameters returned by `init` ('bfloat16', 'float32', 'none').
+  """
+  del arg
+  defaults = ah.HeadConfig()
+  c = ml_collections.ConfigDict()
+  c.vlm = "paligemma_3b"
+  c.vlm_overrides = ml_collections.ConfigDict()
+  c.num_cameras = 2
+  c.state_dim = 8
+  c.horizon = 8
+  c.action_dim = 7
+  c.head = ml_collections.ConfigDict({f: getattr(defaults, f) for f in _HEAD_FIELDS})
+  c.head.num_blocks = ml_collections.config_dict.placeholder(int)
+  c.head.layer_for_block = ml_collections.config_dict.placeholder(tuple)
+  c.mol = True
+  c.msm = True
+  c.memory = ml_collections.ConfigDict(dict(size=4096, k=4, key_normalize=True))
+  c.memory.key_layers = ml_collections.config_dict.placeholder(tuple)
+  c.memory.shard_axis = ml_collections.config_dict.placeholder(str)
+  c.trainable = [("vlm/queries", True), ("vlm/.*", False), (".*", True)]
+  c.frozen_dtype = "bfloat16"
+  return c
+
+
+def _merged(config: Mapping[str, Any] | None) -> ml_collections.ConfigDict:
+  """`config` over the defaults, so a partial config (e.g. from the trainer) keeps every default."""
+  base = get_config()
+  if config is None:
+    return base
+
+  def merge(dst, src, prefix):
+    for key, value in (src.items() if hasattr(src, "items") else []):
+      if key not in dst:
+        raise ValueError(f"unknown M²-VLA config field {prefix}{key!r}; known: {sorted(dst.keys())}")
+      if isinstance(dst[key], ml_collections.ConfigDict) and hasattr(value, "items"):
+        merge(dst[key], value, f"{prefix}{key}.")
+      else:
+        with dst.ignore_type():
+          dst[key] = value
+
+  merge(base, config, "")
+  return base
+
+
+class M2VLA:
+  """The policy (see module docstring). `mesh` is only needed for `memory.shard_axis` sharded search;
+  without it the abstract mesh of the surrounding `jax.set_mesh` context is used when it has the axis."""
+
+  def __init__(self, config: Mapping[str, Any] | None = None, *, mesh: jax.sharding.Mesh | None = None):
+    self.config = c = _merged(config)
+    self.mesh = mesh
+    self.vlm_config = c.vlm if isinstance(c.vlm, vlm_lib.VLMConfig) else vlm_lib.get_config(
+        c.vlm, **dict(c.vlm_overrides))
+    self.vlm = vlm_lib.VLM(self.vlm_config)
+    self.num_layers = self.vlm_config.llm.depth
+    head = {f: c.head[f] for f in _HEAD_FIELDS}
+    if head["layer_for_block"] is not None:
+      head["layer_for_block"] = tuple(head["layer_for_block"])
+    self.head_config = ah.HeadConfig(horizon=c.horizon, action_dim=c.action_dim, mol=c.mol, msm=c.msm,
+                                     **head)
+    self.layer_for_block = ah.layers_for_blocks(self.head_config, self.num_layers)
+    self.head = ah.ActionHead(self.head_config)
+    key_layers = c.memory.key_layers
+    if key_layers is None:
+      key_layers = (0, self.num_layers // 2, self.num_layers - 1)
+    key_layers = tuple(int(l) for l in key_layers)
+    bad = [l for l in key_layers if not 0 <= l < self.num_layers]
+    if bad:
+      raise ValueError(f"memory.key_layers {bad} outside the VLM's layers [0, {self.num_layers})")
+    self.key_layers = key_layers
+    if c.frozen_dtype not in DTYPES:
+      raise ValueError(f"frozen_dtype={c.frozen_dtype!r}; expected one of {sorted(DTYPES)}")
+    if c.memory.k < 1:
+      raise ValueError(f"memory.k={c.memory.k} must be >= 1")
+    self.rules = [tuple(r) for r in c.trainable]
+
+  # ---------------------------------------------------------------- validation
+  def _validate_observation(self, observation: Mapping[str, Any]) -> None:
+    c = self.config
+    if not hasattr(observation, "keys"):
+      raise ValueError(f"observation must be a dict, got {type(observation).__name__}")
+    required = ["state", "tokens", "token_mask"]
+    if self.vlm_config.img is not None:
+      required += ["images", "image_mask"]
+    missing = [k for k in required if k not in observation]
+    if missing:
+      raise ValueError(f"observation is missing {missing} (has {sorted(observation.keys())}); the batch "
+                       "contract needs images [B,C,H,W,3], image_mask [B,C], state, tokens, token_mask")
+    if self.vlm_config.img is not None:
+      shape = np.shape(observation["images"])
+      if len(shape) != 5 or shape[1] != c.num_cameras:
+        raise ValueError(f"observation['images'] has shape {shape}; expected [B, {c.num_cameras}, H, W, 3] "
+                         f"(config.num_cameras={c.num_cameras}; absent cameras are zeros with "
+                         "image_mask False)")
+    state = np.shape(observation["state"])
+    if len(state) != 2 or state[1] != c.state_dim:
+      raise ValueError(f"observation['state'] has shape {state}; expected [B, {c.state_dim}] "
+                       f"(config.state_dim)")
+
+  def _validate_batch(self, batch: Mapping[str, Any]) -> None:
+    c = self.config
+    missing = [k for k in ("observation", "actions", "action_mask", "frame_id") if k not in batch]
+    if missing:
+      raise ValueError(f"batch is missing {missing}; see the batch contract in docs/ARCHITECTURE.md")
+    self._validate_observation(batch["observation"])
+    b = np.shape(batch["observation"]["state"])[0]
+    shape = np.shape(batch["actions"])
+    if shape != (b, c.horizon, c.action_dim):
+      raise ValueError(f"batch['actions'] has shape {shape}; expected [B, horizon, action_dim] = "
+                       f"{(b, c.horizon, c.action_dim)} (config.horizon / config.action_dim)")
+    if np.shape(batch["action_mask"]) != (b, c.horizon):
+      raise ValueError(f"batch['action_mask'] has shape {np.shape(batch['action_mask'])}; expected "
+                       f"{(b, c.horizon)}")
+    if np.shape(batch["frame_id"]) != (b,):
+      raise ValueError(f"batch['frame_id'] has shape {np.shape(batch['frame_id'])}; expected ({b},)")
+
+  # ---------------------------------------------------------------- pieces
+  def frozen_mask(self, params: Any) -> Any:
+    return freezing.trainable_mask(params, self.rules)
+
+  def _stop_frozen(self, params: Any) -> Any:
+    mask = self.frozen_mask(params)
+    return jax.tree_util.tree_map(lambda p, m: p if m else jax.lax.stop_gradient(p), params, mask)
+
+  def backbone(self, vlm_params: Any, observation: Mapping[str, Any]) -> dict[str, jax.Array]:
+    """One VLM forward pass: per-layer visual / text / query states (see `vlm.VLM`)."""
+    images = observation.get("images") if self.vlm_config.img is not None else None
+    image_mask = observation.get("image_mask") if self.vlm_config.img is not None else None
+    return self.vlm.apply({"params": vlm_params}, images, image_mask, observation["tokens"],
+                          observation["token_mask"])
+
+  def memory_keys(self, feats: Mapping[str, jax.Array]) -> jax.Array:
+    """Eq. 10 keys [B, len(key_layers)·D] from the backbone output."""
+    return msm_lib.pool_keys(feats["visual"], feats["visual_mask"], self.key_layers,
+                             self.config.memory.key_normalize)
+
+  def _retrieve(self, memory, keys, ids):
+    axis = self.config.memory.shard_axis
+    mesh = self.mesh
+    if axis is not None and mesh is None:
+      abstract = jax.sharding.get_abstract_mesh()
+      mesh = abstract if axis in getattr(abstract, "axis_names", ()) else None
+    return msm_lib.retrieve(memory, keys, ids, self.config.memory.k, mesh=mesh,
+                            axis_name=axis if mesh is not None else None)
+
+  def _head_fn(self, head_params, feats, state, retrieved):
+    mem_values = retrieved["values"] if retrieved is not None else None
+    mem_mask = retrieved["mask"] if retrieved is not None else None
+
+    def apply(noisy, time):
+      return self.head.apply({"params": head_params}, noisy, feats["visual"], feats["visual_mask"],
+                             feats["query"], feats["query_mask"], state, mem_values, mem_mask, time)
+    return apply
+
+  # ---------------------------------------------------------------- contract
+  def init(self, rng: jax.Array, example_batch: Mapping[str, Any]) -> tuple[dict, dict]:
+    """(params {'vlm', 'head'}, state {'msm': empty memory} or {} with msm off). Frozen params are
+    cast to `frozen_dtype`."""
+    c = self.config
+    obs = example_batch["observation"] if "observation" in example_batch else example_batch
+    self._validate_observation(obs)
+    vlm_rng, head_rng = jax.random.split(rng)
+    images = obs.get("images") if self.vlm_config.img is not None else None
+    image_mask = obs.get("image_mask") if self.vlm_config.img is not None else None
+    vlm_params = self.vlm.init(vlm_rng, images, image_mask, obs["tokens"], obs["token_mask"])["params"]
+    feats = jax.eval_shape(lambda p: self.backbone(p, obs), vlm_params)
+    b = obs["state"].shape[0]
+    zeros = lambda s: jnp.zeros(s.shape, s.dtype)
+    retrieved = None
+    if c.msm:
+      retrieved = {"values": jnp.zeros((b, c.memory.k, c.horizon, c.action_dim)),
+                   "mask": jnp.zeros((b, c.memory.k), bool)}
+    head_params = self.head.init(
+        head_rng, jnp.zeros((b, c.horizon, c.action_dim)), zeros(feats["visual"]),
+        zeros(feats["visual_mask"]), zeros(feats["query"]), zeros(feats["query_mask"]),
+        jnp.asarray(obs["state"], jnp.float32), None if retrieved is None else retrieved["values"],
+        None if retrieved is None else retrieved["mask"],
+        jnp.zeros((b,)) if self.head_config.objective == "flow_matching" else None)["params"]
+    params = {"vlm": vlm_params, "head": head_params}
+    mask = self.frozen_mask(params)
+    dtype = DTYPES[c.frozen_dtype]
+    if dtype is not None:
+      params = jax.tree_util.tree_map(
+          lambda p, m: p if m or not jnp.issubdtype(p.dtype, jnp.floating) else p.astype(dtype),
+          params, mask)
+    state = {}
+    if c.msm:
+      key_dim = len(self.key_layers) * feats["visual"].shape[-1]
+      state["msm"] = msm_lib.init_memory(c.memory.size, key_dim, c.horizon, c.action_dim)
+    return params, state
+
+  def loss(self, params: Any, state: Mapping[str, Any], batch: Mapping[str, Any], rng: jax.Array
+           ) -> tuple[jax.Array, tuple[dict, dict]]:
+    """Training loss; retrieval happens before this batch is written to the memory.
+
+    Metrics: 'l1' (L1 of the denoised chunk), 'alpha_s' [num_blocks] (batch-mean gate per block; the
+    per-head values are 'alpha_s_heads' [num_blocks, heads]), 'alpha_v' [num_blocks], 'msm_valid'
+    (filled entries), 'msm_hits' (fraction of the K slots retrieved with a valid entry).
+    """
+    c = self.config
+    self._validate_batch(batch)
+    params = self._stop_frozen(params)
+    obs = batch["observation"]
+    feats = self.backbone(params["vlm"], obs)
+    retrieved, new_state, metrics = None, dict(state), {}
+    if c.msm:
+      if "msm" not in state:
+        raise ValueError("state has no 'msm' memory; pass the state returned by policy.init")
+      keys = self.memory_keys(feats)
+      retrieved = self._retrieve(state["msm"], keys, batch["frame_id"])
+      new_state["msm"] = msm_lib.insert(state["msm"], keys, batch["actions"], batch["frame_id"])
+      metrics["msm_valid"] = msm_lib.num_valid(new_state["msm"])
+      metrics["msm_hits"] = retrieved["mask"].mean()
+    apply = self._head_fn(params["head"], feats, jnp.asarray(obs["state"], jnp.float32), retrieved)
+    loss, aux = ah.objective_loss(apply, self.head_config, jnp.asarray(batch["actions"], jnp.float32),
+                                  jnp.asarray(batch["action_mask"], bool), rng)
+    metrics["l1"] = aux["l1"]
+    gates = aux["gates"]
+    if gates:
+      metrics["alpha_s_heads"] = gates["alpha_s"].mean(axis=1)
+      metrics["alpha_s"] = metrics["alpha_s_heads"].mean(axis=-1)
+      metrics["alpha_v"] = gates["alpha_v"]
+    return loss, (metrics, new_state)
+
+  def sample_actions(self, params: Any, state: Mapping[str, Any], observation: Mapping[str, Any],
+                     rng: jax.Array) -> jax.Array:
+    """Action chunk [B, horizon, action_dim]; the memory is read, never written."""
+    c = self.config
+    self._validate_observation(observation)
+    feats = self.backbone(params["vlm"], observation)
+    retrieved = None
+    if c.msm:
+      memory = state.get("msm") if hasattr(state, "get") else None
+      if memory is None:
+        raise ValueError("state has no 'msm' memory; load it from the training checkpoint")
+      _check_not_empty(memory["valid"])
+      keys = self.memory_keys(feats)
+      # No sample at inference is a memory entry: an id no entry carries disables self-exclusion.
+      ids = jnp.full((keys.shape[0],), jnp.iinfo(jnp.int32).min, jnp.int32)
+      retrieved = self._retrieve(memory, keys, ids)
+    apply = self._head_fn(params["head"], feats, jnp.asarray(observation["state"], jnp.float32),
+                          retrieved)
+    b = np.shape(observation["state"])[0]
+    return ah.sample(apply, self.head_config, (b, c.horizon, c.action_dim), rng)
+
+
+_EMPTY_MEMORY = ("the MSM memory (state['msm']) is empty at inference: a policy trained with msm=True "
+                 "needs the memory saved with its checkpoint (or set config.msm=False)")
+
+
+def _raise_if_empty(valid_count):
+  if int(valid_count) == 0:
+    raise ValueError(_EMPTY_MEMORY)
+
+
+def _check_not_empty(valid: jax.Array) -> None:
+  """Raises at once for a concrete memory; under jit the check runs on device via a callback."""
+  if isinstance(valid, jax.core.Tracer):
+    jax.debug.callback(_raise_if_empty, valid.sum())
+  elif not bool(np.asarray(valid).any()):
+    raise ValueError(_EMPTY_MEMORY)
+
+
+def trainable_paths(policy: M2VLA, params: Any) -> list[str]:
+  """Paths that `policy.config.trainable` trains (for logs and tests)."""
+  flat = tree_util.flatten(policy.frozen_mask(params))
+  return sorted(k for k, v in flat.items() if v)
