@@ -27,6 +27,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.nan_at_batch = -1
   c.data.slow_after_batch = -1
   c.data.slow_seconds = 0.0
+  c.data.val_batches = 4           # held-out synthetic batches (evaluation)
   c.trainable = [("vlm/.*", False), (".*", True)]
   c.optimizer.lr = 1e-2
   c.optimizer.warmup_steps = 1

@@ -212,19 +212,26 @@ class SyntheticData:
     self.index = int(state["index"])
 
   def statistics(self) -> dict:
-    """Normalization statistics in the data pipeline's format (the toy data is already normalized)."""
-    a = self.c["action_dim"]
-    s = self.c["state_dim"]
-    return {"action": {"mean": [0.0] * a, "std": [1.0] * a, "q01": [-1.0] * a, "q99": [1.0] * a,
-                       "mask": [True] * a},
-            "state": {"mean": [0.0] * s, "std": [1.0] * s, "q01": [-1.0] * s, "q99": [1.0] * s,
-                      "mask": [True] * s}}
+    """Statistics in the pipeline adapter's layout. The toy data is generated already normalized; these
+    bounds (q01 = -2, q99 = 2, 'bounds' mode) make unnormalized actions twice the model's output, so export
+    and evaluation have a non-trivial mapping to check; the last action dim is a gripper (not normalized)."""
+    a, s = self.c["action_dim"], self.c["state_dim"]
+    def block(d):
+      return {"mean": [0.0] * d, "std": [1.0] * d, "q01": [-2.0] * d, "q99": [2.0] * d,
+              "min": [-2.0] * d, "max": [2.0] * d}
+    gripper = [False] * (a - 1) + [True]
+    return {"normalization": "bounds",
+            "datasets": {"synthetic": {"dataset": "synthetic", "action": block(a), "state": block(s),
+                                       "action_gripper_mask": gripper}},
+            "gripper_masks": {"synthetic": gripper}, "action_dim": a, "state_dim": s,
+            "frame_id_ranges": {"synthetic": [0, 2**31 - 1]}}
 
 
 def make_data(config: ml_collections.ConfigDict, split: str, batch_size: int, seed: int):
   """Data factory used by configs: `config.data.kind = 'synthetic'`."""
   d = config.data
   return SyntheticData(config.model, batch_size=batch_size, seed=seed, split=split,
+                       num_batches=None if split == "train" else d.get("val_batches", 4),
                        nan_at_batch=d.get("nan_at_batch", -1) if split == "train" else -1,
                        slow_after_batch=d.get("slow_after_batch", -1) if split == "train" else -1,
                        slow_seconds=d.get("slow_seconds", 0.0))

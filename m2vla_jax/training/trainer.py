@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 import math
 import signal
 import time
@@ -148,8 +149,14 @@ def _required_fields(config) -> set[str]:
   return set(config.get("required_fields", ()) or ())
 
 
-def build_policy(config: ml_collections.ConfigDict) -> Any:
-  return _import(config.policy, POLICIES, "config.policy")(config.model)
+def build_policy(config: ml_collections.ConfigDict, mesh: Any = None) -> Any:
+  """The policy object; `mesh` is passed to policies whose constructor takes one (sharded MSM retrieval)."""
+  cls = _import(config.policy, POLICIES, "config.policy")
+  try:
+    takes_mesh = "mesh" in inspect.signature(cls).parameters
+  except (TypeError, ValueError):
+    takes_mesh = False
+  return cls(config.model, mesh=mesh) if takes_mesh else cls(config.model)
 
 
 def build_data(config: ml_collections.ConfigDict, split: str) -> Iterator:
@@ -173,6 +180,23 @@ def _shardings(abstract: ts_lib.TrainState, mesh, config) -> ts_lib.TrainState:
       policy_state=sharding_lib.state_shardings(abstract.policy_state, mesh))
 
 
+def batch_spec(batch: Any) -> dict:
+  """{path: {'shape', 'dtype'}} of a batch, stored with checkpoints so export needs no data pipeline."""
+  from m2vla_jax import tree_util  # pylint: disable=g-import-not-at-top
+  return {k: {"shape": list(np.shape(v)), "dtype": str(np.asarray(v).dtype)}
+          for k, v in tree_util.flatten(batch).items()}
+
+
+def example_from_spec(spec: Mapping[str, Any], batch_size: int = 1) -> dict:
+  """Zeros shaped like a stored batch spec (leading dim replaced by batch_size); masks all True."""
+  from m2vla_jax import tree_util  # pylint: disable=g-import-not-at-top
+  flat = {}
+  for k, v in spec.items():
+    shape = [batch_size] + list(v["shape"][1:])
+    flat[k] = np.ones(shape, v["dtype"]) if v["dtype"] == "bool" else np.zeros(shape, v["dtype"])
+  return tree_util.unflatten(flat)
+
+
 def _config_json(config) -> dict:
   return ckpt_lib._to_json(config.to_dict())  # pylint: disable=protected-access
 
@@ -190,10 +214,10 @@ class Setup:
   example_batch: Any
 
 
-def setup(config: ml_collections.ConfigDict, example_batch: Any) -> Setup:
-  """Mesh, policy, optimizer and a freshly initialised, sharded TrainState."""
-  mesh = sharding_lib.make_mesh(config.mesh.to_dict())
-  policy = build_policy(config)
+def setup(config: ml_collections.ConfigDict, example_batch: Any, devices: Any = None) -> Setup:
+  """Mesh (over `devices`, default all), policy, optimizer and a freshly initialised, sharded TrainState."""
+  mesh = sharding_lib.make_mesh(config.mesh.to_dict(), devices)
+  policy = build_policy(config, mesh)
   tx, schedule = optimizer_lib.make_optimizer(config)
   example = jax.tree_util.tree_map(lambda x: np.asarray(x)[:1], example_batch)
   init_fn = ts_lib.make_init_fn(policy, tx, example, [tuple(r) for r in config.trainable],
@@ -323,7 +347,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     logging.info("Resumed from step %d", int(state.step))
   start_step = int(jax.device_get(state.step))
   stats = train_data.statistics() if hasattr(train_data, "statistics") else {}
-  assets = {"config": _config_json(config), "statistics": stats}
+  assets = {"config": _config_json(config), "statistics": stats, "batch_spec": batch_spec(example)}
 
   train_step = ts_lib.make_train_step(s.policy, s.tx, s.schedule, config.grad_accum_steps, config.ema_decay)
   batch_sharding = sharding_lib.batch_sharding(mesh)
@@ -438,10 +462,13 @@ def _evaluate(config, eval_jit, state, mesh) -> dict:
   data = build_data(config, "val")
   sums: dict[str, float] = {}
   n = 0
+  local_batch = config.batch_size // jax.process_count()
   for _ in range(config.eval_steps):
     try:
       batch = next(data)
     except StopIteration:
+      break
+    if batch["frame_id"].shape[0] != local_batch:  # a last partial batch would not shard evenly
       break
     m = jax.device_get(eval_jit(state, sharding_lib.host_to_global(batch, mesh)))
     for k, v in m.items():

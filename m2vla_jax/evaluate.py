@@ -1,0 +1,113 @@
+"""Offline evaluation: `python -m m2vla_jax.evaluate --checkpoint=BUNDLE_OR_WORKDIR --out=DIR
+[--dataset=bridge --data_dir=...] [--max_batches=N]`.
+
+Runs the policy over held-out episodes (the data pipeline's non-train split: each dataset read once, in
+file order), compares its action chunks with the recorded ones in the datasets' own units, and writes
+`metrics.json` (per dataset: action L1 / MSE, per-dimension errors, gripper accuracy; see
+`evaluation/offline.py`) and `trajectories_<dataset>.png`. `--checkpoint` is an export bundle or a
+training workdir (its newest checkpoint).
+"""
+from __future__ import annotations
+
+import json
+from typing import Any, Optional
+
+from absl import app
+from absl import flags
+from etils import epath
+import jax
+import numpy as np
+
+from m2vla_jax import export as export_lib
+from m2vla_jax.evaluation import offline
+from m2vla_jax.training import freezing
+from m2vla_jax.training import trainer
+
+
+def load(path: str) -> export_lib.Policy:
+  """A Policy from an export bundle or from a training workdir's newest checkpoint."""
+  if (epath.Path(path) / "params.npz").exists():
+    return export_lib.load_policy(path)
+  config, _, state, assets = export_lib.restore_run(path)
+  params = jax.device_get(freezing.merge(state.trainable, state.frozen))
+  return export_lib.Policy(config, params, jax.device_get(state.policy_state), assets["statistics"],
+                           assets["batch_spec"])
+
+
+def _thresholds(stats: dict) -> list[float]:
+  a = stats["action"]
+  return [(lo + hi) / 2 for lo, hi in zip(a["q01"], a["q99"])]
+
+
+def evaluate(policy: export_lib.Policy, *, dataset: Optional[str] = None, data_dir: Optional[str] = None,
+             max_batches: Optional[int] = None, out: Optional[str] = None, seed: int = 0) -> dict:
+  """Metrics dict {'datasets': {name: {...}}, 'num_batches': n}; writes metrics.json and plots to `out`."""
+  config = policy.config.copy_and_resolve_references()
+  if config.data.kind == "rlds":
+    with config.unlocked():
+      if dataset:
+        config.data.pipeline.datasets = dataset
+      if data_dir:
+        config.data.pipeline.data_dir = data_dir
+  data = trainer.build_data(config, "val")
+  names = policy.datasets
+  stats = policy.statistics["datasets"]
+  if dataset and config.data.kind != "rlds":
+    raise ValueError(f"--dataset applies to RLDS runs; this policy's data kind is {config.data.kind!r}")
+  info = getattr(data, "info", None)
+  metrics = offline.OfflineMetrics(
+      names, {n: stats[n].get("action_gripper_mask", []) for n in names},
+      {n: _thresholds(stats[n]) for n in names})
+  rng = jax.random.PRNGKey(seed)
+  n = 0
+  for batch in data:
+    if max_batches is not None and n >= max_batches:
+      break
+    if info is not None:
+      ds_index = info.dataset_of(batch["frame_id"])
+      ds_names = [info.datasets[i] for i in ds_index]
+    else:
+      ds_names = [names[0]] * batch["frame_id"].shape[0]
+    pred_norm = policy.normalized_actions(batch["observation"], jax.random.fold_in(rng, n))
+    true_norm = batch["actions"]
+    ids = np.array([names.index(d) for d in ds_names])
+    pred = np.zeros(pred_norm.shape, np.float64)
+    true = np.zeros(true_norm.shape, np.float64)
+    dims = pred.shape[-1]
+    for i, name in enumerate(names):
+      rows = ids == i
+      if rows.any():
+        p, t = policy.unnormalize(pred_norm[rows], name), policy.unnormalize(true_norm[rows], name)
+        d = p.shape[-1]
+        dims = min(dims, d)
+        pred[rows, ..., :d], true[rows, ..., :d] = p, t
+    metrics.add(ids, pred[..., :dims], true[..., :dims], batch["action_mask"])
+    n += 1
+  result = {"datasets": metrics.summary(), "num_batches": n}
+  if out:
+    out_path = epath.Path(out)
+    out_path.mkdir(parents=True, exist_ok=True)
+    result["plots"] = offline.plot_trajectories(metrics, out)
+    (out_path / "metrics.json").write_text(json.dumps(result, indent=1, sort_keys=True))
+  return result
+
+
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Export bundle or training workdir (local or gs://).")
+_DATASET = flags.DEFINE_string("dataset", None, "Mixture/dataset names for the RLDS pipeline (default: trained).")
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "RLDS root (default: the training config's).")
+_OUT = flags.DEFINE_string("out", None, "Directory for metrics.json and plots.")
+_MAX_BATCHES = flags.DEFINE_integer("max_batches", None, "Stop after this many batches.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not _CHECKPOINT.value:
+    raise app.UsageError("--checkpoint is required")
+  result = evaluate(load(_CHECKPOINT.value), dataset=_DATASET.value, data_dir=_DATA_DIR.value,
+                    max_batches=_MAX_BATCHES.value, out=_OUT.value)
+  print(json.dumps(result, indent=1, sort_keys=True))
+
+
+if __name__ == "__main__":
+  app.run(main)

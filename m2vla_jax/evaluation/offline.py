@@ -1,0 +1,100 @@
+"""Offline action-prediction metrics over held-out batches, per dataset, in the datasets' own units.
+
+`OfflineMetrics.add(dataset_ids, pred, true, mask)` accumulates; `summary()` returns, per dataset:
+  l1, mse            mean over valid (step, dim) entries of |pred - true| and (pred - true)^2
+  l1_per_dim         [A] mean |pred - true| per action dimension
+  gripper_accuracy   fraction of valid steps whose gripper dims agree after thresholding at the midpoint
+                     of the dimension's q01..q99 range (open/closed), None if the dataset has no gripper dim
+  num_frames, num_steps
+Pure numpy float64; `plot_trajectories` draws predicted vs true first-step actions (matplotlib, Agg).
+"""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+
+
+class OfflineMetrics:
+  """Accumulates per-dataset sums. Arrays: pred/true [N, H, A] (unnormalized), mask [N, H] bool."""
+
+  def __init__(self, names: Sequence[str], gripper_masks: Mapping[str, Sequence[bool]],
+               gripper_thresholds: Mapping[str, Sequence[float]]):
+    self.names = list(names)
+    self.gripper_masks = {k: np.asarray(v, bool) for k, v in gripper_masks.items()}
+    self.thresholds = {k: np.asarray(v, np.float64) for k, v in gripper_thresholds.items()}
+    self._sums: dict[str, dict] = {}
+    self.trajectories: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {n: [] for n in self.names}
+
+  def add(self, dataset_ids: np.ndarray, pred: np.ndarray, true: np.ndarray, mask: np.ndarray) -> None:
+    pred, true = np.asarray(pred, np.float64), np.asarray(true, np.float64)
+    mask = np.asarray(mask, bool)
+    for i, name in enumerate(self.names):
+      rows = np.asarray(dataset_ids) == i
+      if not rows.any():
+        continue
+      p, t, m = pred[rows], true[rows], mask[rows]
+      a = p.shape[-1]
+      s = self._sums.setdefault(name, {"abs": np.zeros(a), "sq": np.zeros(a), "steps": 0, "frames": 0,
+                                       "grip_ok": 0, "grip_n": 0})
+      err = (p - t)[m]                                    # [valid steps, A]
+      s["abs"] += np.abs(err).sum(0)
+      s["sq"] += (err ** 2).sum(0)
+      s["steps"] += int(m.sum())
+      s["frames"] += int(rows.sum())
+      g = self.gripper_masks.get(name)
+      if g is not None and g[:a].any():
+        th = self.thresholds[name][:a][g[:a]]
+        agree = ((p[m][:, g[:a]] > th) == (t[m][:, g[:a]] > th)).all(-1)
+        s["grip_ok"] += int(agree.sum())
+        s["grip_n"] += int(agree.size)
+      self.trajectories[name].append((p[:, 0], t[:, 0]))
+
+  def summary(self) -> dict:
+    out = {}
+    for name, s in self._sums.items():
+      n = max(s["steps"], 1)
+      out[name] = {
+          "l1": float(s["abs"].sum() / (n * len(s["abs"]))),
+          "mse": float(s["sq"].sum() / (n * len(s["sq"]))),
+          "l1_per_dim": (s["abs"] / n).tolist(),
+          "mse_per_dim": (s["sq"] / n).tolist(),
+          "gripper_accuracy": (s["grip_ok"] / s["grip_n"]) if s["grip_n"] else None,
+          "num_frames": s["frames"],
+          "num_steps": s["steps"],
+      }
+    return out
+
+
+def plot_trajectories(metrics: OfflineMetrics, out_dir: str, max_frames: int = 200) -> list[str]:
+  """One PNG per dataset: each action dim's predicted vs true first-step action over consecutive frames."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  import io  # pylint: disable=g-import-not-at-top
+  written = []
+  for name, parts in metrics.trajectories.items():
+    if not parts:
+      continue
+    pred = np.concatenate([p for p, _ in parts])[:max_frames]
+    true = np.concatenate([t for _, t in parts])[:max_frames]
+    a = pred.shape[-1]
+    fig, axes = plt.subplots(a, 1, figsize=(8, 1.6 * a), sharex=True, squeeze=False)
+    for d in range(a):
+      ax = axes[d, 0]
+      ax.plot(true[:, d], label="true", color="k", lw=1)
+      ax.plot(pred[:, d], label="predicted", color="tab:orange", lw=1)
+      ax.set_ylabel(f"a[{d}]")
+    axes[0, 0].legend(loc="upper right", fontsize=7)
+    axes[-1, 0].set_xlabel("frame (held-out, file order)")
+    fig.suptitle(f"{name}: predicted vs true action (first step of each chunk)")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80)
+    plt.close(fig)
+    path = epath.Path(out_dir) / f"trajectories_{name}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(buf.getvalue())
+    written.append(str(path))
+  return written

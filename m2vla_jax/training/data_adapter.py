@@ -1,0 +1,68 @@
+"""Adapter from the trainer's config to the grain RLDS pipeline (`m2vla_jax.data.pipeline`).
+
+`config.data` for `kind='rlds'`: `pipeline` (the pipeline's own ConfigDict, `pipeline.get_config()`
+overridden by the config file; its batch_size is forced to the trainer's `config.batch_size`) and
+`tokenizer` ('byte' for the test byte tokenizer, a SentencePiece `.model` path, or a `.gguf` path). The
+pipeline shards by host itself, so every host passes the same seed. Split 'val' maps to the dataset's
+validation split name (`config.data.val_split`).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+
+
+def make_tokenizer(spec: str) -> Any:
+  if spec == "byte":
+    from m2vla_jax.data import testing  # pylint: disable=g-import-not-at-top
+    return testing.ByteTokenizer()
+  from m2vla_jax import tokenizer as tok  # pylint: disable=g-import-not-at-top
+  if spec.endswith(".gguf"):
+    return tok.Tokenizer.from_gguf(spec)
+  return tok.Tokenizer.from_sentencepiece(spec)
+
+
+class PipelineData:
+  """The pipeline's iterator with the trainer's data interface (get_state / set_state / statistics)."""
+
+  def __init__(self, iterator: Any, normalization: str):
+    self._it = iterator
+    self.normalization = normalization
+    self.info = iterator.info
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict:
+    return next(self._it)
+
+  def get_state(self) -> Any:
+    return self._it.get_state()
+
+  def set_state(self, state: Any) -> None:
+    self._it.set_state(state)
+
+  def statistics(self) -> dict:
+    return {"normalization": self.normalization, "datasets": self.info.statistics, "gripper_masks": self.info.gripper_masks,
+            "frame_id_ranges": {k: list(v) for k, v in self.info.frame_id_ranges.items()},
+            "action_dim": self.info.action_dim, "state_dim": self.info.state_dim}
+
+
+def pipeline_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  from m2vla_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  base = pipeline.get_config()
+  with base.unlocked():
+    base.update(config.data.pipeline.to_dict() if "pipeline" in config.data else {})
+  base.batch_size = config.batch_size
+  return base
+
+
+def make_data(config: ml_collections.ConfigDict, split: str, batch_size: int, seed: int) -> PipelineData:
+  del batch_size, seed  # The pipeline splits the global batch per host and shards by host itself.
+  from m2vla_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  split_name = config.data.get("val_split", "val") if split == "val" else split
+  pcfg = pipeline_config(config)
+  it = pipeline.make_pipeline(pcfg, tokenizer=make_tokenizer(config.data.tokenizer), split=split_name,
+                              seed=config.seed)
+  return PipelineData(it, pcfg.normalization)
