@@ -11,30 +11,35 @@ swing past the goal). A demonstration therefore ends at the first success plus a
 `post_success_steps` further steps, and only while the success still holds, so it never teaches
 the motion that undoes the task.
 
-Episode layout (one dict per episode, numpy values):
+Episode layout: one dict per episode with a leading time axis T, the input format of
+`m2vla_jax.data.writer.write_rlds_dataset`:
 ```
-{'steps': [{'observation': {'image': uint8 [H, W, 3],        primary camera
-                            'wrist_image': uint8 [H, W, 3],  present when a wrist camera is set
-                            'state': float32 [4]},           hand xyz + gripper opening
-            'action': float32 [4] in [-1, 1],
-            'reward': float32, 'discount': float32,
-            'is_first': bool, 'is_last': bool, 'is_terminal': bool,
-            'language_instruction': str}, ...],
+{'observation': {'image': uint8 [T, H, W, 3],         primary camera
+                 'wrist_image': uint8 [T, H, W, 3],   present when a wrist camera is set
+                 'state': float32 [T, 4]},            hand xyz + gripper opening
+ 'action': float32 [T, 4] in [-1, 1],
+ 'reward': float32 [T], 'discount': float32 [T],
+ 'is_first', 'is_last', 'is_terminal': bool [T],      first / last / last (the episode succeeded)
+ 'language_instruction': str,                          one training paraphrase per episode
  'episode_metadata': {'task': str, 'seed': int, 'first_success_step': int}}
 ```
 `action` is the expert action clipped to Meta-World's action space (the environment clips the
-same way, so the recorded action is exactly what was executed).
+same way, so the recorded action is exactly what was executed). `dataset_spec(name)` is the data
+registry entry that reads the written dataset back.
 
 CLI: `python -m m2vla_jax.sim.demos --suite=mt10 --episodes_per_task=N --out=DIR`.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import logging
 import os
+import shutil
 import sys
 import time
+import warnings
 from typing import Any, Sequence
 
 import numpy as np
@@ -103,24 +108,40 @@ def expert_for(task: str):
   return ENV_POLICY_MAP[task]()
 
 
-def _step_record(obs: dict[str, np.ndarray], action: np.ndarray, reward: float,
-                 instruction: str, has_wrist: bool) -> dict[str, Any]:
-  observation = {"image": obs["images"][0], "state": obs["state"]}
+def expert_action(expert: Any, privileged: np.ndarray) -> np.ndarray:
+  """The expert's action for a 39-d Meta-World state, clipped to [-1, 1] (float64 [4])."""
+  with warnings.catch_warnings():
+    # The experts warn whenever their P-controller saturates; the action is clipped anyway.
+    warnings.filterwarnings("ignore", message="Constant", category=UserWarning)
+    action = expert.get_action(privileged)
+  return np.clip(np.asarray(action, np.float64), -1.0, 1.0)
+
+
+def _assemble(steps: list[tuple[dict[str, np.ndarray], np.ndarray, float]], instruction: str,
+              has_wrist: bool, metadata: dict[str, Any]) -> Episode:
+  """Stacks (observation, action, reward) triples into one writer-format episode."""
+  t = len(steps)
+  observation = {"image": np.stack([o["images"][0] for o, _, _ in steps]),
+                 "state": np.stack([o["state"] for o, _, _ in steps]).astype(np.float32)}
   if has_wrist:
-    observation["wrist_image"] = obs["images"][1]
+    observation["wrist_image"] = np.stack([o["images"][1] for o, _, _ in steps])
+  last = np.arange(t) == t - 1
   return {
       "observation": observation,
-      "action": action.astype(np.float32),
-      "reward": np.float32(reward),
-      "discount": np.float32(1.0),
-      "is_first": False, "is_last": False, "is_terminal": False,
+      "action": np.stack([a for _, a, _ in steps]).astype(np.float32),
+      "reward": np.array([r for _, _, r in steps], np.float32),
+      "discount": np.ones((t,), np.float32),
+      "is_first": np.arange(t) == 0,
+      "is_last": last,
+      "is_terminal": last.copy(),
       "language_instruction": instruction,
+      "episode_metadata": metadata,
   }
 
 
-def record_episode(env: metaworld_env.MetaWorldEnv, expert: Any, seed: int, instruction: str,
-                   config: DemoConfig) -> tuple[Episode | None, dict[str, Any]]:
-  """Runs the expert once from `seed`.
+def record_episode(env: Any, expert: Any, seed: int, instruction: str, config: DemoConfig
+                   ) -> tuple[Episode | None, dict[str, Any]]:
+  """Runs the expert once from `seed` in `env` (a MetaWorldEnv or ProcessEnv).
 
   Returns:
     (episode or None when the expert never succeeded, outcome dict with keys
@@ -128,12 +149,12 @@ def record_episode(env: metaworld_env.MetaWorldEnv, expert: Any, seed: int, inst
   """
   has_wrist = config.env.wrist_camera is not None
   outcome = {"success_any": False, "success_last": None, "first_success_step": None, "crash": None}
-  steps: list[dict[str, Any]] = []
+  steps: list[tuple[dict[str, np.ndarray], np.ndarray, float]] = []
   try:
     obs = env.reset(seed, render=True)
     recording, post_left, success = True, config.post_success_steps, False
     while True:
-      action = np.clip(np.asarray(expert.get_action(obs["privileged"]), np.float64), -1.0, 1.0)
+      action = expert_action(expert, obs["privileged"])
       if recording:
         current = obs
       obs, reward, success, truncated, _ = env.step(action, render=recording)
@@ -142,7 +163,7 @@ def record_episode(env: metaworld_env.MetaWorldEnv, expert: Any, seed: int, inst
         if outcome["first_success_step"] is not None and not success:
           recording = False
         else:
-          steps.append(_step_record(current, action, reward, instruction, has_wrist))
+          steps.append((current, action, reward))
       if success and outcome["first_success_step"] is None:
         outcome["first_success_step"] = env.steps - 1
         outcome["success_any"] = True
@@ -160,21 +181,20 @@ def record_episode(env: metaworld_env.MetaWorldEnv, expert: Any, seed: int, inst
     outcome["success_last"] = bool(success and truncated)
   if not outcome["success_any"]:
     return None, outcome
-  steps[0]["is_first"] = True
-  steps[-1]["is_last"] = steps[-1]["is_terminal"] = True
-  return ({"steps": steps,
-           "episode_metadata": {"task": env.task, "seed": int(seed),
-                                "first_success_step": int(outcome["first_success_step"])}},
-          outcome)
+  metadata = {"task": env.task, "seed": int(seed),
+              "first_success_step": int(outcome["first_success_step"])}
+  return _assemble(steps, instruction, has_wrist, metadata), outcome
 
 
 def generate_task_demos(task: str, num_episodes: int, config: DemoConfig = DemoConfig(),
-                        instruction_seed: int = 0) -> tuple[list[Episode], TaskStats]:
+                        instruction_seed: int = 0, env: Any = None
+                        ) -> tuple[list[Episode], TaskStats]:
   """Up to `num_episodes` successful expert demonstrations of one task.
 
   Attempts seeds `episode_seed(task, i, 'train')` for i = 0, 1, ... until `num_episodes`
   succeeded or `num_episodes * max_attempts_per_episode` were tried. With `measure_last_step`,
-  exactly `num_episodes` attempts run (statistics are over a fixed set of seeds).
+  exactly `num_episodes` attempts run (statistics are over a fixed set of seeds). `env`: an open
+  environment to reuse (a ProcessEnv is switched to `task`); by default one is made and closed.
   """
   if num_episodes < 1:
     raise ValueError(f"num_episodes={num_episodes} must be >= 1")
@@ -184,7 +204,12 @@ def generate_task_demos(task: str, num_episodes: int, config: DemoConfig = DemoC
   episodes: list[Episode] = []
   max_attempts = (num_episodes if config.measure_last_step
                   else num_episodes * config.max_attempts_per_episode)
-  with metaworld_env.MetaWorldEnv(task, config.env) as env:
+  own_env = env is None
+  if own_env:
+    env = metaworld_env.make_env(task, config.env)
+  elif env.task != task:
+    env.set_task(task)
+  try:
     while len(episodes) < num_episodes and stats.attempts < max_attempts:
       seed = metaworld_env.episode_seed(task, stats.attempts, "train")
       instruction = instructions.sample_instruction(task, rng)
@@ -198,7 +223,10 @@ def generate_task_demos(task: str, num_episodes: int, config: DemoConfig = DemoC
         stats.discarded += 1
       else:
         episodes.append(episode)
-  stats.mean_length = float(np.mean([len(e["steps"]) for e in episodes])) if episodes else 0.0
+  finally:
+    if own_env:
+      env.close()
+  stats.mean_length = float(np.mean([len(e["action"]) for e in episodes])) if episodes else 0.0
   return episodes, stats
 
 
@@ -206,13 +234,18 @@ def generate_demos(tasks: Sequence[str], episodes_per_task: int, config: DemoCon
                    instruction_seed: int = 0) -> tuple[list[Episode], list[TaskStats]]:
   """Demonstrations for several tasks, concatenated in task order, and per-task statistics."""
   all_episodes, all_stats = [], []
-  for task in tasks:
-    t0 = time.time()
-    episodes, stats = generate_task_demos(task, episodes_per_task, config, instruction_seed)
-    log.info("%s: %d/%d expert attempts succeeded, %d discarded (%.1fs)", task,
-             stats.succeeded_any, stats.attempts, stats.discarded, time.time() - t0)
-    all_episodes += episodes
-    all_stats.append(stats)
+  env = metaworld_env.make_env(tasks[0], config.env) if config.env.isolate_process else None
+  try:
+    for task in tasks:
+      t0 = time.time()
+      episodes, stats = generate_task_demos(task, episodes_per_task, config, instruction_seed, env)
+      log.info("%s: %d/%d expert attempts succeeded, %d discarded (%.1fs)", task,
+               stats.succeeded_any, stats.attempts, stats.discarded, time.time() - t0)
+      all_episodes += episodes
+      all_stats.append(stats)
+  finally:
+    if env is not None:
+      env.close()
   return all_episodes, all_stats
 
 
@@ -231,3 +264,104 @@ def stats_markdown(stats: Sequence[TaskStats]) -> str:
   lines.append(f"| **all** | {attempts} | {anyr:.0%} | {last} | "
                f"{sum(s.discarded for s in stats)} | |")
   return "\n".join(lines) + "\n"
+
+
+def dataset_spec(name: str):
+  """The data-registry entry that reads demonstrations written by `write_demos` under `name`.
+
+  The gripper action is Meta-World's continuous effort in [-1, 1] (the experts use intermediate
+  values), so it is declared as an ordinary continuous dimension rather than an open/closed
+  gripper: normalization stays invertible and a policy's output maps back to the simulator exactly.
+  """
+  from m2vla_jax.data.oxe import spec as oxe_spec  # pylint: disable=g-import-not-at-top
+  return oxe_spec.DatasetSpec(
+      name, {"primary": "image", "wrist": "wrist_image"},
+      state=(oxe_spec.Field("observation/state"),), action=(oxe_spec.Field("action"),),
+      action_encoding=oxe_spec.ActionEncoding.EEF_DELTA)
+
+
+def dataset_name(suite: str, config: DemoConfig) -> str:
+  """Cache name: the suite and every setting that changes the recorded data."""
+  env = config.env
+  wrist = env.wrist_camera or "nowrist"
+  return (f"metaworld_{suite}_{env.primary_camera}_{wrist}_{env.image_size}px_"
+          f"post{config.post_success_steps}").lower()
+
+
+def write_demos(episodes: Sequence[Episode], out_dir: str, name: str,
+                stats: Sequence[TaskStats] = (), image_encoding: str = "jpeg") -> str:
+  """Writes episodes as an RLDS dataset `<out_dir>/<name>/1.0.0` plus `stats.json`/`DEMOS.md`."""
+  from m2vla_jax.data import writer  # pylint: disable=g-import-not-at-top
+  path = writer.write_rlds_dataset(list(episodes), out_dir, name, image_encoding=image_encoding,
+                                   progress=False,
+                                   description=f"{name}: Meta-World scripted-expert demonstrations "
+                                               f"cut at first success (m2vla_jax.sim.demos).")
+  if stats:
+    with open(os.path.join(path, "stats.json"), "w") as f:
+      json.dump([s.as_dict() for s in stats], f, indent=1)
+    with open(os.path.join(path, "DEMOS.md"), "w") as f:
+      f.write(stats_markdown(stats))
+  return path
+
+
+def cached_path(out_dir: str, name: str) -> str | None:
+  """The dataset directory if a complete dataset of that name was written before."""
+  path = os.path.join(out_dir, name, "1.0.0")
+  return path if os.path.exists(os.path.join(path, "dataset_info.json")) else None
+
+
+def generate_and_write(suite: str, episodes_per_task: int, out_dir: str,
+                       config: DemoConfig = DemoConfig(), tasks: Sequence[str] | None = None,
+                       name: str | None = None, overwrite: bool = False,
+                       image_encoding: str = "jpeg") -> tuple[str, list[TaskStats] | None]:
+  """Generates and writes a suite's demonstrations unless already cached.
+
+  Tasks default to `metaworld_env.train_tasks(suite)` (held-out tasks never get demonstrations).
+  Returns (dataset directory, per-task stats or None when the cache was used).
+  """
+  tasks = tuple(tasks) if tasks is not None else metaworld_env.train_tasks(suite)
+  name = name or dataset_name(suite, config) + f"_n{episodes_per_task}"
+  existing = cached_path(out_dir, name)
+  if existing and not overwrite:
+    log.info("using cached demonstrations %s", existing)
+    return existing, None
+  if existing:
+    shutil.rmtree(os.path.join(out_dir, name))
+  episodes, stats = generate_demos(tasks, episodes_per_task, config)
+  if not episodes:
+    raise RuntimeError(f"no successful expert demonstration for any of {list(tasks)}")
+  return write_demos(episodes, out_dir, name, stats, image_encoding), stats
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--suite", default="mt10", choices=sorted(metaworld_env.SUITES))
+  parser.add_argument("--tasks", default="", help="comma-separated task names (default: the "
+                      "suite's training tasks)")
+  parser.add_argument("--episodes_per_task", type=int, default=50)
+  parser.add_argument("--out", required=True, help="cache directory for the RLDS dataset")
+  parser.add_argument("--name", default=None, help="dataset name (default: from the settings)")
+  parser.add_argument("--image_size", type=int, default=224)
+  parser.add_argument("--primary_camera", default="corner")
+  parser.add_argument("--wrist_camera", default="gripperPOV", help="'' for none")
+  parser.add_argument("--post_success_steps", type=int, default=DemoConfig.post_success_steps)
+  parser.add_argument("--measure_last_step", action="store_true",
+                      help="run each expert to the step limit to report success at the last step")
+  parser.add_argument("--image_encoding", default="jpeg", choices=("jpeg", "png"))
+  parser.add_argument("--overwrite", action="store_true")
+  args = parser.parse_args(argv)
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+  config = DemoConfig(
+      env=metaworld_env.EnvConfig(image_size=args.image_size, primary_camera=args.primary_camera,
+                                  wrist_camera=args.wrist_camera or None),
+      post_success_steps=args.post_success_steps, measure_last_step=args.measure_last_step)
+  tasks = [t for t in args.tasks.split(",") if t] or None
+  path, stats = generate_and_write(args.suite, args.episodes_per_task, args.out, config, tasks,
+                                   args.name, args.overwrite, args.image_encoding)
+  if stats is not None:
+    print(stats_markdown(stats))
+  print(path)
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])

@@ -122,7 +122,7 @@ def _stack(slots: Sequence[_Slot], fill: _Slot) -> dict[str, Any]:
 
 def run_episodes(policy: Policy, tasks: Sequence[str], config: EvalConfig,
                  env_factory: Callable[[str, metaworld_env.EnvConfig], Any] = (
-                     metaworld_env.MetaWorldEnv),
+                     metaworld_env.make_env),
                  ) -> tuple[list[dict[str, Any]], dict[tuple[str, int], list[np.ndarray]]]:
   """Runs `episodes_per_task` episodes of every task with the policy in the loop.
 
@@ -154,10 +154,13 @@ def run_episodes(policy: Policy, tasks: Sequence[str], config: EvalConfig,
       slot.seed = metaworld_env.episode_seed(task, index, "eval")
       slot.instruction = _instruction(task, index, config.instruction_variant)
       try:
-        if slot.env is None or slot.env.task != task:
-          if slot.env is not None:
+        if slot.env is not None and slot.env.task != task:
+          if hasattr(slot.env, "set_task"):  # a ProcessEnv keeps its worker process
+            slot.env.set_task(task)
+          else:
             slot.env.close()
             slot.env = None
+        if slot.env is None:
           slot.env = env_factory(task, config.env)
         slot.obs = slot.env.reset(slot.seed, render=True)
       except Exception as e:  # pylint: disable=broad-except
@@ -188,6 +191,8 @@ def run_episodes(policy: Policy, tasks: Sequence[str], config: EvalConfig,
         continue
       for k in range(config.execute_steps):
         replan_next = k == config.execute_steps - 1
+        # Send every action first, then collect: process-isolated envs step in parallel.
+        results: dict[int, Any] = {}
         for i, slot in enumerate(slots):
           if slot.job is None:
             continue
@@ -198,7 +203,19 @@ def run_episodes(policy: Policy, tasks: Sequence[str], config: EvalConfig,
             continue
           render = replan_next or slot.frames is not None
           try:
-            obs, _, success, truncated, _ = slot.env.step(action, render=render)
+            if hasattr(slot.env, "step_async"):
+              slot.env.step_async(action, render=render)
+              results[i] = None
+            else:
+              results[i] = slot.env.step(action, render=render)
+          except Exception as e:  # pylint: disable=broad-except
+            results[i] = e
+        for i, result in results.items():
+          slot = slots[i]
+          try:
+            if isinstance(result, Exception):
+              raise result
+            obs, _, success, truncated, _ = (slot.env.step_wait() if result is None else result)
           except Exception as e:  # pylint: disable=broad-except
             steps = slot.env.steps
             slot.env.close()
@@ -286,7 +303,7 @@ def save_videos(videos: dict[tuple[str, int], list[np.ndarray]], out_dir: str, f
 def evaluate(policy: Policy, tasks: Sequence[str], config: EvalConfig, out_dir: str | None = None,
              name: str = "eval",
              env_factory: Callable[[str, metaworld_env.EnvConfig], Any] = (
-                 metaworld_env.MetaWorldEnv)) -> dict[str, Any]:
+                 metaworld_env.make_env)) -> dict[str, Any]:
   """Runs the episodes, summarizes them and, with `out_dir`, writes the report.
 
   Files: `<name>.json` (summary, config and every episode), `<name>.png` (bar plot) and
@@ -342,6 +359,7 @@ class ExpertChunkPolicy:
     from m2vla_jax.sim import demos  # pylint: disable=g-import-not-at-top
     self._experts: dict[str, Any] = {}
     self._make = demos.expert_for
+    self._action = demos.expert_action
     self.horizon = horizon
 
   def __call__(self, obs: dict[str, Any]) -> np.ndarray:
@@ -349,7 +367,7 @@ class ExpertChunkPolicy:
     for task, state in zip(obs["task"], obs["privileged"]):
       if task not in self._experts:
         self._experts[task] = self._make(task)
-      actions.append(np.clip(self._experts[task].get_action(state), -1.0, 1.0))
+      actions.append(self._action(self._experts[task], state))
     return np.repeat(np.stack(actions)[:, None], self.horizon, axis=1)
 
 

@@ -22,6 +22,13 @@ Rendering: Meta-World's default visual settings (4096 px shadow maps, 4x multisa
 reflections) hold offscreen rendering to a few frames/s; we zero the shadow map and the
 multisample count in the model's visual options and switch off shadows and reflections in the
 scene's render flags, which makes it ~5-10x faster at the image sizes a VLA uses.
+Process isolation: TensorFlow (the data pipeline) and Mesa's software EGL both carry LLVM, and a
+process that loads both crashes (a segfault at `import tensorflow` after an EGL context exists,
+or at the first render after TensorFlow was imported). `ProcessEnv` therefore runs a
+`MetaWorldEnv` in a fresh Python process (`python -m m2vla_jax.sim.metaworld_env`, which imports
+only MuJoCo and Meta-World) and talks to it over pipes; demonstrations and evaluation use it by
+default, and it also steps a batch of environments in parallel on several cores.
+
 The `corner` and `corner2` cameras are defined with their up axis pointing down (a 180-degree
 roll in `xyz_base.xml`), so their images are rotated by 180 degrees (both axes flipped), which
 restores the physical view; flipping only the rows would mirror the scene.
@@ -29,6 +36,10 @@ restores the physical view; flipping only the rows would mirror the scene.
 from __future__ import annotations
 
 import dataclasses
+import os
+import pickle
+import subprocess
+import sys
 import zlib
 from typing import Any, Sequence
 
@@ -112,12 +123,15 @@ class EnvConfig:
     wrist_camera: wrist camera name, or None for a single camera.
     fast_render: disable shadows, reflections and multisampling (see module docstring).
     max_episode_steps: step limit; None uses the benchmark's `max_path_length`.
+    isolate_process: `make_env` builds a `ProcessEnv` (required when TensorFlow is or will be
+      imported in the same process; see module docstring) instead of an in-process env.
   """
   image_size: int = 224
   primary_camera: str = "corner"
   wrist_camera: str | None = "gripperPOV"
   fast_render: bool = True
   max_episode_steps: int | None = None
+  isolate_process: bool = True
 
   def __post_init__(self):
     if self.image_size < 8:
@@ -278,7 +292,194 @@ class MetaWorldEnv:
             info)
 
 
-def make_envs(tasks: Sequence[str], config: EnvConfig) -> list[MetaWorldEnv]:
-  """One environment per task name (names may repeat)."""
-  return [MetaWorldEnv(t, config) for t in tasks]
+def reference_render(env: MetaWorldEnv, camera: str) -> np.ndarray:
+  """uint8 [H, W, 3] from a fresh MuJoCo renderer, never flipped: a reference for tests."""
+  renderer = mujoco.Renderer(env.raw_env.model, env.config.image_size, env.config.image_size)
+  try:
+    if env.config.fast_render:
+      renderer.scene.flags[mujoco.mjtRndFlag.mjRND_SHADOW] = 0
+      renderer.scene.flags[mujoco.mjtRndFlag.mjRND_REFLECTION] = 0
+    renderer.update_scene(env.raw_env.data, camera=camera)
+    return renderer.render().copy()
+  finally:
+    renderer.close()
+
+
+def inject_nan_state(env: MetaWorldEnv) -> None:
+  """Fault injection for tests: the next step sees a NaN velocity."""
+  env.raw_env.data.qvel[:] = np.nan
+
+
+# Functions of the environment that `ProcessEnv.call` may run in the worker, by name.
+_REMOTE_FUNCTIONS = {"reference_render": reference_render, "inject_nan_state": inject_nan_state}
+
+
+class ProcessEnv:
+  """A `MetaWorldEnv` in its own process (see module docstring), with the same interface.
+
+  `step_async` / `step_wait` split a step so that a batch of environments simulates and renders
+  in parallel. Exceptions raised in the worker (SimulationError, ValueError, ...) are re-raised
+  here with their type; a dead worker raises RuntimeError.
+  """
+
+  def __init__(self, task: str, config: EnvConfig = EnvConfig()):
+    self.task, self.config = task, config
+    _env_class(task)  # fail here, in the caller's process, on a bad name
+    child_env = dict(os.environ)
+    child_env.setdefault("MUJOCO_GL", "egl")
+    self._proc = subprocess.Popen(
+        [sys.executable, "-m", "m2vla_jax.sim.metaworld_env"], stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE, env=child_env)
+    self._pending = False
+    self.steps = 0
+    self.last_rand_vec = None
+    self.max_episode_steps = self._request("init", task, config)
+
+  def set_task(self, task: str) -> None:
+    """Switches the worker to another task (cheaper than starting a new process)."""
+    _env_class(task)
+    self.max_episode_steps = self._request("init", task, self.config)
+    self.task = task
+
+  def _send(self, *msg) -> None:
+    if self._proc is None:
+      raise RuntimeError(f"{self.task}: environment is closed")
+    try:
+      pickle.dump(msg, self._proc.stdin, protocol=pickle.HIGHEST_PROTOCOL)
+      self._proc.stdin.flush()
+    except (BrokenPipeError, OSError) as e:
+      raise RuntimeError(f"{self.task}: environment worker died (exit code "
+                         f"{self._proc.poll()})") from e
+
+  def _receive(self) -> Any:
+    try:
+      status, payload, steps, rand_vec = pickle.load(self._proc.stdout)
+    except (EOFError, pickle.UnpicklingError) as e:
+      raise RuntimeError(f"{self.task}: environment worker died (exit code "
+                         f"{self._proc.wait()})") from e
+    self.steps, self.last_rand_vec = steps, rand_vec
+    if status == "error":
+      raise payload
+    return payload
+
+  def _request(self, *msg) -> Any:
+    if self._pending:
+      raise RuntimeError(f"{self.task}: step_async is pending; call step_wait first")
+    self._send(*msg)
+    return self._receive()
+
+  def reset(self, seed: int, render: bool = True) -> dict[str, np.ndarray]:
+    return self._request("reset", int(seed), render)
+
+  def step(self, action: np.ndarray, render: bool = True):
+    self.step_async(action, render)
+    return self.step_wait()
+
+  def step_async(self, action: np.ndarray, render: bool = True) -> None:
+    self._send("step", np.asarray(action), render)
+    self._pending = True
+
+  def step_wait(self):
+    self._pending = False
+    return self._receive()
+
+  def render(self, camera: str, flip: bool | None = None) -> np.ndarray:
+    return self._request("render", camera, flip)
+
+  def call(self, function: str, *args) -> Any:
+    """Runs `function(env, *args)` in the worker; `function` names an entry of _REMOTE_FUNCTIONS."""
+    if function not in _REMOTE_FUNCTIONS:
+      raise ValueError(f"function={function!r}; use one of {sorted(_REMOTE_FUNCTIONS)}")
+    return self._request("call", function, *args)
+
+  def close(self) -> None:
+    if self._proc is None:
+      return
+    try:
+      if self._pending:
+        self.step_wait()
+      self._request("close")
+    except Exception:  # pylint: disable=broad-except
+      pass  # closing a crashed worker: nothing to say goodbye to
+    finally:
+      try:
+        self._proc.stdin.close()
+        self._proc.wait(timeout=10)
+      except Exception:  # pylint: disable=broad-except
+        self._proc.kill()
+        self._proc.wait()
+      self._proc = None
+
+  def __del__(self):
+    if getattr(self, "_proc", None) is not None:
+      self.close()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+
+def make_env(task: str, config: EnvConfig = EnvConfig()):
+  """A `ProcessEnv` (config.isolate_process, the default) or an in-process `MetaWorldEnv`."""
+  return ProcessEnv(task, config) if config.isolate_process else MetaWorldEnv(task, config)
+
+
+def _serve() -> None:
+  """Worker loop of `ProcessEnv`: pickled requests on stdin, pickled replies on stdout."""
+  requests = sys.stdin.buffer
+  replies = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
+  os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # stray prints must not corrupt the protocol
+  env = None
+
+  def reply(status, payload):
+    steps = env.steps if env is not None else 0
+    rand_vec = env.last_rand_vec if env is not None else None
+    pickle.dump((status, payload, steps, rand_vec), replies, protocol=pickle.HIGHEST_PROTOCOL)
+    replies.flush()
+
+  while True:
+    try:
+      msg = pickle.load(requests)
+    except EOFError:
+      break
+    command, args = msg[0], msg[1:]
+    try:
+      if command == "init":
+        if env is not None:
+          env.close()
+          env = None
+        env = MetaWorldEnv(*args)
+        reply("ok", env.max_episode_steps)
+      elif command == "reset":
+        reply("ok", env.reset(*args))
+      elif command == "step":
+        obs, reward, success, truncated, info = env.step(*args)
+        info = {k: (float(v) if np.isscalar(v) else v) for k, v in info.items()}
+        reply("ok", (obs, reward, success, truncated, info))
+      elif command == "render":
+        reply("ok", env.render(*args))
+      elif command == "call":
+        reply("ok", _REMOTE_FUNCTIONS[args[0]](env, *args[1:]))
+      elif command == "close":
+        env.close()
+        env = None
+        reply("ok", None)
+        break
+      else:
+        reply("error", ValueError(f"unknown command {command!r}"))
+    except Exception as e:  # pylint: disable=broad-except
+      try:
+        pickle.dumps(e)
+      except Exception:  # pylint: disable=broad-except
+        e = RuntimeError(f"{type(e).__name__}: {e}")
+      reply("error", e)
+
+
+if __name__ == "__main__":
+  # Serve from the module imported under its package name, so that exceptions (SimulationError)
+  # pickle as m2vla_jax.sim.metaworld_env.* rather than __main__.*.
+  from m2vla_jax.sim import metaworld_env as _module  # pylint: disable=g-import-not-at-top
+  _module._serve()  # pylint: disable=protected-access
 
