@@ -21,8 +21,24 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model = toy.default_config()
   else:
     c.model = ml_collections.ConfigDict()  # filled once models/m2vla.py exposes its debug config
-  c.data.data_dir = a.data_dir
-  c.data.dataset = "bridge_dataset"
+  if a.data == "rlds":
+    from m2vla_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+    c.data.pipeline = pipeline.get_config()
+    c.data.pipeline.datasets = "bridge"
+    c.data.pipeline.data_dir = a.data_dir
+    c.data.pipeline.image_size = (32, 32)
+    c.data.pipeline.max_tokens = 48
+    c.data.pipeline.horizon = 4
+    c.data.pipeline.shuffle_buffer = 64
+    c.data.pipeline.progress = False
+    c.data.pipeline.num_threads = 1
+    c.data.pipeline.prefetch = 2
+    c.data.tokenizer = "byte"       # m2vla_jax.data.testing.ByteTokenizer; a .model/.gguf path for Gemma
+    c.data.val_split = "val"
+    if a.model == "toy":
+      c.model.num_tokens = 48
+      c.model.vocab = 258
+      c.model.image_size = 32
   # Fault injection of the synthetic data (tests): NaN actions in batch n; sleep before batches >= n.
   c.data.nan_at_batch = -1
   c.data.slow_after_batch = -1

@@ -92,22 +92,21 @@ def evaluate(policy: export_lib.Policy, *, dataset: Optional[str] = None, data_d
   return result
 
 
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Export bundle or training workdir (local or gs://).")
-_DATASET = flags.DEFINE_string("dataset", None, "Mixture/dataset names for the RLDS pipeline (default: trained).")
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "RLDS root (default: the training config's).")
-_OUT = flags.DEFINE_string("out", None, "Directory for metrics.json and plots.")
-_MAX_BATCHES = flags.DEFINE_integer("max_batches", None, "Stop after this many batches.")
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not _CHECKPOINT.value:
+  f = flags.FLAGS
+  if not f.checkpoint:
     raise app.UsageError("--checkpoint is required")
-  result = evaluate(load(_CHECKPOINT.value), dataset=_DATASET.value, data_dir=_DATA_DIR.value,
-                    max_batches=_MAX_BATCHES.value, out=_OUT.value)
+  result = evaluate(load(f.checkpoint), dataset=f.dataset, data_dir=f.data_dir, max_batches=f.max_batches,
+                    out=f.out)
   print(json.dumps(result, indent=1, sort_keys=True))
 
 
 if __name__ == "__main__":
+  flags.DEFINE_string("checkpoint", None, "Export bundle or training workdir (local or gs://).")
+  flags.DEFINE_string("dataset", None, "Mixture/dataset names for the RLDS pipeline (default: trained).")
+  flags.DEFINE_string("data_dir", None, "RLDS root (default: the training config's).")
+  flags.DEFINE_string("out", None, "Directory for metrics.json and plots.")
+  flags.DEFINE_integer("max_batches", None, "Stop after this many batches.")
   app.run(main)

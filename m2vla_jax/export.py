@@ -130,21 +130,21 @@ def load_policy(path: str) -> Policy:
   return Policy(config, params, state, statistics, batch_spec)
 
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Training run directory (local or gs://).")
-_OUT = flags.DEFINE_string("out", None, "Bundle directory to write (local or gs://).")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: newest).")
-_DTYPE = flags.DEFINE_enum("dtype", None, ["bfloat16", "float32"], "Cast floating params (default: as trained).")
-_EMA = flags.DEFINE_bool("ema", False, "Export the EMA of the trainable params instead of the raw ones.")
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not _WORKDIR.value or not _OUT.value:
+  f = flags.FLAGS
+  if not f.workdir or not f.out:
     raise app.UsageError("--workdir and --out are required")
-  export(_WORKDIR.value, _OUT.value, step=_STEP.value, dtype=_DTYPE.value, use_ema=_EMA.value)
-  print(f"wrote {_OUT.value}")
+  export(f.workdir, f.out, step=f.step, dtype=f.dtype, use_ema=f.ema)
+  print(f"wrote {f.out}")
 
 
 if __name__ == "__main__":
+  # Flags are defined only when run as a program: the module is also a library (load_policy).
+  flags.DEFINE_string("workdir", None, "Training run directory (local or gs://).")
+  flags.DEFINE_string("out", None, "Bundle directory to write (local or gs://).")
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: newest).")
+  flags.DEFINE_enum("dtype", None, ["bfloat16", "float32"], "Cast floating params (default: as trained).")
+  flags.DEFINE_bool("ema", False, "Export the EMA of the trainable params instead of the raw ones.")
   app.run(main)
