@@ -11,9 +11,10 @@ undoing llama.cpp's conventions so the weights drop into `models/gemma.py`'s big
   * Q/K: llama.cpp permutes Q/K rows only for LLaMA-family checkpoints converted from Meta's interleaved
     RoPE. Gemma uses the half-split ("NeoX") RoPE in both llama.cpp and our model, and its converter does
     not permute, so rows are taken as they are.
-  * What GGUF metadata does not carry, llama.cpp hard-codes for the gemma3 architecture and so do we:
-    5 local : 1 global layers, RoPE base 10k on local layers, and attention logits scaled by
-    head_dim**-0.5 (width/num_heads for the 27B model).
+  * What Gemma 3 GGUF metadata does not carry, llama.cpp hard-codes for the gemma3 architecture and so
+    do we: 5 local : 1 global layers, RoPE base 10k on local layers (read from
+    `gemma3.attention.sliding_window_pattern` / `gemma3.rope.freq_base_swa` when a file has them), and
+    attention logits scaled by head_dim**-0.5 (width/num_heads for the 27B model).
 
 Tensor map (per block N, stacked on a leading layer axis):
   token_embd                              -> embedder/input_embedding [V, D]
@@ -100,6 +101,19 @@ def field(reader: gguf_lib.GGUFReader, key: str, default: Any = KeyError) -> Any
   return entry.contents()
 
 
+def _global_every(pattern: Any, depth: int) -> int:
+  """GemmaConfig.global_every from llama.cpp's sliding-window pattern: an int period (every period-th
+  layer is global) or a per-layer bool list (True = sliding-window layer)."""
+  if isinstance(pattern, (list, tuple)):
+    local = [bool(x) for x in pattern]
+    for period in range(1, depth + 1):
+      if local == [(i + 1) % period != 0 for i in range(depth)]:
+        return period
+    raise ValueError(f"GGUF attention.sliding_window_pattern {local} is not 'every n-th layer global', "
+                     f"the only pattern GemmaConfig.global_every can express")
+  return int(pattern)
+
+
 def config_from_gguf(reader: gguf_lib.GGUFReader, **overrides) -> gemma.GemmaConfig:
   """GemmaConfig from gemma3 GGUF metadata (+ llama.cpp's fixed gemma3 conventions).
 
@@ -131,7 +145,8 @@ def config_from_gguf(reader: gguf_lib.GGUFReader, **overrides) -> gemma.GemmaCon
       mlp_dim=int(meta("feed_forward_length")), num_heads=num_heads,
       num_kv_heads=int(meta("attention.head_count_kv", num_heads)), head_dim=head_dim, vocab_size=vocab,
       norm_eps=norm_eps, query_pre_attn_scalar=query_scalar, sliding_window=int(meta("attention.sliding_window")),
-      global_every=_GLOBAL_EVERY, rope_base_local=_ROPE_BASE_LOCAL,
+      global_every=_global_every(meta("attention.sliding_window_pattern", _GLOBAL_EVERY), depth),
+      rope_base_local=float(meta("rope.freq_base_swa", _ROPE_BASE_LOCAL)),
       rope_base_global=float(meta("rope.freq_base")), rope_scale_global=rope_scale, post_norms=True,
       qk_norm=True)
   fields.update(overrides)
