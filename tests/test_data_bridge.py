@@ -190,9 +190,22 @@ def test_resize_and_augmentation_are_deterministic_and_bounded():
   img = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
   buf = io.BytesIO()
   Image.fromarray(img).save(buf, format="PNG")
-  out = transforms.decode_resize(buf.getvalue(), (224, 224))
-  want = np.asarray(Image.fromarray(img).resize((224, 224), Image.BILINEAR))
-  np.testing.assert_array_equal(out, want)
+  out = transforms.decode_resize(buf.getvalue(), (224, 224)).astype(np.int64)
+  # Reference: float64 bilinear with half-pixel centers (edge-clamped), separable brute force.
+  def axis_weights(n_in, n_out):
+    w = np.zeros((n_out, n_in))
+    for o in range(n_out):
+      c = min(max((o + 0.5) * n_in / n_out - 0.5, 0), n_in - 1)
+      lo = int(np.floor(c))
+      hi = min(lo + 1, n_in - 1)
+      w[o, lo] += 1 - (c - lo)
+      w[o, hi] += c - lo
+    return w
+  wy, wx = axis_weights(64, 224), axis_weights(64, 224)
+  want = np.einsum("yh,hwc,xw->yxc", wy, img.astype(np.float64), wx)
+  assert np.abs(out - want).max() <= 1.0   # uint8 rounding (OpenCV/PIL fixed point)
+  pil = np.asarray(Image.fromarray(img).resize((224, 224), Image.BILINEAR)).astype(np.int64)
+  assert np.abs(out - pil).max() <= 1
   a = transforms.random_crop_box(np.random.default_rng(5), (0.8, 1.0), (0.9, 1.1))
   assert a == transforms.random_crop_box(np.random.default_rng(5), (0.8, 1.0), (0.9, 1.1))
   x0, y0, x1, y1 = a

@@ -160,11 +160,10 @@ class FrameTransform:
     self.cameras = tuple(config.cameras)
 
   def __call__(self, frame: dict, rng: np.random.Generator | None = None) -> dict:
-    h, w = self.size
-    images = np.zeros((self.num_cameras, h, w, 3), np.uint8)
-    image_mask = np.zeros(self.num_cameras, bool)
+    images = []
     for c, data in enumerate(frame["images"]):
       if data is None:
+        images.append(None)
         continue
       try:
         if self.augment:
@@ -176,22 +175,58 @@ class FrameTransform:
         name, ep, t = frame["where"]
         raise DataError(f"dataset {name!r} episode {ep} step {t} camera {self.cameras[c]!r}: "
                         f"cannot decode image: {e}") from e
-      images[c] = img
-      image_mask[c] = True
+      images.append(img)
     tokens, token_mask = self.tokenize(frame["instruction"])
+    return {"images": images, "state": frame["state"], "tokens": tokens, "token_mask": token_mask,
+            "actions": frame["actions"], "action_mask": frame["action_mask"],
+            "frame_id": frame["frame_id"]}
+
+  def collate(self, frames: list[dict]) -> dict:
+    """Frames -> the contract batch; images written straight into one zeroed [B, C, H, W, 3] array."""
+    n = len(frames)
+    images = np.zeros((n, self.num_cameras, *self.size, 3), np.uint8)
+    image_mask = np.zeros((n, self.num_cameras), bool)
+    for b, f in enumerate(frames):
+      for c, img in enumerate(f["images"]):
+        if img is not None:
+          images[b, c] = img
+          image_mask[b, c] = True
+    stack = lambda k: np.stack([f[k] for f in frames])
     return {
-        "observation": {"images": images, "image_mask": image_mask, "state": frame["state"],
-                        "tokens": tokens, "token_mask": token_mask},
-        "actions": frame["actions"],
-        "action_mask": frame["action_mask"],
-        "frame_id": frame["frame_id"],
+        "observation": {"images": images, "image_mask": image_mask, "state": stack("state"),
+                        "tokens": stack("tokens"), "token_mask": stack("token_mask")},
+        "actions": stack("actions"),
+        "action_mask": stack("action_mask"),
+        "frame_id": np.asarray([f["frame_id"] for f in frames], np.int32),
     }
+
+
+class WindowShuffle:
+  """Infinite random-access view permuting consecutive windows of `size` elements of `parent`
+  (permutation from (seed, window), cached), like grain's WindowShuffleMapDataset but cheaper."""
+
+  def __init__(self, parent, size: int, seed: int):
+    self.parent, self.size, self.seed = parent, size, seed
+    self._perms: dict[int, np.ndarray] = {}
+
+  def __len__(self) -> int:
+    return len(self.parent)
+
+  def __getitem__(self, i: int):
+    w, j = divmod(int(i), self.size)
+    perm = self._perms.get(w)
+    if perm is None:
+      perm = np.random.default_rng([self.seed, w]).permutation(self.size)
+      if len(self._perms) > 4:
+        self._perms.pop(min(self._perms))
+      self._perms[w] = perm
+    return self.parent[w * self.size + int(perm[j])]
 
 
 class EpochShuffle:
   """Infinite random-access view: element i is base[perm_e[i mod n]], e = i // n, with a fresh
   permutation per epoch from (seed, e). Equivalent to grain's shuffle().repeat() but with the
-  permutation materialized (n int32 per cached epoch), which is much cheaper per element than grain's
+  permutation materialized (n int64 per cached epoch), much cheaper per element than grain's
   index_shuffle and affordable because the datasets here are indexed in memory anyway."""
 
   def __init__(self, base, seed: int):
@@ -201,18 +236,15 @@ class EpochShuffle:
   def __len__(self) -> int:
     return 2**62
 
-  def _perm(self, epoch: int) -> np.ndarray:
+  def __getitem__(self, i: int):
+    epoch, j = divmod(int(i), self.n)
     perm = self._perms.get(epoch)
     if perm is None:
-      perm = np.random.default_rng([self.seed, epoch]).permutation(self.n).astype(np.int64)
+      perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
       if len(self._perms) > 4:  # Threads may straddle an epoch boundary; keep a few.
         self._perms.pop(min(self._perms))
       self._perms[epoch] = perm
-    return perm
-
-  def __getitem__(self, i: int):
-    epoch, j = divmod(int(i), self.n)
-    return self.base[int(self._perm(epoch)[j])]
+    return self.base[int(perm[j])]
 
 
 def load_mixture(config, split: str, statistics: Mapping[str, Mapping] | None = None):
@@ -287,11 +319,10 @@ def make_dataset(config, *, tokenizer: Any, split: str = "train", seed: int = 0,
     streams.append(ds[process_index::process_count])
   ds = streams[0] if len(streams) == 1 else grain.MapDataset.mix(streams, weights)
   if train and config.shuffle_buffer > 1:
-    ds = grain.experimental.WindowShuffleMapDataset(ds, window_size=int(config.shuffle_buffer),
-                                                     seed=seed * 7 + 1)
+    ds = grain.MapDataset.source(WindowShuffle(ds, int(config.shuffle_buffer), seed * 7 + 1))
   fn = FrameTransform(config, transforms.Tokenize(tokenizer, config.max_tokens), train and config.augment)
   ds = ds.random_map(fn, seed=seed) if (train and config.augment) else ds.map(fn)
-  ds = ds.batch(local_batch, drop_remainder=train)
+  ds = ds.batch(local_batch, drop_remainder=train, batch_fn=fn.collate)
   it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=int(config.num_threads),
                                                 prefetch_buffer_size=int(config.prefetch)))
   info = PipelineInfo(
