@@ -59,12 +59,8 @@ def _recover_dtype(name: str, array: np.ndarray) -> np.ndarray:
   return array
 
 
-def read_npz(path: str) -> dict[str, np.ndarray]:
-  """Every member of an `.npz` (local or remote) as {name: array}; bf16 recovered, pickles refused.
-
-  Args:
-    path: local path or tf.io.gfile URL, without a ':subtree' suffix.
-  """
+def _open_archive(path: str):
+  """np.load of a local path (lazy: members are read on access) or a tf.io.gfile URL (read whole)."""
   if _is_local(path):
     if not os.path.exists(path):
       raise FileNotFoundError(f"npz checkpoint {path!r} does not exist")
@@ -79,9 +75,23 @@ def read_npz(path: str) -> dict[str, np.ndarray]:
   if isinstance(archive, np.ndarray):
     raise ValueError(f"{path!r} holds a single array (np.save), not an np.savez archive of named "
                      f"parameters")
+  return archive
+
+
+def read_npz(path: str, prefix: str = "") -> dict[str, np.ndarray]:
+  """Members of an `.npz` (local or remote) as {name: array}; bf16 recovered, pickles refused.
+
+  Args:
+    path: local path or tf.io.gfile URL, without a ':subtree' suffix.
+    prefix: only members whose names start with it are read (a local archive is read lazily, so
+      loading 'params/img/' from a 3B checkpoint does not read the language model).
+  """
+  archive = _open_archive(path)
   out = {}
   with archive:
     for name in archive.files:
+      if not name.startswith(prefix):
+        continue
       try:
         value = archive[name]
       except ValueError as e:
@@ -115,12 +125,11 @@ def load_npz(path: str, reference_params: Any, *, prefix: str = "params/", missi
     ValueError: no member under the prefix / sub-tree, or a pickled member.
   """
   file, subtree = split_subtree(path)
-  members = read_npz(file)
   full_prefix = prefix + (subtree.strip("/") + "/" if subtree else "")
-  flat = {name[len(full_prefix):]: value for name, value in members.items()
-          if name.startswith(full_prefix)}
+  flat = {name[len(full_prefix):]: value for name, value in read_npz(file, full_prefix).items()}
   if not flat:
-    tops = sorted({"/".join(name.split("/")[:2]) for name in members})
+    with _open_archive(file) as archive:
+      tops = sorted({"/".join(name.split("/")[:2]) for name in archive.files})
     raise ValueError(f"{path!r} has no member under {full_prefix!r} (prefix={prefix!r}, sub-tree="
                      f"{subtree!r}); its members start with {tops[:20]}")
   params = merge.merge_params(reference_params, flat, missing_ok=missing_ok, source=path)
