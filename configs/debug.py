@@ -19,21 +19,37 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.kind = a.data
   if a.model == "toy":
     c.model = toy.default_config()
+  elif a.model == "m2vla":
+    if a.data != "rlds":
+      raise ValueError("configs/debug.py: model=m2vla reads the bridge sample; add data=rlds")
+    from m2vla_jax.models import m2vla  # pylint: disable=g-import-not-at-top
+    c.model = m2vla.get_config()
+    c.model.vlm = "tiny"            # SigLIP tiny/16 (32x32 images) + 2-layer Gemma, 4 queries
+    c.model.state_dim = 7
+    c.model.horizon = 4
+    c.model.action_dim = 7
+    c.model.head.width = 32
+    c.model.head.num_heads = 2
+    c.model.head.head_dim = 16
+    c.model.head.mlp_dim = 64
+    c.model.memory.size = 64
   else:
-    c.model = ml_collections.ConfigDict()  # filled once models/m2vla.py exposes its debug config
+    raise ValueError(f"configs/debug.py: model={a.model!r}; use toy or m2vla")
   if a.data == "rlds":
     from m2vla_jax.data import pipeline  # pylint: disable=g-import-not-at-top
     c.data.pipeline = pipeline.get_config()
     c.data.pipeline.datasets = "bridge"
     c.data.pipeline.data_dir = a.data_dir
     c.data.pipeline.image_size = (32, 32)
-    c.data.pipeline.max_tokens = 48
+    c.data.pipeline.max_tokens = 16 if a.model == "m2vla" else 48   # tiny VLM: 16 text tokens
     c.data.pipeline.horizon = 4
     c.data.pipeline.shuffle_buffer = 64
     c.data.pipeline.progress = False
     c.data.pipeline.num_threads = 1
     c.data.pipeline.prefetch = 2
-    c.data.tokenizer = "byte"       # m2vla_jax.data.testing.ByteTokenizer; a .model/.gguf path for Gemma
+    # UTF-8 bytes as ids (the toy embeds 258 ids; the tiny Gemma has 128, so bytes are folded into it);
+    # a SentencePiece .model / .gguf path for a real Gemma.
+    c.data.tokenizer = "bytes_mod:128" if a.model == "m2vla" else "byte"
     c.data.val_split = "val"
     if a.model == "toy":
       c.model.num_tokens = 48
@@ -44,7 +60,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.slow_after_batch = -1
   c.data.slow_seconds = 0.0
   c.data.val_batches = 4           # held-out synthetic batches (evaluation)
-  c.trainable = [("vlm/.*", False), (".*", True)]
+  c.trainable = list(c.model.trainable) if a.model == "m2vla" else [("vlm/.*", False), (".*", True)]
   c.optimizer.lr = 1e-2
   c.optimizer.warmup_steps = 1
   c.mesh.data = -1

@@ -13,10 +13,27 @@ from typing import Any
 import ml_collections
 
 
+class _FoldedBytes:
+  """Debug tokenizer for tiny vocabularies: UTF-8 bytes (with BOS) folded into ids [1, vocab)."""
+
+  def __init__(self, vocab: int):
+    from m2vla_jax.data import testing  # pylint: disable=g-import-not-at-top
+    if vocab < 2:
+      raise ValueError(f"tokenizer 'bytes_mod:{vocab}': vocab must be >= 2")
+    self._bytes, self.vocab = testing.ByteTokenizer(), vocab
+
+  def encode(self, text: str) -> list[int]:
+    return [1 + (i - 1) % (self.vocab - 1) for i in self._bytes.encode(text)]
+
+
 def make_tokenizer(spec: str) -> Any:
+  """'byte' (ids 1..257), 'bytes_mod:V' (bytes folded into [1, V), for tiny test vocabularies), or a
+  SentencePiece `.model` / `.gguf` path (the Gemma tokenizer)."""
   if spec == "byte":
     from m2vla_jax.data import testing  # pylint: disable=g-import-not-at-top
     return testing.ByteTokenizer()
+  if spec.startswith("bytes_mod:"):
+    return _FoldedBytes(int(spec.split(":", 1)[1]))
   from m2vla_jax import tokenizer as tok  # pylint: disable=g-import-not-at-top
   if spec.endswith(".gguf"):
     return tok.Tokenizer.from_gguf(spec)

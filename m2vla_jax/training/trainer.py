@@ -127,10 +127,22 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _require(bs % accum == 0, "batch_size", f"{bs} is not divisible by config.grad_accum_steps={accum}")
   _require(bs % jax.process_count() == 0, "batch_size",
            f"{bs} is not divisible by the number of hosts ({jax.process_count()})")
+  if "model" in config and "trainable" in config.model:
+    # The model stops gradients by its own rules, the trainer splits by config.trainable: they must agree.
+    model_rules = [tuple(r) for r in config.model.trainable]
+    _require(model_rules == [tuple(r) for r in rules], "trainable",
+             f"{[tuple(r) for r in rules]} differs from config.model.trainable {model_rules}; set both alike")
+  if "init" in config and config.init.get("checkpoint"):
+    for field in ("source_prefix", "target_prefix"):
+      _require(isinstance(config.init.get(field), str), f"init.{field}", "must be a string")
   _import(get("policy"), POLICIES, "config.policy")
   _import(get("data.kind"), DATA, "config.data.kind")
   # Required fields (`placeholder`s) left unset anywhere in the config.
-  missing = [k for k, v in _flat_items(config) if v is None and k in _required_fields(config)]
+  flat = dict(_flat_items(config))
+  unknown_required = [k for k in _required_fields(config) if k not in flat]
+  if unknown_required:
+    raise ConfigError(f"config.required_fields names fields that do not exist: {unknown_required}")
+  missing = [k for k in _required_fields(config) if flat[k] is None or flat[k] == ""]
   if missing:
     raise ConfigError(f"required config fields are unset: {', '.join('config.' + k for k in missing)}; "
                       "set them with --config.<field>=...")
@@ -226,13 +238,22 @@ def setup(config: ml_collections.ConfigDict, example_batch: Any, devices: Any = 
   abstract = jax.eval_shape(init_fn, rng)
   shardings = _shardings(abstract, mesh, config)
   state = jax.jit(init_fn, out_shardings=shardings)(rng)
-  if hasattr(policy, "load_pretrained"):
-    # Optional policy hook: a flat {path: array} of pretrained weights, merged outside jit so that a
-    # multi-GB backbone is never a compile-time constant.
-    loaded = policy.load_pretrained()
-    if loaded:
-      state = _merge_pretrained(state, shardings, loaded)
+  if "init" in config and config.init.get("checkpoint"):
+    # Pretrained weights are merged outside jit, so a multi-GB backbone is never a compile-time constant.
+    state = _merge_pretrained(state, shardings, load_init_checkpoint(config))
   return Setup(mesh, policy, tx, schedule, state, shardings, abstract, example)
+
+
+def load_init_checkpoint(config) -> dict[str, np.ndarray]:
+  """{model path: array} from config.init.checkpoint (big_vision .npz, local or gs://)."""
+  from m2vla_jax.weights import npz  # pylint: disable=g-import-not-at-top
+  flat = npz.read_npz(config.init.checkpoint)
+  src, dst = config.init.source_prefix, config.init.target_prefix
+  out = {dst + k[len(src):]: v for k, v in flat.items() if k.startswith(src)}
+  if not out:
+    raise ValueError(f"config.init.checkpoint={config.init.checkpoint!r} has no member starting with "
+                     f"config.init.source_prefix={src!r}; members start with {sorted(flat)[:5]}")
+  return out
 
 
 def _merge_pretrained(state, shardings, loaded: Mapping[str, Any]):
