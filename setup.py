@@ -19,6 +19,7 @@ CORE = [
     "tensorflow-cpu==2.21.0",
     "tensorflow-datasets==4.9.10",
     "pillow",
+    "opencv-python-headless",
     "importlib_resources",
     "tensorboardX",
     "matplotlib",
