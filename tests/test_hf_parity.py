@@ -91,7 +91,7 @@ def test_siglip_matches_transformers():
   params = merge.merge_params(
       jax.eval_shape(model.init, jax.random.PRNGKey(0), images)["params"],
       hf.convert_state_dict(ref.state_dict(), "siglip", config=cfg))
-  _, out = model.apply({"params": params}, images)
+  _, out = jax.jit(model.apply)({"params": params}, images)
   assert len(per_layer) == cfg.depth
   for i in range(cfg.depth):
     assert rel_err(out["blocks"][i], per_layer[i]) < RTOL, f"layer {i}"
@@ -117,9 +117,9 @@ def test_gemma_matches_transformers(variant):
   params = merge.merge_params(jax.eval_shape(model.init, jax.random.PRNGKey(0), x0, positions, mask)["params"],
                               hf.convert_state_dict(ref.state_dict(), "gemma", config=cfg))
   variables = {"params": params}
-  x = model.apply(variables, tokens, method=model.embed)
+  x = jax.jit(lambda v, tok: model.apply(v, tok, method=model.embed))(variables, tokens)
   assert rel_err(x, out_ref.hidden_states[0].numpy()) < RTOL
-  out = model.apply(variables, x, positions, mask)
+  out = jax.jit(model.apply)(variables, x, positions, mask)
   assert len(per_layer) == cfg.depth
   for i in range(cfg.depth):
     assert rel_err(out["hidden"][i], per_layer[i]) < RTOL, f"layer {i}"
@@ -136,10 +136,12 @@ def test_windows_matter_in_tiny_configs():
   positions = np.arange(t, dtype=np.int32)[None]
   mask = gemma.causal_mask(np.ones((b, t), bool))
   x = jax.random.normal(jax.random.PRNGKey(1), (b, t, cfg.width))
-  params = model.init(jax.random.PRNGKey(0), x, positions, mask)
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), x, positions, mask)
+  rng = np.random.default_rng(0)
+  params = jax.tree_util.tree_map(lambda s: (0.2 * rng.standard_normal(s.shape)).astype(np.float32), shapes)
   no_window = gemma.Gemma(gemma.get_config("gemma3_tiny", remat_policy="none", sliding_window=t))
-  a = model.apply(params, x, positions, mask)["final"]
-  c = no_window.apply(params, x, positions, mask)["final"]
+  a = jax.jit(model.apply)(params, x, positions, mask)["final"]
+  c = jax.jit(no_window.apply)(params, x, positions, mask)["final"]
   assert rel_err(a, c) > 1e-3
   assert cfg.layer_is_local().any() and not cfg.layer_is_local().all()
 
@@ -182,7 +184,7 @@ def test_paligemma_prefix_matches_transformers(name):
   params = merge.merge_params(
       jax.eval_shape(model.init, jax.random.PRNGKey(0), images, image_mask, tokens, token_mask)["params"],
       hf.convert_state_dict(ref.state_dict(), "paligemma", config=cfg))
-  out = model.apply({"params": params}, images, image_mask, tokens, token_mask)
+  out = jax.jit(model.apply)({"params": params}, images, image_mask, tokens, token_mask)
   hidden = np.concatenate([out["visual"], out["text"]], axis=2)  # [L, B, S, D]
   assert len(per_layer) == cfg.llm.depth
   for i in range(cfg.llm.depth):

@@ -67,11 +67,13 @@ _VARIANTS: dict[str, tuple[str | None, str, dict[str, Any]]] = {
     "tiny": ("tiny/16", "gemma_tiny", dict(num_queries=4, max_text_tokens=16)),
     "tiny_gemma2": ("tiny/16", "gemma2_tiny", dict(num_queries=4, max_text_tokens=16)),
     "tiny_gemma3": ("tiny/16", "gemma3_tiny", dict(num_queries=4, max_text_tokens=16)),
+    "tiny_text": (None, "gemma3_tiny", dict(num_queries=4, max_text_tokens=16)),
 }
 
 
 def get_config(name: str, **overrides) -> VLMConfig:
-  """Named backbone ('paligemma_3b', 'paligemma2_3b', 'gemma3_270m', 'tiny', 'tiny_gemma2', 'tiny_gemma3').
+  """Named backbone: 'paligemma_3b', 'paligemma2_3b', 'gemma3_270m' (text-only), and for tests 'tiny',
+  'tiny_gemma2', 'tiny_gemma3', 'tiny_text' (text-only).
 
   `overrides` may set VLMConfig fields (num_queries, max_text_tokens) and the tower fields `dtype`,
   `remat_policy` and `scan_unroll`, which apply to both towers.
@@ -104,7 +106,12 @@ def _concrete(x) -> np.ndarray | None:
 
 
 def validate_inputs(config: VLMConfig, images, image_mask, tokens, token_mask) -> None:
-  """Raises ValueError naming the offending argument. Value checks run on concrete (non-traced) inputs."""
+  """Raises ValueError naming the offending argument.
+
+  Shape and dtype checks always run (also under jit). Value checks (an empty instruction, token ids out
+  of the vocabulary, float images outside [-1, 1]) need concrete inputs: `VLM.__call__` runs them when
+  it is not traced, and a jitted caller should run this function on the host batch first.
+  """
   tokens_shape = np.shape(tokens)
   if len(tokens_shape) != 2:
     raise ValueError(f"tokens must be [B, T] int32, got shape {tokens_shape}")
