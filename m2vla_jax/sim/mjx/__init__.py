@@ -1,0 +1,5 @@
+"""XLA-compiled closed-loop tabletop simulation in MJX: scene, tasks, experts, renderer, rollouts.
+
+Everything from reset to success scoring runs in one jitted program (`rollout.rollout`); see
+`scene` for the physics settings that keep batched MJX stepping fast and hang-free on CPU.
+"""
