@@ -6,6 +6,11 @@
 Writes, per variant (`seen`, `paraphrased`, `held_out_tasks`), `<suite>_<variant>.json` (per-task and
 mean success with 95% Wilson intervals and every episode), a bar plot and a few rollout GIFs; see
 `m2vla_jax.sim.evaluate_metaworld` for the policy contract and the scoring.
+
+Open seam: `export.load_policy` returns a callable on the *model* observation (normalized state,
+instruction tokens, model-resolution images), while the simulator hands raw observations (raw
+state, instruction strings). Until an adapter built from the data transforms (tokenizer, state
+statistics, resize) wraps it, `--policy=checkpoint` episodes fail with a logged `policy_error`.
 """
 from __future__ import annotations
 
