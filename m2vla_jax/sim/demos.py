@@ -266,8 +266,10 @@ def stats_markdown(stats: Sequence[TaskStats]) -> str:
   return "\n".join(lines) + "\n"
 
 
-def dataset_spec(name: str):
+def dataset_spec(name: str, wrist: bool = True):
   """The data-registry entry that reads demonstrations written by `write_demos` under `name`.
+
+  `wrist`: the demonstrations were recorded with a wrist camera (`EnvConfig.wrist_camera`).
 
   The gripper action is Meta-World's continuous effort in [-1, 1] (the experts use intermediate
   values), so it is declared as an ordinary continuous dimension rather than an open/closed
@@ -275,7 +277,7 @@ def dataset_spec(name: str):
   """
   from m2vla_jax.data.oxe import spec as oxe_spec  # pylint: disable=g-import-not-at-top
   return oxe_spec.DatasetSpec(
-      name, {"primary": "image", "wrist": "wrist_image"},
+      name, {"primary": "image", "wrist": "wrist_image"} if wrist else {"primary": "image"},
       state=(oxe_spec.Field("observation/state"),), action=(oxe_spec.Field("action"),),
       action_encoding=oxe_spec.ActionEncoding.EEF_DELTA)
 

@@ -329,22 +329,33 @@ def evaluate(policy: Policy, tasks: Sequence[str], config: EvalConfig, out_dir: 
 
 
 def evaluate_variants(policy: Policy, suite: str, config: EvalConfig, out_dir: str | None = None,
-                      variants: Sequence[str] = VARIANTS) -> dict[str, dict[str, Any]]:
+                      variants: Sequence[str] = VARIANTS, tasks: Sequence[str] | None = None,
+                      held_out_tasks: Sequence[str] | None = None,
+                      episodes_per_variant: dict[str, int] | None = None
+                      ) -> dict[str, dict[str, Any]]:
   """The evaluation variants of a suite.
 
   'seen': the training tasks with training paraphrases; 'paraphrased': the same tasks with
   held-out paraphrases; 'held_out_tasks': `metaworld_env.HELD_OUT_TASKS[suite]` with training
-  paraphrases (the task itself was never trained on).
+  paraphrases (the task itself was never trained on). `tasks` / `held_out_tasks` replace the
+  suite's lists (a run trained on a subset of the suite); `episodes_per_variant` overrides
+  `config.episodes_per_task` per variant name.
   """
+  train = tuple(tasks) if tasks is not None else metaworld_env.train_tasks(suite)
+  held_out = (tuple(held_out_tasks) if held_out_tasks is not None
+              else metaworld_env.HELD_OUT_TASKS[suite])
   results = {}
   for variant in variants:
     if variant not in VARIANTS:
       raise ValueError(f"variant={variant!r} is unknown; use some of {VARIANTS}")
-    tasks = (metaworld_env.HELD_OUT_TASKS[suite] if variant == "held_out_tasks"
-             else metaworld_env.train_tasks(suite))
+    variant_tasks = held_out if variant == "held_out_tasks" else train
+    if not variant_tasks:
+      continue
+    episodes = (episodes_per_variant or {}).get(variant, config.episodes_per_task)
     cfg = dataclasses.replace(
-        config, instruction_variant="paraphrased" if variant == "paraphrased" else "seen")
-    results[variant] = evaluate(policy, tasks, cfg, out_dir, name=f"{suite}_{variant}")
+        config, instruction_variant="paraphrased" if variant == "paraphrased" else "seen",
+        episodes_per_task=episodes)
+    results[variant] = evaluate(policy, variant_tasks, cfg, out_dir, name=f"{suite}_{variant}")
   return results
 
 
