@@ -1,0 +1,147 @@
+"""Compiled MJX rollouts: experts solve the tasks, a random policy does not, reports, demos, errors.
+
+One compiled rollout (policy switched by a parameter, so expert and random share the program)
+serves the behaviour tests. References: success rates recomputed with numpy from the raw per-env
+arrays, the writer's output read back through TFDS, Wilson intervals against a float64 formula.
+"""
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from m2vla_jax.sim.mjx import experts
+from m2vla_jax.sim.mjx import rollout as rl
+from m2vla_jax.sim.mjx import scene as scene_lib
+from m2vla_jax.sim.mjx import tasks
+
+N_ENVS = 12       # 4 episodes per task
+HORIZON = 80
+ENV = rl.EnvParams(execute_steps=1, image_size=32, record=True)
+
+
+def switch_policy(params, obs, rng):
+  """Expert when params['random'] is False, uniform random actions otherwise (one compile)."""
+  return jnp.where(params["random"], experts.random_policy(None, obs, rng),
+                   experts.expert_policy(None, obs, rng))
+
+
+@pytest.fixture(scope="module")
+def results():
+  expert = rl.rollout(switch_policy, {"random": jnp.array(False)}, ENV, jax.random.key(0),
+                      N_ENVS, HORIZON)
+  rand = rl.rollout(switch_policy, {"random": jnp.array(True)}, ENV, jax.random.key(0),
+                    N_ENVS, HORIZON)
+  return expert, rand
+
+
+@pytest.mark.slow
+def test_experts_succeed_and_random_fails(results):
+  expert, rand = results
+  assert expert["tasks"] == [tasks.TASKS[i % 3] for i in range(N_ENVS)]
+  assert not expert["nonfinite"].any() and not rand["nonfinite"].any()
+  assert expert["success"].mean() >= 0.8, (expert["success"], expert["tasks"])
+  for t in tasks.TASKS:
+    per_task = [s for s, tt in zip(expert["success"], expert["tasks"]) if tt == t]
+    assert np.mean(per_task) >= 0.5, (t, per_task)
+  assert rand["success"].mean() <= 0.2, rand["success"]
+  assert expert["returns"].mean() > rand["returns"].mean()
+  # success_step is the first success; the expert needs some steps to get there
+  ok = expert["success"]
+  assert (expert["success_step"][ok] > 10).all() and (expert["success_step"][~ok] == -1).all()
+
+
+@pytest.mark.slow
+def test_summary_matches_numpy_and_wilson(results):
+  expert, _ = results
+  s = rl.summarize(expert)
+  z = 1.959963984540054
+  for t in tasks.TASKS:
+    succ = np.array([x for x, tt in zip(expert["success"], expert["tasks"]) if tt == t])
+    e = s["per_task"][t]
+    assert e["episodes"] == len(succ) and e["successes"] == succ.sum()
+    p, n = succ.mean(), len(succ)
+    center = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    np.testing.assert_allclose(e["ci95"], [max(0, center - half), min(1, center + half)],
+                               atol=1e-12)
+  per_task_means = [np.mean([x for x, tt in zip(expert["success"], expert["tasks"]) if tt == t])
+                    for t in tasks.TASKS]
+  np.testing.assert_allclose(s["mean_success"], np.mean(per_task_means), atol=1e-12)
+  assert sum(v["episodes"] for v in s["per_instruction"].values()) == N_ENVS
+
+
+@pytest.mark.slow
+def test_recorded_frames_show_the_scene(results):
+  expert, _ = results
+  frames = expert["frames"]
+  assert frames.shape == (HORIZON, N_ENVS, 1, 32, 32, 3) and frames.dtype == np.uint8
+  assert expert["actions"].shape == (HORIZON, N_ENVS, 4)
+  assert np.abs(expert["actions"]).max() <= 1.0
+  # the scene changes over the episode (the hand moves) and differs between envs (random layout)
+  assert np.abs(frames[0].astype(int) - frames[-1].astype(int)).mean() > 1
+  assert np.abs(frames[0, 0].astype(int) - frames[0, 1].astype(int)).mean() > 1
+
+
+@pytest.mark.slow
+def test_demos_through_the_rlds_writer(results, tmp_path):
+  import tensorflow_datasets as tfds
+  from m2vla_jax.data import writer
+  expert, _ = results
+  episodes = experts.demo_episodes(expert)
+  assert len(episodes) == int(expert["success"].sum())
+  path = writer.write_rlds_dataset(episodes, str(tmp_path), "mjx_demos", image_encoding="png",
+                                   progress=False)
+  ds = tfds.builder_from_directory(path).as_dataset(split="train")
+  for ep, ref in zip(tfds.as_numpy(ds), episodes):
+    steps = list(ep["steps"])   # as_numpy already made the nested steps an iterable of numpy
+    assert len(steps) == len(ref["action"])
+    np.testing.assert_array_equal(np.stack([s["observation"]["image"] for s in steps]),
+                                  ref["observation"]["image"])        # png: lossless
+    np.testing.assert_allclose(np.stack([s["action"] for s in steps]), ref["action"])
+    assert steps[0]["language_instruction"].decode() == ref["language_instruction"]
+
+
+@pytest.mark.slow
+def test_eval_callback_reuses_the_compiled_rollout(results):
+  expert, _ = results
+  cb = rl.make_eval_callback(switch_policy, ENV, N_ENVS, HORIZON, seed=0)
+  metrics = cb({"random": jnp.array(False)}, 100)
+  np.testing.assert_allclose(metrics["mjx_eval/mean_success"],
+                             rl.summarize(expert)["mean_success"])
+  assert set(f"mjx_eval/{t}/success" for t in tasks.TASKS) <= set(metrics)
+
+
+def test_invalid_inputs_fail_before_compilation():
+  with pytest.raises(ValueError, match="task='stack' is unknown"):
+    rl.EnvParams(tasks=("pick_lift", "stack"))
+  with pytest.raises(ValueError, match="in the vocabulary of none"):
+    rl.EnvParams(tasks=("pick_lift",), instructions=("push the red block to the white square",))
+  with pytest.raises(ValueError, match="not in the vocabulary of task 'pick_lift'"):
+    tasks.parse("pick_lift", "pick up the purple block")
+  with pytest.raises(ValueError, match="horizon=0"):
+    rl.rollout(experts.expert_policy, None, ENV, jax.random.key(0), 4, 0)
+  with pytest.raises(ValueError, match="n_envs=0"):
+    rl.rollout(experts.expert_policy, None, ENV, jax.random.key(0), 0, 10)
+  with pytest.raises(ValueError, match="execute_steps=0"):
+    rl.EnvParams(execute_steps=0)
+  with pytest.raises(ValueError, match="cameras"):
+    rl.EnvParams(cameras=("side",))
+
+
+def test_mixture_assignment_and_tokens():
+  env = rl.EnvParams(tasks=("pick_lift", "place_on_target"),
+                     instructions=("lift the blue block", "pick up the red block",
+                                   "put the green block on the white square"))
+  eps = env.episodes(6)
+  assert [e.task for e in eps] == ["pick_lift", "place_on_target"] * 3
+  assert [e.text for e in eps[::2]] == ["pick up the red block", "lift the blue block",
+                                        "pick up the red block"]
+  assert [e.block for e in eps[::2]] == [0, 2, 0]
+  tokens, mask = env.tokenize([e.text for e in eps])
+  assert mask.sum(1).tolist() == [len(e.text.split()) for e in eps]
+  assert (tokens[~mask] == 0).all() and (tokens[mask] > 0).all()
+  # same words -> same ids; the instruction decides the block
+  assert tokens[0, 3] != tokens[2, 1] or eps[0].block == eps[2].block
