@@ -116,6 +116,7 @@ def test_padding_inside_sequence_changes_nothing(variant):
   np.testing.assert_allclose(out["hidden"][:, :, valid[0]], ref["hidden"], rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.slow  # two XLA grad compilations: ~25 s on a loaded 2-core machine
 def test_remat_and_unroll_do_not_change_values_or_grads():
   cfg = gemma.get_config("gemma2_tiny", remat_policy="none")
   model, params, x, positions, mask = _init(cfg)
@@ -124,7 +125,7 @@ def test_remat_and_unroll_do_not_change_values_or_grads():
     return jnp.sum(m.apply(p, x, positions, mask)["final"] ** 2)
 
   ref_loss, ref_grad = jax.jit(jax.value_and_grad(lambda p: loss(p, model)))(params)
-  for overrides in (dict(remat_policy="nothing_saveable"), dict(remat_policy="dots_saveable", scan_unroll=2)):
+  for overrides in (dict(remat_policy="nothing_saveable", scan_unroll=2),):
     other = gemma.Gemma(gemma.get_config("gemma2_tiny", **overrides))
     val, grad = jax.jit(jax.value_and_grad(lambda p: loss(p, other)))(params)
     np.testing.assert_allclose(val, ref_loss, rtol=1e-5)

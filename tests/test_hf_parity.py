@@ -18,6 +18,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import transformers as tf  # noqa: E402
 
+from m2vla_jax import tree_util  # noqa: E402
 from m2vla_jax.models import gemma  # noqa: E402
 from m2vla_jax.models import siglip  # noqa: E402
 from m2vla_jax.models import vlm  # noqa: E402
@@ -215,3 +216,36 @@ def test_paligemma_converter_names_bad_keys():
   merged = merge.merge_params(ref, flat, missing_ok="queries")
   np.testing.assert_array_equal(merged["llm"]["embedder"]["input_embedding"],
                                 state["model.language_model.embed_tokens.weight"].numpy())
+
+
+def test_safetensors_dir_loads_like_the_state_dict(tmp_path):
+  """save_pretrained output (our own safetensors reader, no torch) == converting the live state dict."""
+  cfg = vlm.get_config("tiny", num_queries=2)
+  hf_cfg = tf.PaliGemmaConfig(vision_config=hf_siglip_config(cfg.img), text_config=hf_gemma_config(cfg.llm),
+                              image_token_index=cfg.llm.vocab_size - 1, vocab_size=cfg.llm.vocab_size,
+                              projection_dim=cfg.llm.width, hidden_size=cfg.llm.width)
+  ref = randomize(tf.PaliGemmaForConditionalGeneration(hf_cfg), seed=3)
+  ref.save_pretrained(tmp_path)
+  model = vlm.VLM(cfg)
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), np.zeros((1, 1, 32, 32, 3), np.uint8),
+                          np.ones((1, 1), bool), np.ones((1, 3), np.int32), np.ones((1, 3), bool))["params"]
+  loaded = hf.load_safetensors_dir(str(tmp_path), shapes, kind="paligemma", config=cfg, missing_ok="queries")
+  expected = hf.convert_state_dict(ref.state_dict(), "paligemma", config=cfg)
+  flat = tree_util.flatten(loaded)
+  assert flat["queries"].shape == (2, cfg.llm.width)  # left as the reference's (shape-only) leaf
+  for k, v in expected.items():
+    np.testing.assert_array_equal(np.asarray(flat[k]), v, err_msg=k)
+  # Under a prefix, as when loading into a whole policy's tree.
+  wrapped = hf.load_safetensors_dir(str(tmp_path), {"vlm": shapes, "head": {"w": np.zeros(3)}},
+                                    kind="paligemma", config=cfg, prefix="vlm/",
+                                    missing_ok="head/.*|vlm/queries")
+  np.testing.assert_array_equal(wrapped["vlm"]["llm"]["final_norm"]["scale"], expected["llm/final_norm/scale"])
+
+
+def test_safetensors_reader_handles_bfloat16(tmp_path):
+  from safetensors.torch import save_file
+  tensors = {"a": torch.randn(3, 5).to(torch.bfloat16), "b": torch.arange(6, dtype=torch.int32).reshape(2, 3)}
+  save_file(tensors, str(tmp_path / "x.safetensors"))
+  got = hf.read_safetensors(str(tmp_path / "x.safetensors"))
+  np.testing.assert_array_equal(got["a"].astype(np.float32), tensors["a"].float().numpy())
+  np.testing.assert_array_equal(got["b"], tensors["b"].numpy())

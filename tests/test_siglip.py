@@ -37,7 +37,9 @@ def test_patch_embedding_and_intermediates_match_numpy():
   cfg = siglip.get_config("tiny/8", head_dim_out=24, remat_policy="none")
   model = siglip.SigLIP(cfg)
   images = np.random.default_rng(0).uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
-  params = jax.jit(model.init)(jax.random.PRNGKey(0), images)
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), images)
+  rng = np.random.default_rng(0)
+  params = jax.tree_util.tree_map(lambda s: (0.2 * rng.standard_normal(s.shape)).astype(np.float32), shapes)
   tokens, out = jax.jit(model.apply)(params, images)
   p = params["params"]
   # Independent patchify: row-major patches, each flattened (h, w, c) against kernel [P, P, 3, W].
