@@ -8,7 +8,7 @@ with a large jnp matmul of the same dtype. Dense attention FLOPs (the full T x T
 what both implementations compute) are counted.
 
   python bench/backbone.py [--variant gemma3_270m] [--seq 128] [--batch 8] [--dtype float32]
-                           [--unroll 1] [--iters 5]
+                           [--unroll 1] [--attn einsum|dot_product_attention] [--iters 5]
 Last line: the ratio ours / torch tokens/s (higher is better).
 """
 from __future__ import annotations
@@ -83,6 +83,7 @@ def main(argv=None):
   p.add_argument("--batch", type=int, default=8)
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   p.add_argument("--unroll", type=int, default=1, help="layer-scan unroll factor")
+  p.add_argument("--attn", default="einsum", choices=["einsum", "dot_product_attention"])
   p.add_argument("--iters", type=int, default=5)
   p.add_argument("--skip_torch", action="store_true")
   a = p.parse_args(argv)
@@ -92,7 +93,8 @@ def main(argv=None):
   from m2vla_jax.models import gemma
   from m2vla_jax.weights import hf, merge
 
-  cfg = gemma.get_config(a.variant, dtype=a.dtype, remat_policy="none", scan_unroll=a.unroll)
+  cfg = gemma.get_config(a.variant, dtype=a.dtype, remat_policy="none", scan_unroll=a.unroll,
+                          attn_impl=a.attn)
   b, t = a.batch, a.seq
   tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (b, t)).astype(np.int32)
   torch.manual_seed(0)
@@ -141,7 +143,7 @@ def main(argv=None):
   peak = 2 * n_mm ** 3 / best["peak"]
   flops = forward_flops(cfg, b, t)
   dev = jax.devices()[0].device_kind
-  print(f"{a.variant} forward, batch {b} x seq {t}, {a.dtype}, scan unroll {a.unroll}, device: {dev}"
+  print(f"{a.variant} forward, batch {b} x seq {t}, {a.dtype}, scan unroll {a.unroll}, attention {a.attn}, device: {dev}"
         f" ({jax.device_count()} visible), torch threads {torch.get_num_threads()}, "
         f"best of {a.iters} interleaved rounds")
   print(f"{'impl':<8} {'ms/forward':>11} {'tokens/s':>10} {'TFLOP/s':>8} {'% of peak':>9}")

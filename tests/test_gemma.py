@@ -172,3 +172,14 @@ def test_config_errors_name_the_field():
   model, params, x, positions, mask = _init(gemma.get_config("gemma_tiny"))
   with pytest.raises(ValueError, match="attn_mask"):
     model.apply(params, x, positions, mask[:, :, :-1])
+
+
+def test_dot_product_attention_impl_matches_einsum():
+  cfg = gemma.get_config("gemma3_tiny", remat_policy="none")
+  model, params, x, positions, mask = _init(cfg)
+  ref = jax.jit(model.apply)(params, x, positions, mask)
+  other = gemma.Gemma(gemma.get_config("gemma3_tiny", remat_policy="none", attn_impl="dot_product_attention"))
+  out = jax.jit(other.apply)(params, x, positions, mask)
+  np.testing.assert_allclose(out["hidden"], ref["hidden"], rtol=2e-5, atol=2e-5)
+  with pytest.raises(ValueError, match="attn_logit_softcap"):
+    gemma.get_config("gemma2_tiny", attn_impl="dot_product_attention")

@@ -74,6 +74,9 @@ class GemmaConfig:
     dtype: compute dtype ('float32' or 'bfloat16'); parameters stay float32.
     remat_policy: 'none' (no rematerialisation) or a `jax.checkpoint_policies` name.
     scan_unroll: unroll factor of the layer scan (a speed knob).
+    attn_impl: 'einsum' (explicit logits, float32 softmax, supports soft-capping) or
+      'dot_product_attention' (`jax.nn.dot_product_attention`, which may pick a fused cuDNN kernel on
+      GPU; no soft-capping).
   """
   variant: str
   version: int
@@ -98,8 +101,14 @@ class GemmaConfig:
   dtype: str = "float32"
   remat_policy: str = "nothing_saveable"
   scan_unroll: int = 1
+  attn_impl: str = "einsum"
 
   def __post_init__(self):
+    if self.attn_impl not in ("einsum", "dot_product_attention"):
+      raise ValueError(f"GemmaConfig.attn_impl={self.attn_impl!r}; use 'einsum' or 'dot_product_attention'")
+    if self.attn_impl != "einsum" and self.attn_logit_softcap is not None:
+      raise ValueError("GemmaConfig.attn_impl='dot_product_attention' cannot soft-cap attention logits "
+                       "(attn_logit_softcap is set, e.g. Gemma 2); use attn_impl='einsum'")
     if self.num_heads % self.num_kv_heads:
       raise ValueError(f"GemmaConfig.num_heads={self.num_heads} must be a multiple of "
                        f"num_kv_heads={self.num_kv_heads}")
@@ -264,18 +273,21 @@ class Attention(nn.Module):
     q = q * jnp.asarray((cfg.query_pre_attn_scalar or h) ** -0.5, dtype)
 
     b, t = q.shape[:2]
-    q = q.reshape(b, t, k, n // k, h)
-    logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, key).astype(jnp.float32)
-    if cfg.attn_logit_softcap is not None:
-      logits = jnp.tanh(logits / cfg.attn_logit_softcap) * cfg.attn_logit_softcap
     mask = attn_mask
     if cfg.sliding_window is not None:
       # Window over positions (not array indices) so that padding inside the sequence does not eat it.
       dist = jnp.abs(positions[:, :, None] - positions[:, None, :])
       mask = mask & ((dist < cfg.sliding_window) | ~is_local)
-    logits = jnp.where(mask[:, None, None], logits, _BIG_NEG)
-    probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
-    encoded = jnp.einsum("BKGTS,BSKH->BTKGH", probs, value).reshape(b, t, n, h)
+    if cfg.attn_impl == "dot_product_attention":
+      encoded = jax.nn.dot_product_attention(q, key, value, mask=mask[:, None], scale=1.0)
+    else:
+      q = q.reshape(b, t, k, n // k, h)
+      logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, key).astype(jnp.float32)
+      if cfg.attn_logit_softcap is not None:
+        logits = jnp.tanh(logits / cfg.attn_logit_softcap) * cfg.attn_logit_softcap
+      logits = jnp.where(mask[:, None, None], logits, _BIG_NEG)
+      probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
+      encoded = jnp.einsum("BKGTS,BSKH->BTKGH", probs, value).reshape(b, t, n, h)
     out = Einsum((n, h, d), _trunc_normal((0, 1), (2,)), dtype, name="attn_vec_einsum")
     return out("BTNH,NHD->BTD", encoded)
 

@@ -75,20 +75,22 @@ def get_config(name: str, **overrides) -> VLMConfig:
   """Named backbone: 'paligemma_3b', 'paligemma2_3b', 'gemma3_270m' (text-only), and for tests 'tiny',
   'tiny_gemma2', 'tiny_gemma3', 'tiny_text' (text-only).
 
-  `overrides` may set VLMConfig fields (num_queries, max_text_tokens) and the tower fields `dtype`,
-  `remat_policy` and `scan_unroll`, which apply to both towers.
+  `overrides` may set VLMConfig fields (num_queries, max_text_tokens), the tower fields `dtype`,
+  `remat_policy` and `scan_unroll`, which apply to both towers, and the Gemma field `attn_impl`.
   """
   if name not in _VARIANTS:
     raise ValueError(f"unknown VLM config {name!r}; known: {sorted(_VARIANTS)}")
   img_variant, llm_variant, fields = _VARIANTS[name]
   tower_keys = {"dtype", "remat_policy", "scan_unroll"}
+  llm_keys = {"attn_impl"}
   tower = {k: v for k, v in overrides.items() if k in tower_keys}
-  rest = {k: v for k, v in overrides.items() if k not in tower_keys}
+  llm_only = {k: v for k, v in overrides.items() if k in llm_keys}
+  rest = {k: v for k, v in overrides.items() if k not in tower_keys | llm_keys}
   known = {f.name for f in dataclasses.fields(VLMConfig)} - {"img", "llm"}
   bad = sorted(set(rest) - known)
   if bad:
-    raise ValueError(f"unknown VLM override(s) {bad}; allowed: {sorted(known | tower_keys)}")
-  llm = gemma.get_config(llm_variant, **tower)
+    raise ValueError(f"unknown VLM override(s) {bad}; allowed: {sorted(known | tower_keys | llm_keys)}")
+  llm = gemma.get_config(llm_variant, **tower, **llm_only)
   img = None
   if img_variant is not None:
     img = siglip.get_config(img_variant, head_dim_out=llm.width, **tower)
