@@ -216,6 +216,14 @@ def test_paligemma_converter_names_bad_keys():
   merged = merge.merge_params(ref, flat, missing_ok="queries")
   np.testing.assert_array_equal(merged["llm"]["embedder"]["input_embedding"],
                                 state["model.language_model.embed_tokens.weight"].numpy())
+  # Hub checkpoints pad the vocabulary (257152 -> 257216 rows): a <= 1% excess is trimmed, more is not.
+  emb = state["model.language_model.embed_tokens.weight"]
+  padded = dict(state, **{"model.language_model.embed_tokens.weight": torch.cat([emb, emb[:1]])})
+  trimmed = hf.convert_state_dict(padded, "paligemma", config=cfg_q)["llm/embedder/input_embedding"]
+  np.testing.assert_array_equal(trimmed, emb.numpy())
+  padded = dict(state, **{"model.language_model.embed_tokens.weight": torch.cat([emb, emb[:10]])})
+  with pytest.raises(merge.CheckpointMismatchError, match="llm/embedder/input_embedding"):
+    merge.merge_params(ref, hf.convert_state_dict(padded, "paligemma", config=cfg_q), missing_ok="queries")
 
 
 def test_safetensors_dir_loads_like_the_state_dict(tmp_path):

@@ -369,7 +369,7 @@ class Gemma(nn.Module):
 
   def embed(self, tokens: jax.Array) -> jax.Array:
     dtype = jnp.dtype(self.config.dtype)
-    x = self.embedder.table().astype(dtype)[(tokens,)]
+    x = self.embedder.table()[(tokens,)].astype(dtype)  # gather first: never cast the whole table
     # Scale in the compute dtype, as the references do (sqrt(D) rounded to bf16 in bf16 runs).
     return x * jnp.sqrt(jnp.float32(self.config.width)).astype(dtype)
 

@@ -10,7 +10,8 @@ Owns the mapping from transformers' module names to the big_vision layout of `mo
                       (`model.vision_tower.*`, `model.language_model.*`) and the older ones on the Hub
                       (`vision_tower.*`, `language_model.model.*`); output paths start with img/, llm/.
 
-Torch Linear weights are [out, in]; ours are [in, out] with heads split out. Per-layer tensors are
+Hub PaliGemma checkpoints pad the embedding to 257216 rows; rows past the config's vocabulary (at most
+1% extra) are dropped. Torch Linear weights are [out, in]; ours are [in, out] with heads split out. Per-layer tensors are
 stacked on a leading layer axis (our layers are scanned). Unknown keys are an error, never skipped.
 
 Reading safetensors does not need torch: the file format (8-byte header size, JSON header, raw bytes)
@@ -137,11 +138,15 @@ def _siglip(state: Mapping[str, np.ndarray], num_heads: int) -> dict[str, np.nda
   return out
 
 
-def _gemma(state: Mapping[str, np.ndarray], num_heads: int, num_kv_heads: int,
-           head_dim: int) -> dict[str, np.ndarray]:
+def _gemma(state: Mapping[str, np.ndarray], num_heads: int, num_kv_heads: int, head_dim: int,
+           vocab_size: int) -> dict[str, np.ndarray]:
   layers, rest = _layers(state, "layers")
-  out = {"embedder/input_embedding": _take(rest, "embed_tokens.weight", "gemma"),
-         "final_norm/scale": _take(rest, "norm.weight", "gemma")}
+  emb = _take(rest, "embed_tokens.weight", "gemma")
+  if vocab_size < emb.shape[0] <= vocab_size + vocab_size // 100:
+    # Hub PaliGemma checkpoints pad the 257152-token vocabulary to 257216 rows (a multiple of 64);
+    # the padding rows are never produced by the tokenizer. Larger differences stay an error (merge).
+    emb = emb[:vocab_size]
+  out = {"embedder/input_embedding": emb, "final_norm/scale": _take(rest, "norm.weight", "gemma")}
   if rest:
     raise ValueError(f"gemma: unexpected keys {sorted(rest)}")
   stack = lambda name: np.stack(_take(layers, name, "gemma"))
@@ -245,7 +250,7 @@ def convert_state_dict(state_dict: Mapping[str, Any], kind: str, *, config: Any)
       raise ValueError(f"kind='gemma' needs config=GemmaConfig, got {type(config).__name__}")
     state = {k: v for k, v in state.items() if not k.endswith("lm_head.weight")}  # tied
     state = _strip(state, ("model.language_model.", "language_model.model.", "model."))
-    return _gemma(state, config.num_heads, config.num_kv_heads, config.head_dim)
+    return _gemma(state, config.num_heads, config.num_kv_heads, config.head_dim, config.vocab_size)
   if not isinstance(config, vlm_lib.VLMConfig) or config.img is None:
     raise ValueError("kind='paligemma' needs config=VLMConfig with an image encoder")
   state = {k: v for k, v in state.items() if not k.endswith("lm_head.weight")}
@@ -261,7 +266,7 @@ def convert_state_dict(state_dict: Mapping[str, Any], kind: str, *, config: Any)
     raise ValueError(f"paligemma: unexpected projector keys {sorted(proj)}")
   llm_cfg = config.llm
   out.update({f"llm/{k}": v for k, v in _gemma(llm, llm_cfg.num_heads, llm_cfg.num_kv_heads,
-                                                  llm_cfg.head_dim).items()})
+                                                  llm_cfg.head_dim, llm_cfg.vocab_size).items()})
   return out
 
 
