@@ -208,16 +208,23 @@ class M2VLA:
     return apply
 
   # ---------------------------------------------------------------- contract
-  def init(self, rng: jax.Array, example_batch: Mapping[str, Any]) -> tuple[dict, dict]:
+  def init(self, rng: jax.Array, example_batch: Mapping[str, Any], vlm_params: Any = None
+           ) -> tuple[dict, dict]:
     """(params {'vlm', 'head'}, state {'msm': empty memory} or {} with msm off). Frozen params are
-    cast to `frozen_dtype`."""
+    cast to `frozen_dtype`.
+
+    `vlm_params` (optional): an existing backbone tree (e.g. pretrained weights, or one shared by
+    several heads) used instead of a random initialisation, which for a 3B backbone is slow and
+    would be overwritten anyway.
+    """
     c = self.config
     obs = example_batch["observation"] if "observation" in example_batch else example_batch
     self._validate_observation(obs)
     vlm_rng, head_rng = jax.random.split(rng)
     images = obs.get("images") if self.vlm_config.img is not None else None
     image_mask = obs.get("image_mask") if self.vlm_config.img is not None else None
-    vlm_params = self.vlm.init(vlm_rng, images, image_mask, obs["tokens"], obs["token_mask"])["params"]
+    if vlm_params is None:
+      vlm_params = self.vlm.init(vlm_rng, images, image_mask, obs["tokens"], obs["token_mask"])["params"]
     feats = jax.eval_shape(lambda p: self.backbone(p, obs), vlm_params)
     b = obs["state"].shape[0]
     zeros = lambda s: jnp.zeros(s.shape, s.dtype)
