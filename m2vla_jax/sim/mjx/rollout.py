@@ -322,7 +322,11 @@ def make_eval_callback(policy_fn: PolicyFn, env_params: EnvParams, n_envs: int, 
   Compiles once (on the first call); every call evaluates the same episodes (rng from `seed`),
   so successive numbers are comparable across training steps.
   """
-  EnvParams.__post_init__(env_params)   # fail now, not at the first evaluation
+  if not isinstance(env_params, EnvParams):   # fail now, not at the first evaluation
+    raise TypeError(f"env_params must be an EnvParams, got {type(env_params).__name__}")
+  for name, v in (("n_envs", n_envs), ("horizon", horizon)):
+    if not isinstance(v, (int, np.integer)) or v < 1:
+      raise ValueError(f"{name}={v!r} must be a positive int")
   rng = jax.random.key(seed)
 
   def callback(policy_params: Any, step: int) -> dict[str, float]:
