@@ -260,7 +260,7 @@ class Attention(nn.Module):
     n, k, h, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.width
     if n == k:
       qkv = Einsum((3, n, d, h), _trunc_normal((2,), (0, 1, 3)), dtype, name="qkv_einsum")
-      q, key, value = qkv("BTD,SNDH->SBTNH", x)
+      q, key, value = qkv("BTD,CNDH->CBTNH", x)
     else:
       q = Einsum((n, d, h), _trunc_normal((1,), (0, 2)), dtype, name="q_einsum")("BTD,NDH->BTNH", x)
       kv = Einsum((2, k, d, h), _trunc_normal((2,), (0, 1, 3)), dtype, name="kv_einsum")
