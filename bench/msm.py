@@ -23,7 +23,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def worker(args) -> None:
-  os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.worker}"
+  # Single-threaded Eigen per device: with intra-op threads, devices emulated on few cores can starve
+  # each other's collective rendezvous (XLA aborts after 40 s). Same flag for every device count.
+  # Always 8 emulated devices, of which the mesh uses n: with exactly 2 emulated devices on this 2-core
+  # machine the CPU all-gather rendezvous deadlocks (XLA aborts after 40 s); 4 and 8 are fine.
+  os.environ["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={max(8, args.worker)} "
+                             "--xla_cpu_multi_thread_eigen=false")
   os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
   sys.path.insert(0, REPO)
   import jax

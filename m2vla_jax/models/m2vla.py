@@ -87,7 +87,9 @@ def _merged(config: Mapping[str, Any] | None) -> ml_collections.ConfigDict:
     for key, value in (src.items() if hasattr(src, "items") else []):
       if key not in dst:
         raise ValueError(f"unknown M²-VLA config field {prefix}{key!r}; known: {sorted(dst.keys())}")
-      if isinstance(dst[key], ml_collections.ConfigDict) and hasattr(value, "items"):
+      if key == "vlm_overrides":  # free-form keyword arguments of vlm.get_config
+        dst[key] = ml_collections.ConfigDict(dict(value))
+      elif isinstance(dst[key], ml_collections.ConfigDict) and hasattr(value, "items"):
         merge(dst[key], value, f"{prefix}{key}.")
       else:
         with dst.ignore_type():

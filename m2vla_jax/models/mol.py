@@ -14,7 +14,8 @@ The output is in head space `[B, N, heads, head_dim]`; the caller (the head bloc
 (eqs. 12-13, `msm.MemoryAttention`) in the same space before the shared output projection.
 
 Choices the paper leaves open (ours, documented on the fields of `action_head.HeadConfig`):
-  * pool(S'_l) is the masked mean over the query tokens only (the proprio token is not pooled);
+  * pool(S'_l) is the masked mean over the query tokens only (the proprio token is not pooled), taken
+    after the block's context LayerNorm (raw Gemma states grow in norm with depth);
   * alpha_v is a raw scalar (not squashed), initialised to `alpha_v_init` = 1.0 so branch V starts as
     standard attention;
   * a branch whose keys are all masked (e.g. every camera absent) contributes zero; the mean still
