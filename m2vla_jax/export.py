@@ -13,6 +13,8 @@ in the dataset's original (unnormalized) units.
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from typing import Any, Mapping, Optional
 
 from absl import app
@@ -46,7 +48,8 @@ def restore_run(workdir: str, step: Optional[int] = None, single_device: bool = 
   example = trainer.example_from_spec(assets["batch_spec"])
   mesh_devices = jax.devices()[:1] if single_device else None
   s = trainer.setup(config, example, devices=mesh_devices)
-  ck = ckpt_lib.Checkpointer(ckdir, keep=None, async_save=False)
+  ck = ckpt_lib.Checkpointer(ckdir, keep=None, async_save=False,
+                             use_ocdbt=config.checkpoint.get("use_ocdbt", True))
   try:
     state, _, _ = ck._restore_step(step, trainer.abstract_for_restore(s))  # pylint: disable=protected-access
   finally:
@@ -70,12 +73,29 @@ def export(workdir: str, out: str, *, step: Optional[int] = None, dtype: Optiona
                                     params)
   out_path = epath.Path(out)
   out_path.mkdir(parents=True, exist_ok=True)
-  npz.save_npz(str(out_path / "params.npz"), jax.device_get(params), prefix="params/")
-  npz.save_npz(str(out_path / "state.npz"), jax.device_get(state.policy_state), prefix="state/")
+  _save_npz(out_path / "params.npz", jax.device_get(params), prefix="params/")
+  _save_npz(out_path / "state.npz", jax.device_get(state.policy_state), prefix="state/")
   for name in ("config", "statistics", "batch_spec"):
     (out_path / f"{name}.json").write_text(json.dumps(assets[name] if name != "config" else config.to_dict(),
                                                       indent=1, sort_keys=True, default=list))
   return out
+
+
+def _save_npz(path: epath.Path, tree: Any, prefix: str) -> None:
+  """npz.save_npz through a local file, then copied with epath (same filesystem layer as checkpoints)."""
+  with tempfile.TemporaryDirectory() as tmp:
+    local = os.path.join(tmp, "x.npz")
+    npz.save_npz(local, tree, prefix=prefix)
+    with open(local, "rb") as f:
+      path.write_bytes(f.read())
+
+
+def _read_npz(path: epath.Path) -> dict:
+  with tempfile.TemporaryDirectory() as tmp:
+    local = os.path.join(tmp, "x.npz")
+    with open(local, "wb") as f:
+      f.write(path.read_bytes())
+    return npz.read_npz(local)
 
 
 def _strip(flat: Mapping[str, np.ndarray], prefix: str) -> dict:
@@ -123,8 +143,8 @@ def load_policy(path: str) -> Policy:
   """Loads a bundle written by `export` (local or gs://)."""
   p = epath.Path(path)
   config = config_from_json(json.loads((p / "config.json").read_text()))
-  params = tree_util.unflatten(_strip(npz.read_npz(str(p / "params.npz")), "params/"))
-  state = tree_util.unflatten(_strip(npz.read_npz(str(p / "state.npz")), "state/"))
+  params = tree_util.unflatten(_strip(_read_npz(p / "params.npz"), "params/"))
+  state = tree_util.unflatten(_strip(_read_npz(p / "state.npz"), "state/"))
   statistics = json.loads((p / "statistics.json").read_text())
   batch_spec = json.loads((p / "batch_spec.json").read_text())
   return Policy(config, params, state, statistics, batch_spec)

@@ -82,19 +82,25 @@ class Checkpointer:
     keep: keep the newest `keep` checkpoints (None: all).
     keep_every: additionally keep every checkpoint whose step is a multiple of this (None: none).
     async_save: write in a background thread while training continues.
+    use_ocdbt: orbax's OCDBT array store (few large files; default). OCDBT commits by conditional
+      (generation-matched) writes, which gcp-storage-emulator does not serve correctly (tensorstore reports
+      "Malformed StorageGeneration"), so the emulator test turns it off; real GCS supports both.
   """
 
   def __init__(self, directory: str, keep: Optional[int] = 3, keep_every: Optional[int] = None,
-               async_save: bool = True):
+               async_save: bool = True, use_ocdbt: bool = True):
     self.directory = epath.Path(directory)
     self.keep, self.keep_every, self.async_save = keep, keep_every, async_save
+    self.use_ocdbt = use_ocdbt
     self._mgr = self._make_manager()
 
   def _make_manager(self) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=self.keep or None, keep_period=self.keep_every or None, create=True,
         enable_async_checkpointing=self.async_save)
-    return ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data", "assets"))
+    handlers = {"state": ocp.StandardCheckpointHandler(use_ocdbt=self.use_ocdbt),
+                "data": ocp.JsonCheckpointHandler(), "assets": ocp.JsonCheckpointHandler()}
+    return ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
   def all_steps(self) -> list[int]:
     return sorted(self._mgr.all_steps())

@@ -62,6 +62,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint.keep = 3
   c.checkpoint.keep_every = config_dict.placeholder(int)   # also keep every K-th step (None: off)
   c.checkpoint.async_save = True
+  c.checkpoint.use_ocdbt = True     # see training/checkpoints.Checkpointer
   c.log_every = 10
   c.eval_every = 500                # 0 disables validation
   c.eval_steps = 8

@@ -1,7 +1,9 @@
 """TensorBoard scalars (tensorboardX) for the trainer, on process 0 only; local paths or gs://.
 
 Vector metrics (e.g. per-layer MoL gates [L]) are written as one scalar per element, `name/i`. gs:// event
-files go through `tf.io.gfile` (tensorboardX's own GCS writer needs google-cloud-storage).
+files go through `etils.epath` (TF's gfile or fsspec/gcsfs, whichever epath is configured with), like the
+checkpoints; tensorboardX's own GCS writer would need the google-cloud-storage client and its credentials.
+An object store cannot append, so a gs:// event file becomes visible when the writer is closed.
 """
 from __future__ import annotations
 
@@ -13,8 +15,8 @@ import numpy as np
 
 class _GFileWriter:
   def __init__(self, path: str):
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    self._f = tf.io.gfile.GFile(path, "wb")
+    from etils import epath  # pylint: disable=g-import-not-at-top
+    self._f = epath.Path(path).open("wb")
 
   def write(self, data: bytes) -> None:
     self._f.write(data)
@@ -27,8 +29,13 @@ class _GFileWriter:
 
 
 class _GFileWriterFactory:
-  def get_writer(self, path: str) -> _GFileWriter:
+  """tensorboardX's writer-factory interface (`open`, `directory_check`)."""
+
+  def open(self, path: str) -> _GFileWriter:
     return _GFileWriter(path)
+
+  def directory_check(self, path: str) -> None:
+    del path  # Object stores need no directories before objects are written.
 
 
 _registered = False

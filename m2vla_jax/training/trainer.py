@@ -359,7 +359,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mesh = s.mesh
   checkpointer = ckpt_lib.Checkpointer(str(workdir_path / "checkpoints"), keep=config.checkpoint.keep,
                                        keep_every=config.checkpoint.keep_every,
-                                       async_save=config.checkpoint.async_save)
+                                       async_save=config.checkpoint.async_save,
+                                       use_ocdbt=config.checkpoint.get("use_ocdbt", True))
   state = s.state
   restored = checkpointer.restore_latest(abstract_for_restore(s))
   if restored is not None:
