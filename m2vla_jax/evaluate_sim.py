@@ -7,10 +7,10 @@ Writes, per variant (`seen`, `paraphrased`, `held_out_tasks`), `<suite>_<variant
 mean success with 95% Wilson intervals and every episode), a bar plot and a few rollout GIFs; see
 `m2vla_jax.sim.evaluate_metaworld` for the policy contract and the scoring.
 
-Open seam: `export.load_policy` returns a callable on the *model* observation (normalized state,
-instruction tokens, model-resolution images), while the simulator hands raw observations (raw
-state, instruction strings). Until an adapter built from the data transforms (tokenizer, state
-statistics, resize) wraps it, `--policy=checkpoint` episodes fail with a logged `policy_error`.
+`--checkpoint` is an export bundle (`m2vla_jax.export`) or a training run directory (its newest
+checkpoint); either is wrapped by `sim.policy_adapter.SimPolicyAdapter`, which turns the raw
+simulator observation into the model's (resize, training tokenizer, state statistics) and the
+model's normalized actions back into Meta-World units.
 """
 from __future__ import annotations
 
@@ -31,8 +31,10 @@ def make_policy(kind: str, checkpoint: str | None, horizon: int):
     if not checkpoint:
       raise ValueError("--checkpoint is required with --policy=checkpoint (or use --policy=expert "
                        "or --policy=random for reference numbers)")
-    from m2vla_jax import export  # pylint: disable=g-import-not-at-top
-    return export.load_policy(checkpoint)
+    from m2vla_jax.sim import policy_adapter  # pylint: disable=g-import-not-at-top
+    if os.path.isdir(os.path.join(checkpoint, "checkpoints")):
+      return policy_adapter.SimPolicyAdapter.from_workdir(checkpoint)
+    return policy_adapter.SimPolicyAdapter.from_bundle(checkpoint)
   if kind == "expert":
     return evaluate_metaworld.ExpertChunkPolicy(horizon)
   if kind == "random":
@@ -42,7 +44,7 @@ def make_policy(kind: str, checkpoint: str | None, horizon: int):
 
 def main(argv: Sequence[str] | None = None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--checkpoint", default=None, help="exported policy directory")
+  parser.add_argument("--checkpoint", default=None, help="export bundle or training run directory")
   parser.add_argument("--policy", default="checkpoint", choices=("checkpoint", "expert", "random"))
   parser.add_argument("--suite", default="mt10", choices=sorted(metaworld_env.SUITES))
   parser.add_argument("--variants", default=",".join(evaluate_metaworld.VARIANTS),
