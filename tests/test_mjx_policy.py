@@ -5,13 +5,19 @@ recorded, with the rng the rollout derives for its first policy call, must give 
 rollout executed: the compiled loop hands the policy exactly the rendered images, proprio and
 instruction tokens of the batch contract (float32, tolerance 1e-4 for a different XLA fusion).
 """
-import jax
-import jax.numpy as jnp
-import numpy as np
-import pytest
+import os
 
-from m2vla_jax.models import m2vla
-from m2vla_jax.sim.mjx import rollout as rl
+# Before the first `import mujoco` of the process: it picks its OpenGL backend at import, and
+# the render tests (and Meta-World's) need EGL.
+os.environ.setdefault("MUJOCO_GL", "egl")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from m2vla_jax.models import m2vla  # noqa: E402
+from m2vla_jax.sim.mjx import rollout as rl  # noqa: E402
 
 N_ENVS, HORIZON, CHUNK = 2, 8, 4
 ENV = rl.EnvParams(tasks=("pick_lift", "push_to_target"), execute_steps=CHUNK, image_size=32,

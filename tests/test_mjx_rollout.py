@@ -4,18 +4,23 @@ One compiled rollout (policy switched by a parameter, so expert and random share
 serves the behaviour tests. References: success rates recomputed with numpy from the raw per-env
 arrays, the writer's output read back through TFDS, Wilson intervals against a float64 formula.
 """
-import math
 import os
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import pytest
+# Before the first `import mujoco` of the process: it picks its OpenGL backend at import, and
+# the render tests (and Meta-World's) need EGL.
+os.environ.setdefault("MUJOCO_GL", "egl")
 
-from m2vla_jax.sim.mjx import experts
-from m2vla_jax.sim.mjx import rollout as rl
-from m2vla_jax.sim.mjx import scene as scene_lib
-from m2vla_jax.sim.mjx import tasks
+import math  # noqa: E402
+import os
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from m2vla_jax.sim.mjx import experts  # noqa: E402
+from m2vla_jax.sim.mjx import rollout as rl  # noqa: E402
+from m2vla_jax.sim.mjx import tasks  # noqa: E402
 
 N_ENVS = 12       # 4 episodes per task
 HORIZON = 80

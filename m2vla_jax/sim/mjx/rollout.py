@@ -263,9 +263,12 @@ def rollout(policy_fn: PolicyFn, policy_params: Any, env_params: EnvParams, rng:
   episodes = env_params.episodes(int(n_envs))
   tokens, token_mask = env_params.tokenize([e.text for e in episodes])
   fn = _compiled(policy_fn, env_params, int(n_envs), int(horizon))
-  out = fn(policy_params, rng, np.array([e.task_id for e in episodes], np.int32),
-           np.array([e.block for e in episodes], np.int32), tokens, token_mask)
-  out = jax.tree.map(np.asarray, out)
+  # Evaluation moves its few small inputs and results on purpose, also under a trainer's
+  # jax_transfer_guard="disallow".
+  with jax.transfer_guard("allow"):
+    out = fn(policy_params, rng, np.array([e.task_id for e in episodes], np.int32),
+             np.array([e.block for e in episodes], np.int32), tokens, token_mask)
+    out = jax.tree.map(np.asarray, out)
   out.update(tasks=[e.task for e in episodes], instructions=[e.text for e in episodes],
              env_params=env_params, horizon=int(horizon))
   return out
