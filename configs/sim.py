@@ -30,8 +30,8 @@ HELD_OUT_TASKS = ("drawer-open-v3", "button-press-v3")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  a = config_base.parse_arg(arg, steps=1500, batch=64, episodes=15, eval_episodes=20, mol=True,
-                            msm=True, horizon=8, execute=4, train_img=True, lr=1e-3, width=64,
+  a = config_base.parse_arg(arg, steps=3000, batch=64, episodes=15, eval_episodes=20, mol=True,
+                            msm=True, horizon=8, execute=2, train_img=True, lr=1e-3, width=64,
                             data_dir=os.environ.get("M2VLA_SIM_DATA", workflow.DEFAULT_DATA_DIR))
   from m2vla_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from m2vla_jax.models import m2vla  # pylint: disable=g-import-not-at-top
