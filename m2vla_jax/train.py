@@ -9,6 +9,8 @@ import difflib
 import importlib.util
 import sys
 
+import jax
+
 from absl import app
 from absl import flags
 from absl import logging
@@ -38,6 +40,11 @@ def main(argv):
     print(f"Config error: {e}", file=sys.stderr)
     sys.exit(1)
   sharding.maybe_initialize_distributed(_DISTRIBUTED.value)
+  if "sim" in config:
+    # A simulation config owns its data and its evaluation: demonstrations are generated (or found in
+    # the cache) before training and the trained policy is scored closed-loop after it.
+    from m2vla_jax.sim import workflow  # pylint: disable=g-import-not-at-top
+    workflow.prepare_data(config)
   try:
     result = trainer.train(config, _WORKDIR.value)
   except trainer.NonFiniteLossError as e:
@@ -46,6 +53,9 @@ def main(argv):
     sys.exit(1)
   print(f"done: step={result['step']} loss={result['loss']} preempted={result['preempted']} "
         f"last_checkpoint={result.get('last_checkpoint')}", flush=True)
+  if "sim" in config and not result["preempted"] and jax.process_index() == 0:
+    workflow.evaluate_run(config, _WORKDIR.value)
+    print(f"closed-loop report: {_WORKDIR.value}/{config.sim.eval.out_subdir}/summary.md", flush=True)
 
 
 def check_overrides(argv: list[str]) -> None:
