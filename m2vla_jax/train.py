@@ -9,11 +9,10 @@ import difflib
 import importlib.util
 import sys
 
-import jax
-
 from absl import app
 from absl import flags
 from absl import logging
+import jax
 from ml_collections import config_flags
 
 from m2vla_jax.training import sharding

@@ -5,6 +5,8 @@ brief: per-block segmentation IoU >= 0.95 and depth error < 1 cm on pixels both 
 to the same geom.
 """
 import os
+import subprocess
+import sys
 
 os.environ.setdefault("MUJOCO_GL", "egl")
 
@@ -37,35 +39,54 @@ def _states(scene, n):
   return out
 
 
+_GL_SCRIPT = """
+import sys
+import mujoco, numpy as np
+from m2vla_jax.sim.mjx import scene as scene_lib
+m = mujoco.MjModel.from_xml_string(scene_lib.mjcf())
+inp = np.load(sys.argv[1])
+gl = mujoco.Renderer(m, %d, %d)
+out = {"depth": [], "seg": []}
+for qpos, mocap in zip(inp["qpos"], inp["mocap"]):
+  d = mujoco.MjData(m)
+  d.qpos[:] = qpos
+  d.mocap_pos[:] = mocap
+  mujoco.mj_forward(m, d)
+  for kind in ("depth", "seg"):
+    per_cam = []
+    for cam in ("front", "wrist"):
+      gl.enable_depth_rendering() if kind == "depth" else gl.enable_segmentation_rendering()
+      gl.update_scene(d, camera=cam)
+      img = gl.render()
+      gl.disable_depth_rendering()
+      gl.disable_segmentation_rendering()
+      if kind == "seg":   # (object id, object type) -> geom id, -1 elsewhere
+        img = np.where(img[..., 1] == mujoco.mjtObj.mjOBJ_GEOM, img[..., 0], -1)
+      per_cam.append(img)
+    out[kind].append(np.stack(per_cam))
+gl.close()
+np.savez(sys.argv[2], **{k: np.stack(v) for k, v in out.items()})
+""" % (SIZE, SIZE)
+
+
 @pytest.fixture(scope="module")
-def rendered():
+def rendered(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp("gl")
   scene = scene_lib.load()
   states = _states(scene, 3)
   fn = jax.jit(jax.vmap(lambda d: render.render(scene, d, ("front", "wrist"), SIZE, SIZE)))
   batch = jax.tree.map(lambda *x: jnp.stack(x), *[mjx.put_data(scene.model, d) for d in states])
   ours = jax.tree.map(np.asarray, fn(batch))
-  ref = {"depth": [], "seg": []}
-  gl = mujoco.Renderer(scene.model, SIZE, SIZE)
-  try:
-    for d in states:
-      for kind in ("depth", "seg"):
-        per_cam = []
-        for cam in ("front", "wrist"):
-          if kind == "depth":
-            gl.enable_depth_rendering()
-          else:
-            gl.enable_segmentation_rendering()
-          gl.update_scene(d, camera=cam)
-          img = gl.render()
-          gl.disable_depth_rendering()
-          gl.disable_segmentation_rendering()
-          if kind == "seg":   # (object id, object type) -> geom id, -1 elsewhere
-            img = np.where(img[..., 1] == mujoco.mjtObj.mjOBJ_GEOM, img[..., 0], -1)
-          per_cam.append(img)
-        ref[kind].append(np.stack(per_cam))
-  finally:
-    gl.close()
-  return scene, ours, {k: np.stack(v) for k, v in ref.items()}
+  np.savez(tmp / "states.npz", qpos=np.stack([d.qpos for d in states]),
+           mocap=np.stack([d.mocap_pos for d in states]))
+  # OpenGL in a subprocess: Mesa's llvmpipe and TensorFlow (other tests of the suite) segfault when
+  # they share a process, in either import order.
+  subprocess.run([sys.executable, "-c", _GL_SCRIPT, str(tmp / "states.npz"), str(tmp / "ref.npz")],
+                 check=True, timeout=300, env=dict(
+                     os.environ, MUJOCO_GL="egl",
+                     PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+  ref = dict(np.load(tmp / "ref.npz"))
+  return scene, ours, ref
 
 
 def test_segmentation_iou_per_block(rendered):

@@ -13,6 +13,7 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 import math  # noqa: E402
 import os
 
+import tensorflow_datasets as tfds  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -92,7 +93,6 @@ def test_recorded_frames_show_the_scene(results):
 
 @pytest.mark.slow
 def test_demos_through_the_rlds_writer(results, tmp_path):
-  import tensorflow_datasets as tfds
   from m2vla_jax.data import writer
   expert, _ = results
   episodes = experts.demo_episodes(expert)
