@@ -7,6 +7,7 @@ was preempted (SIGTERM, after saving), 1 on a non-finite loss or a config error.
 """
 import difflib
 import importlib.util
+import os
 import sys
 
 from absl import app
@@ -42,6 +43,7 @@ def main(argv):
   if "sim" in config:
     # A simulation config owns its data and its evaluation: demonstrations are generated (or found in
     # the cache) before training and the trained policy is scored closed-loop after it.
+    os.environ.setdefault("MUJOCO_GL", "egl")  # offscreen rendering on a machine without a screen
     from m2vla_jax.sim import workflow  # pylint: disable=g-import-not-at-top
     workflow.prepare_data(config)
   try:
