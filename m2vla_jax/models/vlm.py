@@ -64,6 +64,9 @@ _VARIANTS: dict[str, tuple[str | None, str, dict[str, Any]]] = {
     "paligemma_3b": ("So400m/14", "gemma_2b", dict(num_queries=64, max_text_tokens=48)),
     "paligemma2_3b": ("So400m/14", "gemma2_2b", dict(num_queries=64, max_text_tokens=48)),
     "gemma3_270m": (None, "gemma3_270m", dict(num_queries=64, max_text_tokens=48)),
+    # Real Gemma 3 270M (GGUF weights) behind a small trainable SigLIP on 32x32 images (4 patches):
+    # the Meta-World config for more compute (configs/sim_gemma3.py); no pretrained SigLIP is needed.
+    "tiny_img_gemma3_270m": ("tiny/16", "gemma3_270m", dict(num_queries=16, max_text_tokens=32)),
     "tiny": ("tiny/16", "gemma_tiny", dict(num_queries=4, max_text_tokens=16)),
     "tiny_gemma2": ("tiny/16", "gemma2_tiny", dict(num_queries=4, max_text_tokens=16)),
     "tiny_gemma3": ("tiny/16", "gemma3_tiny", dict(num_queries=4, max_text_tokens=16)),
@@ -72,7 +75,8 @@ _VARIANTS: dict[str, tuple[str | None, str, dict[str, Any]]] = {
 
 
 def get_config(name: str, **overrides) -> VLMConfig:
-  """Named backbone: 'paligemma_3b', 'paligemma2_3b', 'gemma3_270m' (text-only), and for tests 'tiny',
+  """Named backbone: 'paligemma_3b', 'paligemma2_3b', 'gemma3_270m' (text-only), 'tiny_img_gemma3_270m'
+  (SigLIP tiny/16 at 32 px + Gemma 3 270M), and for tests 'tiny',
   'tiny_gemma2', 'tiny_gemma3', 'tiny_text' (text-only).
 
   `overrides` may set VLMConfig fields (num_queries, max_text_tokens), the tower fields `dtype`,

