@@ -1,9 +1,10 @@
 """configs/sim_gemma3.py: the trainer's init path puts the real Gemma 3 270M GGUF weights into vlm/llm,
 and the GGUF tokenizer encodes every instruction of its tasks within the config's token budget.
 
-References: `weights.gguf.load_gemma3_gguf()` read separately from the trainer (its own dequantized
-float32 arrays, cast to the config's bfloat16 frozen dtype: exact equality expected) and the original
-instruction strings (SentencePiece decode must give them back exactly).
+References: the output of `weights.gguf.load_gemma3_gguf()` (dequantized float32 arrays in our layout,
+cast to the config's bfloat16 frozen dtype: exact equality expected; the loader itself is checked
+against transformers in tests/test_gguf.py) and the original instruction strings (SentencePiece decode
+must give them back exactly).
 """
 import importlib.util
 import os
@@ -70,8 +71,18 @@ def test_both_init_sources_are_refused():
 
 
 @pytest.mark.slow
-def test_init_loads_gemma3_gguf_into_vlm_llm():
+def test_init_loads_gemma3_gguf_into_vlm_llm(monkeypatch):
   config = _config_module("sim_gemma3").get_config()
+  # Keep what the trainer's own `load_gemma3_gguf()` call returned instead of dequantizing the file a
+  # second time (~15 s here); the loader itself is checked against transformers in test_gguf.py.
+  calls = []
+  load = gguf.load_gemma3_gguf
+
+  def recording_load(*args, **kwargs):
+    calls.append(load(*args, **kwargs))
+    return calls[-1]
+
+  monkeypatch.setattr(gguf, "load_gemma3_gguf", recording_load)
   tok = data_adapter.make_tokenizer(config.data.tokenizer)
   max_tokens = config.data.pipeline.max_tokens
   texts = [t for task in (*config.sim.tasks, *config.sim.held_out_tasks)
@@ -81,8 +92,9 @@ def test_init_loads_gemma3_gguf_into_vlm_llm():
     assert ids[0] == tok.bos_id and ids[m.sum():].tolist() == [tok.pad_id] * (max_tokens - m.sum())
     assert tok.decode(ids[m]) == text
 
-  gguf_config, gguf_params = gguf.load_gemma3_gguf()
   s = trainer.setup(config, _example_batch(config, tokens[:1], mask[:1]), devices=jax.devices()[:1])
+  assert len(calls) == 1
+  gguf_config, gguf_params = calls[0]
   # The model's Gemma hyperparameters (not only its shapes) are the file's.
   llm = s.policy.vlm_config.llm
   for field in ("width", "depth", "mlp_dim", "num_heads", "num_kv_heads", "head_dim", "vocab_size",
