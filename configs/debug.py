@@ -1,17 +1,22 @@
 """Debug config: a tiny policy, CPU-sized shapes, a few steps. Short args: `configs/debug.py:steps=8,fsdp=2`.
 
 model=toy (default) trains the trainer's toy policy on synthetic batches; model=m2vla trains the real
-M²-VLA policy with a tiny backbone on the bridge debug sample (/work/shared/data/octo_bridge_debug).
+M²-VLA policy with a tiny backbone on the bridge debug sample (`$M2VLA_SHARED_DATA/octo_bridge_debug`, by
+default `<repo>/../shared/data/octo_bridge_debug`; `data_dir=...` overrides it).
 """
+import os
+
 import ml_collections
 
+from m2vla_jax.data import testing
 from m2vla_jax.training import config_base
 from m2vla_jax.training import toy
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   a = config_base.parse_arg(arg, steps=20, batch=16, fsdp=1, model="toy", data="synthetic",
-                            data_dir="/work/shared/data/octo_bridge_debug")
+                            data_dir=os.path.join(testing.shared_data_dir() or "../shared/data",
+                                                  "octo_bridge_debug"))
   c = config_base.base_config()
   c.total_steps = a.steps
   c.batch_size = a.batch
