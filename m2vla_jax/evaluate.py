@@ -10,7 +10,7 @@ training workdir (its newest checkpoint).
 from __future__ import annotations
 
 import json
-from typing import Any, Optional
+from typing import Optional
 
 from absl import app
 from absl import flags

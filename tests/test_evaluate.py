@@ -2,7 +2,6 @@
 reference; plots written; the real bridge sample through the RLDS pipeline end to end."""
 import json
 import os
-import pathlib
 
 import numpy as np
 import pytest

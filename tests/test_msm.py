@@ -1,6 +1,5 @@
 """MSM memory: FIFO insert with wrap-around, top-K L1 retrieval vs brute force, sharded == unsharded."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import Mesh

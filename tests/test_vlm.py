@@ -6,7 +6,6 @@ camera, an unpadded instruction): masking is correct iff the masked parts leave 
 import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

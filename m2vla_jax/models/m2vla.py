@@ -21,7 +21,6 @@ With `msm=False` (ablation) the state is `{}` and the head has no memory attenti
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Mapping
 
 import jax

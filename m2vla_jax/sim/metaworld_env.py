@@ -41,7 +41,7 @@ import pickle
 import subprocess
 import sys
 import zlib
-from typing import Any, Sequence
+from typing import Any
 
 import mujoco
 import numpy as np

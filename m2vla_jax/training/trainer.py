@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import inspect
-import math
 import signal
 import time
 from typing import Any, Iterator, Mapping, Optional
