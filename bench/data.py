@@ -22,6 +22,19 @@ sys.path.insert(0, REPO)
 B, H, RES = 32, 4, 224
 
 
+def _timed(it, batches: int, t0: float, images_of) -> dict:
+  """Frames/s over `batches` batches after 5 warm-up batches (setup = start until warm)."""
+  for _ in range(5):
+    next(it)
+  setup = time.perf_counter() - t0
+  t = time.perf_counter()
+  for _ in range(batches):
+    b = next(it)
+  dt = time.perf_counter() - t
+  assert tuple(images_of(b).shape) == (B, 2, RES, RES, 3)
+  return {"fps": batches * B / dt, "setup_s": setup}
+
+
 def _bridge_dir() -> str:
   from m2vla_jax.data import testing
   shared = testing.shared_data_dir()
@@ -38,19 +51,10 @@ def run_ours(batches: int, threads: int) -> dict:
                 stats_dir=tempfile.mkdtemp(), progress=False, num_threads=threads, prefetch=4))
   t0 = time.perf_counter()
   it = pipeline.make_pipeline(c, tokenizer=testing.ByteTokenizer(), process_index=0, process_count=1)
-  for _ in range(5):
-    next(it)
-  setup = time.perf_counter() - t0
-  t = time.perf_counter()
-  for _ in range(batches):
-    b = next(it)
-  dt = time.perf_counter() - t
-  assert b["observation"]["images"].shape == (B, 2, RES, RES, 3)
-  return {"fps": batches * B / dt, "setup_s": setup}
+  return _timed(it, batches, t0, lambda b: b["observation"]["images"])
 
 
 def run_tfdata(batches: int, threads: int) -> dict:
-  import numpy as np
   import tensorflow as tf
   import tensorflow_datasets as tfds
   tf.config.threading.set_inter_op_parallelism_threads(threads)
@@ -84,15 +88,7 @@ def run_tfdata(batches: int, threads: int) -> dict:
         .map(frame, num_parallel_calls=tf.data.AUTOTUNE).batch(B, drop_remainder=True)
         .prefetch(4).with_options(opts))
   it = iter(tfds.as_numpy(ds))
-  for _ in range(5):
-    next(it)
-  setup = time.perf_counter() - t0
-  t = time.perf_counter()
-  for _ in range(batches):
-    b = next(it)
-  dt = time.perf_counter() - t
-  assert np.asarray(b["images"]).shape == (B, 2, RES, RES, 3)
-  return {"fps": batches * B / dt, "setup_s": setup}
+  return _timed(it, batches, t0, lambda b: b["images"])
 
 
 def main():

@@ -7,28 +7,19 @@ Short args: those of configs/sim.py (steps, batch, episodes, eval_episodes, mol,
 execute, train_img, lr, width, data_dir). Defaults here: 50 demos per task, 50 evaluation episodes
 per task (Meta-World's convention), a primary and a wrist camera, 20k steps.
 """
-import importlib.util
-import os
-
 import ml_collections
 
 from m2vla_jax.sim import metaworld_env
 from m2vla_jax.sim import workflow
-
-
-def _sim_module():
-  spec = importlib.util.spec_from_file_location(
-      "_configs_sim", os.path.join(os.path.dirname(os.path.abspath(__file__)), "sim.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from m2vla_jax.training import config_base
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   defaults = "steps=20000,batch=256,episodes=50,eval_episodes=50,width=256"
   # parse_arg takes each key once: later keys in `arg` would repeat these, so merge by key.
   merged = dict(kv.split("=", 1) for kv in (defaults + ("," + arg if arg else "")).split(",") if kv)
-  c = _sim_module().get_config(",".join(f"{k}={v}" for k, v in merged.items()))
+  sim = config_base.load_config_file("sim.py", relative_to=__file__)
+  c = sim.get_config(",".join(f"{k}={v}" for k, v in merged.items()))
   with c.unlocked():
     c.sim.tasks = metaworld_env.train_tasks("mt10")
     c.sim.held_out_tasks = metaworld_env.HELD_OUT_TASKS["mt10"]

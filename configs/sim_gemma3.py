@@ -18,26 +18,17 @@ Short args: those of configs/sim.py (steps, batch, episodes, eval_episodes, mol,
 train_img, lr, width, data_dir). The demonstrations are configs/sim.py's (same tasks, cameras and
 dataset name), so a demo cache filled by the default run is reused.
 """
-import importlib.util
-import os
-
 import ml_collections
+
+from m2vla_jax.training import config_base
 
 # Gemma 3 tokens of an instruction (BOS included); the longest instruction of the 6 tasks (seen,
 # paraphrased, held-out) is well under this (tests/test_sim_gemma3.py checks them all).
 MAX_TOKENS = 32
 
 
-def _sim_module():
-  spec = importlib.util.spec_from_file_location(
-      "_configs_sim", os.path.join(os.path.dirname(os.path.abspath(__file__)), "sim.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  c = _sim_module().get_config(arg)
+  c = config_base.load_config_file("sim.py", relative_to=__file__).get_config(arg)
   with c.unlocked():
     c.model.vlm = "tiny_img_gemma3_270m"
     c.model.vlm_overrides.max_text_tokens = MAX_TOKENS

@@ -6,7 +6,6 @@ checks ranges and required fields, all before any device work. Exit status: 0 wh
 was preempted (SIGTERM, after saving), 1 on a non-finite loss or a config error.
 """
 import difflib
-import importlib.util
 import os
 import sys
 
@@ -16,6 +15,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from m2vla_jax.training import config_base
 from m2vla_jax.training import sharding
 from m2vla_jax.training import trainer
 
@@ -69,9 +69,7 @@ def check_overrides(argv: list[str]) -> None:
     return
   path, _, arg = config_arg.partition(":")
   try:
-    spec = importlib.util.spec_from_file_location("_m2vla_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = config_base.load_config_file(path)
     config = module.get_config(arg or None) if arg else module.get_config()
   except Exception:  # Let config_flags report a config file that does not load.
     return

@@ -6,8 +6,28 @@ override fails in flag parsing and an ill-typed one fails ConfigDict's type chec
 """
 from __future__ import annotations
 
+import importlib.util
+import os
+import types
+
 import ml_collections
 from ml_collections import config_dict
+
+
+def load_config_file(path: str, *, relative_to: str | None = None) -> types.ModuleType:
+  """The module of a config file (`configs/*.py` are files, not a package), e.g. to build on a sibling.
+
+  `relative_to`: a file whose folder `path` is relative to (a config passes its own `__file__`).
+  """
+  if relative_to is not None:
+    path = os.path.join(os.path.dirname(os.path.abspath(relative_to)), path)
+  name = "_m2vla_config_" + os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(name, path)
+  if spec is None or spec.loader is None:
+    raise FileNotFoundError(f"config file {path!r} cannot be loaded")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
