@@ -49,19 +49,31 @@ def _from_json(x: Any) -> Any:
   return x
 
 
+def _files_under(directory: epath.Path):
+  """Every file below `directory`, by listing level by level.
+
+  Not `rglob`/`walk`: etils refuses recursive globs on gs://, and its fsspec `walk` yields bucket-relative
+  roots without the `gs://` scheme, which would turn into local paths.
+  """
+  for path in directory.iterdir():
+    if path.is_dir():
+      yield from _files_under(path)
+    else:
+      yield path
+
+
 def _move_tree(src: epath.Path, dst: epath.Path) -> None:
   """Rename, or copy then delete where the filesystem cannot rename directories (object stores)."""
   dst.parent.mkdir(parents=True, exist_ok=True)
   try:
     src.rename(dst)
     return
-  except Exception:  # gs:// has no directory rename.
+  except Exception:  # gs:// has no directories: no rename, and `dst.parent` does not "exist" while empty.
     pass
-  for path in src.rglob("*"):
-    if path.is_file():
-      target = dst / path.relative_to(src)
-      target.parent.mkdir(parents=True, exist_ok=True)
-      path.copy(target)
+  for path in list(_files_under(src)):
+    target = dst / path.relative_to(src)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    path.copy(target)
   src.rmtree()
 
 
@@ -82,9 +94,9 @@ class Checkpointer:
     keep: keep the newest `keep` checkpoints (None: all).
     keep_every: additionally keep every checkpoint whose step is a multiple of this (None: none).
     async_save: write in a background thread while training continues.
-    use_ocdbt: orbax's OCDBT array store (few large files; default). OCDBT commits by conditional
-      (generation-matched) writes, which gcp-storage-emulator does not serve correctly (tensorstore reports
-      "Malformed StorageGeneration"), so the emulator test turns it off; real GCS supports both.
+    use_ocdbt: orbax's OCDBT array store (few large files; default) or one zarr directory per array.
+      Both work on gs:// (OCDBT commits its manifest by generation-conditioned writes, which GCS serves;
+      see docs/GCS.md for the emulator the tests use).
   """
 
   def __init__(self, directory: str, keep: Optional[int] = 3, keep_every: Optional[int] = None,
