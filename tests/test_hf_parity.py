@@ -147,9 +147,18 @@ def test_windows_matter_in_tiny_configs():
   assert cfg.layer_is_local().any() and not cfg.layer_is_local().all()
 
 
-@pytest.mark.parametrize("name", ["tiny", "tiny_gemma2"])
-def test_paligemma_prefix_matches_transformers(name):
-  cfg = vlm.get_config(name, num_queries=0, remat_policy="none")
+@pytest.mark.parametrize("name,num_queries", [("tiny", 0), ("tiny_gemma2", 0), ("tiny", 3),
+                                              ("tiny_gemma2", 3)])
+def test_paligemma_prefix_matches_transformers(name, num_queries):
+  """Images + text as PaliGemma's prefix; with queries, 'readout' queries as its causal suffix.
+
+  transformers has no learnable queries, so the reference feeds them as suffix tokens
+  (token_type_ids=1) whose embedding rows, times sqrt(D) (text embeddings are scaled, our queries
+  are not), are our queries. Our readout runs prefix and queries as two passes over a KV cache;
+  transformers runs one masked pass.
+  """
+  cfg = vlm.get_config(name, num_queries=num_queries, remat_policy="none",
+                       query_attention="readout")
   if cfg.llm.sliding_window is not None:
     # Inside a bidirectional prefix transformers lets the prefix block override the window, while the
     # original gemma library (and we) keep a symmetric window |i - j| < w. Real prefixes (<= ~350
@@ -171,22 +180,28 @@ def test_paligemma_prefix_matches_transformers(name):
   token_mask = np.ones((b, t), bool)
   token_mask[1, 4:] = False  # right padding in the second sample
   pixels = (images.astype(np.float32) / 127.5 - 1.0).reshape(b * c, 32, 32, 3).transpose(0, 3, 1, 2)
-  input_ids = np.concatenate([np.full((b, n_img), image_token), tokens], axis=1)
-  attention_mask = np.concatenate([np.ones((b, n_img), bool), token_mask], axis=1)
-  seq = n_img + t
+  query_ids = rng.integers(1, image_token, (num_queries,))
+  input_ids = np.concatenate([np.full((b, n_img), image_token), tokens,
+                              np.tile(query_ids, (b, 1))], axis=1)
+  attention_mask = np.concatenate([np.ones((b, n_img), bool), token_mask,
+                                   np.ones((b, num_queries), bool)], axis=1)
+  token_type = np.concatenate([np.zeros((b, n_img + t)), np.ones((b, num_queries))], axis=1)
+  positions = np.maximum(np.cumsum(attention_mask, axis=1) - 1, 0)
   with torch.no_grad():
     ref(input_ids=torch.from_numpy(input_ids).long(), pixel_values=torch.from_numpy(pixels),
         attention_mask=torch.from_numpy(attention_mask).long(),
-        token_type_ids=torch.zeros((b, seq), dtype=torch.long),
-        position_ids=torch.from_numpy(np.tile(np.arange(seq), (b, 1))).long())
+        token_type_ids=torch.from_numpy(token_type).long(),
+        position_ids=torch.from_numpy(positions).long())
 
   model = vlm.VLM(cfg)
   image_mask = np.ones((b, c), bool)
   params = merge.merge_params(
       jax.eval_shape(model.init, jax.random.PRNGKey(0), images, image_mask, tokens, token_mask)["params"],
-      hf.convert_state_dict(ref.state_dict(), "paligemma", config=cfg))
+      hf.convert_state_dict(ref.state_dict(), "paligemma", config=cfg), missing_ok="queries")
+  if num_queries:
+    params["queries"] = params["llm"]["embedder"]["input_embedding"][query_ids] * np.sqrt(cfg.llm.width)
   out = jax.jit(model.apply)({"params": params}, images, image_mask, tokens, token_mask)
-  hidden = np.concatenate([out["visual"], out["text"]], axis=2)  # [L, B, S, D]
+  hidden = np.concatenate([out["visual"], out["text"], out["query"]], axis=2)  # [L, B, S, D]
   assert len(per_layer) == cfg.llm.depth
   for i in range(cfg.llm.depth):
     for s in range(b):  # only valid tokens: padded rows are garbage on both sides

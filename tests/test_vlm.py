@@ -139,3 +139,30 @@ def test_config_validation():
   cfg = vlm.get_config("paligemma2_3b")
   assert cfg.img.head_dim_out == cfg.llm.width == 2304 and cfg.img.num_patches == 256
   assert vlm.get_config("tiny", dtype="bfloat16").img.dtype == "bfloat16"
+
+
+@pytest.mark.parametrize("mode", ["readout", "bidirectional"])
+def test_query_attention_decides_whether_queries_change_the_prefix(mode):
+  """'readout': image/text states are the frozen VLM's whatever the queries; 'bidirectional': not."""
+  cfg, model, params, _ = _model()
+  model = vlm.VLM(vlm.get_config("tiny", remat_policy="none", query_attention=mode))
+  apply = jax.jit(model.apply)
+  inputs = _inputs(3)
+  out = apply(params, *inputs)
+  moved = jax.tree_util.tree_map(lambda x: x, params)
+  moved["params"]["queries"] = params["params"]["queries"] + 1.0
+  out2 = apply(moved, *inputs)
+  assert not np.allclose(out["query"], out2["query"])
+  for key in ("visual", "text"):
+    if mode == "readout":
+      np.testing.assert_array_equal(out[key], out2[key])
+    else:
+      assert not np.allclose(out[key][1:], out2[key][1:])   # layer 0 input is the same
+  # The queries' positions continue after the prefix in both modes.
+  n = cfg.img.num_patches * C + T
+  np.testing.assert_array_equal(out["positions"][0, n:], n + np.arange(cfg.num_queries))
+
+
+def test_unknown_query_attention_names_the_choices():
+  with pytest.raises(ValueError, match="query_attention='causal'.*readout"):
+    vlm.get_config("tiny", query_attention="causal")

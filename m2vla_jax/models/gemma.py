@@ -254,7 +254,18 @@ class Attention(nn.Module):
   config: GemmaConfig
 
   @nn.compact
-  def __call__(self, x, positions, attn_mask, is_local, rope_base, rope_scale):
+  def __call__(self, x, positions, attn_mask, is_local, rope_base, rope_scale, ctx_kv=None,
+               context=None):
+    """Attention of x's tokens over [context tokens (if any); x's own tokens].
+
+    Args:
+      x: [B, T, D]; positions [B, T]; attn_mask [B, T, T] among x's tokens.
+      ctx_kv: optional (key, value) [B, P, K, H] of context tokens computed by an earlier call of
+        this layer (RoPE and QK-norm already applied), attended to but not recomputed.
+      context: (ctx_positions [B, P], ctx_mask [B, T, P]) with ctx_kv.
+    Returns:
+      ([B, T, D], (key, value) [B, T, K, H] of x's own tokens, for a later call's ctx_kv).
+    """
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
     n, k, h, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.width
@@ -271,12 +282,19 @@ class Attention(nn.Module):
     q = apply_rope(q, positions, rope_base, rope_scale)
     key = apply_rope(key, positions, rope_base, rope_scale)
     q = q * jnp.asarray((cfg.query_pre_attn_scalar or h) ** -0.5, dtype)
+    own_kv = (key, value)
 
     b, t = q.shape[:2]
-    mask = attn_mask
+    mask, key_positions = attn_mask, positions
+    if ctx_kv is not None:
+      ctx_positions, ctx_mask = context
+      key = jnp.concatenate([ctx_kv[0].astype(key.dtype), key], axis=1)
+      value = jnp.concatenate([ctx_kv[1].astype(value.dtype), value], axis=1)
+      key_positions = jnp.concatenate([ctx_positions, positions], axis=1)
+      mask = jnp.concatenate([ctx_mask, attn_mask], axis=-1)
     if cfg.sliding_window is not None:
       # Window over positions (not array indices) so that padding inside the sequence does not eat it.
-      dist = jnp.abs(positions[:, :, None] - positions[:, None, :])
+      dist = jnp.abs(positions[:, :, None] - key_positions[:, None, :])
       mask = mask & ((dist < cfg.sliding_window) | ~is_local)
     if cfg.attn_impl == "dot_product_attention":
       encoded = jax.nn.dot_product_attention(q, key, value, mask=mask[:, None], scale=1.0)
@@ -289,7 +307,7 @@ class Attention(nn.Module):
       probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
       encoded = jnp.einsum("BKGTS,BSKH->BTKGH", probs, value).reshape(b, t, n, h)
     out = Einsum((n, h, d), _trunc_normal((0, 1), (2,)), dtype, name="attn_vec_einsum")
-    return out("BTNH,NHD->BTD", encoded)
+    return out("BTNH,NHD->BTD", encoded), own_kv
 
 
 class FeedForward(nn.Module):
@@ -309,15 +327,20 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-  """One decoder layer; a scan body: (carry x, per-layer inputs) -> (x, x)."""
+  """One decoder layer; a scan body: (carry x, per-layer inputs) -> (x, (x, own key/value)).
+
+  The per-layer inputs carry this layer's context key/value (or None); unused key/value outputs
+  are dropped by the scan's dead-code elimination under jit.
+  """
   config: GemmaConfig
 
   @nn.compact
-  def __call__(self, x, layer_in, positions, attn_mask):
+  def __call__(self, x, layer_in, positions, attn_mask, context):
     cfg = self.config
-    is_local, rope_base, rope_scale = layer_in
+    is_local, rope_base, rope_scale, ctx_kv = layer_in
     y = RMSNorm(cfg.norm_eps, name="pre_attention_norm")(x)
-    y = Attention(cfg, name="attn")(y, positions, attn_mask, is_local, rope_base, rope_scale)
+    y, own_kv = Attention(cfg, name="attn")(y, positions, attn_mask, is_local, rope_base, rope_scale,
+                                            ctx_kv, context)
     if cfg.post_norms:
       y = RMSNorm(cfg.norm_eps, name="post_attention_norm")(y)
     x = x + y
@@ -326,7 +349,7 @@ class Block(nn.Module):
     if cfg.post_norms:
       y = RMSNorm(cfg.norm_eps, name="post_ffw_norm")(y)
     x = x + y
-    return x, x
+    return x, (x, own_kv)
 
 
 class Embedder(nn.Module):
@@ -345,8 +368,14 @@ class Gemma(nn.Module):
 
   Methods:
     embed(tokens [B, T] int) -> [B, T, D] in the compute dtype, scaled by sqrt(D).
-    __call__(x [B, T, D], positions [B, T] int, attn_mask [B, T, T] bool) ->
-        {'hidden': [L, B, T, D] after each layer (before the final norm), 'final': [B, T, D] normed}.
+    __call__(x [B, T, D], positions [B, T] int, attn_mask [B, T, T] bool, context=None) ->
+        {'hidden': [L, B, T, D] after each layer (before the final norm), 'final': [B, T, D] normed,
+         'key', 'value': [L, B, T, K, H] every layer's keys (RoPE applied) and values}.
+      `context` lets x's tokens also attend to P tokens run through the decoder before, without
+      recomputing them (a KV cache, one entry per layer): {'key', 'value': [L, B, P, K, H] from that
+      earlier call, 'positions': [B, P], 'mask': [B, T, P] bool (which context token each of x's
+      tokens may see)}. Context tokens never see x's tokens, and no gradient flows through them
+      unless their own inputs need one.
     logits(final [B, T, D]) -> [B, T, V] float32 (tied embedding, final soft-cap if configured).
   """
   config: GemmaConfig
@@ -361,7 +390,7 @@ class Gemma(nn.Module):
         block,
         variable_axes={"params": 0},
         split_rngs={"params": True},
-        in_axes=(0, nn.broadcast, nn.broadcast),
+        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
         length=cfg.depth,
         unroll=cfg.scan_unroll,
     )(cfg)
@@ -373,7 +402,8 @@ class Gemma(nn.Module):
     # Scale in the compute dtype, as the references do (sqrt(D) rounded to bf16 in bf16 runs).
     return x * jnp.sqrt(jnp.float32(self.config.width)).astype(dtype)
 
-  def __call__(self, x: jax.Array, positions: jax.Array, attn_mask: jax.Array) -> dict[str, jax.Array]:
+  def __call__(self, x: jax.Array, positions: jax.Array, attn_mask: jax.Array,
+               context: dict[str, jax.Array] | None = None) -> dict[str, jax.Array]:
     cfg = self.config
     b, t, d = x.shape
     if d != cfg.width:
@@ -382,14 +412,26 @@ class Gemma(nn.Module):
       raise ValueError(f"Gemma positions has shape {positions.shape}, expected {(b, t)}")
     if attn_mask.shape != (b, t, t):
       raise ValueError(f"Gemma attn_mask has shape {attn_mask.shape}, expected {(b, t, t)}")
+    ctx_kv, ctx = None, None
+    if context is not None:
+      p = context["positions"].shape[1]
+      kv_shape = (cfg.depth, b, p, cfg.num_kv_heads, cfg.head_dim)
+      if context["key"].shape != kv_shape or context["value"].shape != kv_shape:
+        raise ValueError(f"Gemma context key/value have shapes {context['key'].shape} / "
+                         f"{context['value'].shape}, expected {kv_shape} (the 'key'/'value' that an "
+                         f"earlier call on the context tokens returned)")
+      if context["mask"].shape != (b, t, p):
+        raise ValueError(f"Gemma context mask has shape {context['mask'].shape}, expected {(b, t, p)}")
+      ctx_kv = (context["key"], context["value"])
+      ctx = (context["positions"].astype(jnp.int32), context["mask"].astype(bool))
     is_local = jnp.asarray(cfg.layer_is_local())
     base, scale = (jnp.asarray(a) for a in cfg.layer_rope())
     if self.is_initializing():
       self.embedder.table()  # so that init(x, positions, mask) also creates the (tied) embedding
     x = x.astype(cfg.dtype)
-    x, hidden = self.layers(x, (is_local, base, scale), positions.astype(jnp.int32),
-                            attn_mask.astype(bool))
-    return {"hidden": hidden, "final": self.final_norm(x)}
+    x, (hidden, (key, value)) = self.layers(x, (is_local, base, scale, ctx_kv),
+                                            positions.astype(jnp.int32), attn_mask.astype(bool), ctx)
+    return {"hidden": hidden, "final": self.final_norm(x), "key": key, "value": value}
 
   def logits(self, final: jax.Array) -> jax.Array:
     cfg = self.config

@@ -8,9 +8,20 @@ Sequence layout per sample: [camera 0 patches, camera 1 patches, ..., instructio
   * Image tokens are SigLIP outputs projected to the LLM width by `img/head`; they are NOT multiplied by
     sqrt(D). Text embeddings are (big_vision PaliGemma; transformers >= 5 does the same by scattering the
     projected image features into already-scaled text embeddings).
-  * The whole sequence is one bidirectional prefix (PaliGemma's prefix-LM with no suffix): every valid
-    token attends to every valid token. Absent cameras and text padding are excluded from attention and
-    their input embeddings are zeroed, so nothing about them reaches the valid tokens.
+  * Images and text form PaliGemma's bidirectional prefix: every valid prefix token attends to every
+    valid prefix token. Absent cameras and text padding are excluded from attention and their input
+    embeddings are zeroed, so nothing about them reaches the valid tokens.
+  * The queries (`VLMConfig.query_attention`):
+      'readout' (default): the queries are PaliGemma's suffix. They attend to the whole prefix and
+        causally to each other; prefix tokens never see them. This is the paper's setting (its LLM is
+        causal, so tokens appended to the sequence cannot change the ones before), and it keeps the
+        visual / text states V'_l, L'_l exactly the frozen VLM's. It also makes training cheap: the
+        prefix runs once as its own pass (`Gemma` returns every layer's keys and values), then the
+        queries run as a second pass attending to that cache, so the queries' gradient crosses only
+        the Nq query tokens of each layer, not the whole prefix.
+      'bidirectional': the queries join the prefix; image and text tokens attend to them too (so
+        trained queries change V'_l and L'_l, and their gradient needs the backward through every
+        prefix token of every layer).
   * Positions count valid tokens only (cumsum of the mask - 1), so padding never creates gaps.
 
 Params: {'img': SigLIP (absent for a text-only backbone), 'llm': Gemma, 'queries': [Nq, D]}
@@ -30,6 +41,9 @@ from m2vla_jax.models import gemma
 from m2vla_jax.models import siglip
 
 
+QUERY_ATTENTION = ("readout", "bidirectional")
+
+
 @dataclasses.dataclass(frozen=True)
 class VLMConfig:
   """A vision-language backbone.
@@ -39,11 +53,15 @@ class VLMConfig:
     llm: Gemma config.
     num_queries: learnable query tokens appended after the text (0: none, no 'queries' parameter).
     max_text_tokens: longest instruction (tokens) accepted.
+    query_attention: 'readout' (queries are a causal suffix the prefix cannot see; the paper's
+      setting, default) or 'bidirectional' (queries join the bidirectional prefix). See the module
+      docstring.
   """
   img: siglip.SigLIPConfig | None
   llm: gemma.GemmaConfig
   num_queries: int = 64
   max_text_tokens: int = 48
+  query_attention: str = "readout"
 
   def __post_init__(self):
     if self.img is not None and self.img.head_dim_out != self.llm.width:
@@ -51,6 +69,9 @@ class VLMConfig:
                        f"{self.llm.width} (the projection of image tokens into the LLM)")
     if self.num_queries < 0:
       raise ValueError(f"VLMConfig.num_queries={self.num_queries} must be >= 0")
+    if self.query_attention not in QUERY_ATTENTION:
+      raise ValueError(f"VLMConfig.query_attention={self.query_attention!r}; use one of "
+                       f"{QUERY_ATTENTION}")
     if self.max_text_tokens < 1:
       raise ValueError(f"VLMConfig.max_text_tokens={self.max_text_tokens} must be >= 1")
 
@@ -225,13 +246,10 @@ class VLM(nn.Module):
       parts.append(jnp.zeros((b, 0, d), dtype))
     masks.append(jnp.ones((b, nq), bool))
 
-    x = jnp.concatenate(parts, axis=1)
-    mask = jnp.concatenate(masks, axis=1)
-    # Zeroed so that an absent camera's pixels / a pad token's id cannot reach any output.
-    x = jnp.where(mask[..., None], x, jnp.zeros((), dtype))
-    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
-    attn_mask = gemma.prefix_lm_mask(mask, jnp.ones_like(mask))
-    out = self.llm(x, positions, attn_mask)
+    if cfg.query_attention == "readout" and nq:
+      out, mask, positions = self._readout(parts, masks)
+    else:
+      out, mask, positions = self._single_pass(parts, masks)
 
     n_vis = parts[0].shape[1]
     hidden = out["hidden"]
@@ -241,6 +259,41 @@ class VLM(nn.Module):
         "query": hidden[:, :, n_vis + t:], "query_mask": masks[2],
         "final": out["final"], "mask": mask, "positions": positions,
     }
+
+  def _single_pass(self, parts, masks):
+    """All tokens in one bidirectional prefix (also the query-free case)."""
+    x = jnp.concatenate(parts, axis=1)
+    mask = jnp.concatenate(masks, axis=1)
+    # Zeroed so that an absent camera's pixels / a pad token's id cannot reach any output.
+    x = jnp.where(mask[..., None], x, jnp.zeros((), x.dtype))
+    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
+    out = self.llm(x, positions, gemma.prefix_lm_mask(mask, jnp.ones_like(mask)))
+    return out, mask, positions
+
+  def _readout(self, parts, masks):
+    """Prefix (images + text) pass, then the queries as a causal suffix over its key/value cache.
+
+    Equals one pass over [prefix, queries] with `prefix_lm_mask(mask, ~is_query)`; the tests check
+    this.
+    """
+    prefix = jnp.concatenate(parts[:2], axis=1)
+    prefix_mask = jnp.concatenate(masks[:2], axis=1)
+    prefix = jnp.where(prefix_mask[..., None], prefix, jnp.zeros((), prefix.dtype))
+    prefix_pos = jnp.maximum(jnp.cumsum(prefix_mask, axis=1) - 1, 0).astype(jnp.int32)
+    pre = self.llm(prefix, prefix_pos, gemma.prefix_lm_mask(prefix_mask, jnp.ones_like(prefix_mask)))
+
+    queries, query_mask = parts[2], masks[2]
+    b, nq = query_mask.shape
+    n_valid = jnp.sum(prefix_mask, axis=1, dtype=jnp.int32)
+    query_pos = n_valid[:, None] + jnp.arange(nq, dtype=jnp.int32)[None]
+    context = {"key": pre["key"], "value": pre["value"], "positions": prefix_pos,
+               "mask": jnp.broadcast_to(prefix_mask[:, None, :], (b, nq, prefix_mask.shape[1]))}
+    post = self.llm(queries, query_pos, gemma.causal_mask(query_mask), context=context)
+
+    out = {"hidden": jnp.concatenate([pre["hidden"], post["hidden"]], axis=2),
+           "final": jnp.concatenate([pre["final"], post["final"]], axis=1)}
+    mask = jnp.concatenate([prefix_mask, query_mask], axis=1)
+    return out, mask, jnp.concatenate([prefix_pos, query_pos], axis=1)
 
   def logits(self, final: jax.Array) -> jax.Array:
     """[B, S, D] -> [B, S, V] through the tied embedding (for language-model checks)."""
