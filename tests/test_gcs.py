@@ -16,6 +16,7 @@ import urllib.parse
 import urllib.request
 
 from etils import epath
+from etils.epath import gpath as epath_gpath
 import jax
 import numpy as np
 import pytest
@@ -35,12 +36,17 @@ def gcs():
   emu = gcs_emulator.Emulator(BUCKET)
   old = {k: os.environ.get(k) for k in emu.env}
   os.environ.update(emu.env)
+  # etils decides once per process (functools.cache, at the first path operation of any kind) whether
+  # gs:// goes through tf.io.gfile; earlier tests in this process used epath before EPATH_USE_TF=false
+  # was set, so make it decide again (and again after, for later tests).
+  epath_gpath._is_tf_installed.cache_clear()  # pylint: disable=protected-access
   yield emu
   for k, v in old.items():
     if v is None:
       os.environ.pop(k, None)
     else:
       os.environ[k] = v
+  epath_gpath._is_tf_installed.cache_clear()  # pylint: disable=protected-access
   emu.stop()
 
 
