@@ -137,24 +137,34 @@ def random_policy(params: Any, obs: dict[str, jax.Array], rng: jax.Array) -> jax
 
 def collect_demos(out_dir: str, name: str, *, tasks: Sequence[str] = tasks_lib.TASKS,
                   episodes_per_task: int = 4, horizon: int = 60, seed: int = 0,
-                  image_size: int = 64, only_successful: bool = True,
-                  env_kwargs: dict[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
+                  image_size: int = 64, only_successful: bool = True, camera: str = "front",
+                  image_encoding: str = "png", env_kwargs: dict[str, Any] | None = None
+                  ) -> tuple[str, dict[str, Any]]:
   """Runs the expert in the compiled rollout and writes the episodes as an RLDS dataset.
 
   Episodes end at their first success (like the Meta-World demos). Returns (dataset directory,
-  rollout summary). Observations: 'image' uint8 [T, S, S, 3] (front camera), 'state' float32
+  rollout summary). Observations: 'image' uint8 [T, S, S, 3] (`camera`), 'state' float32
   [T, 4]; action float32 [T, 4]; language_instruction the episode's instruction.
+  `image_encoding` defaults to lossless PNG: the closed-loop policy sees the renderer's exact
+  pixels, so training on JPEG-decoded pixels would add a train/test gap (at 32 px JPEG blurs a
+  2-3 px block into its neighbours).
   """
   from m2vla_jax.data import writer  # pylint: disable=g-import-not-at-top
   from m2vla_jax.sim.mjx import rollout as rollout_lib  # pylint: disable=g-import-not-at-top
+  if episodes_per_task < 1:
+    raise ValueError(f"episodes_per_task={episodes_per_task} must be >= 1")
   env = rollout_lib.EnvParams(tasks=tuple(tasks), execute_steps=1, image_size=image_size,
-                              cameras=("front",), record=True, **(env_kwargs or {}))
+                              cameras=(camera,), record=True, **(env_kwargs or {}))
   n = episodes_per_task * len(tasks)
   result = rollout_lib.rollout(expert_policy, None, env, jax.random.key(seed), n, horizon)
   episodes = demo_episodes(result, only_successful)
   if not episodes:
     raise RuntimeError(f"no successful expert episode among {n}; nothing to write")
-  path = writer.write_rlds_dataset(episodes, out_dir, name, progress=False)
+  path = writer.write_rlds_dataset(episodes, out_dir, name, progress=False,
+                                   image_encoding=image_encoding,
+                                   description=f"{name}: MJX tabletop scripted-expert "
+                                               f"demonstrations cut at first success "
+                                               f"(m2vla_jax.sim.mjx.experts).")
   return path, rollout_lib.summarize(result)
 
 

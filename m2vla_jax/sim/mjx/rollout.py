@@ -244,6 +244,17 @@ def _compiled(policy_fn: PolicyFn, env: EnvParams, n_envs: int, horizon: int):
   return jax.jit(run)
 
 
+def check_args(policy_fn: PolicyFn, env_params: EnvParams, n_envs: int, horizon: int) -> None:
+  """The argument checks of `rollout` (shared with `c_rollout`), before anything compiles."""
+  if not isinstance(env_params, EnvParams):
+    raise TypeError(f"env_params must be an EnvParams, got {type(env_params).__name__}")
+  for name, v in (("n_envs", n_envs), ("horizon", horizon)):
+    if not isinstance(v, (int, np.integer)) or v < 1:
+      raise ValueError(f"{name}={v!r} must be a positive int")
+  if not callable(policy_fn):
+    raise TypeError(f"policy_fn must be callable (params, obs, rng) -> [N, H, 4]; got {policy_fn!r}")
+
+
 def rollout(policy_fn: PolicyFn, policy_params: Any, env_params: EnvParams, rng: jax.Array,
             n_envs: int, horizon: int) -> dict[str, Any]:
   """Runs `n_envs` episodes of `horizon` control steps with `policy_fn` in the loop, compiled.
@@ -253,13 +264,7 @@ def rollout(policy_fn: PolicyFn, policy_params: Any, env_params: EnvParams, rng:
   `record`: actions [T, N, 4], states [R, N, 4], frames uint8 [R, N, C, S, S, 3] (R policy calls);
   plus host lists tasks, instructions (per env) and the env params, horizon.
   """
-  if not isinstance(env_params, EnvParams):
-    raise TypeError(f"env_params must be an EnvParams, got {type(env_params).__name__}")
-  for name, v in (("n_envs", n_envs), ("horizon", horizon)):
-    if not isinstance(v, (int, np.integer)) or v < 1:
-      raise ValueError(f"{name}={v!r} must be a positive int")
-  if not callable(policy_fn):
-    raise TypeError(f"policy_fn must be callable (params, obs, rng) -> [N, H, 4]; got {policy_fn!r}")
+  check_args(policy_fn, env_params, n_envs, horizon)
   episodes = env_params.episodes(int(n_envs))
   tokens, token_mask = env_params.tokenize([e.text for e in episodes])
   fn = _compiled(policy_fn, env_params, int(n_envs), int(horizon))
@@ -302,6 +307,14 @@ def evaluate(policy_fn: PolicyFn, policy_params: Any, env_params: EnvParams, rng
   """`rollout` + `summarize`; with `out_dir`, writes `<name>.json` and `<name>.png` like the
   Meta-World evaluation (`evaluate_metaworld.plot_success`)."""
   result = rollout(policy_fn, policy_params, env_params, rng, n_envs, horizon)
+  return report(result, out_dir, name)
+
+
+def report(result: dict[str, Any], out_dir: str | None = None, name: str = "mjx_eval"
+           ) -> dict[str, Any]:
+  """`summarize` a rollout result (compiled or `c_rollout`'s) and, with `out_dir`, write
+  `<name>.json` / `<name>.png`."""
+  env_params, horizon = result["env_params"], result["horizon"]
   summary = summarize(result)
   summary.update(name=name, tasks=list(env_params.tasks), horizon=int(horizon),
                  config={k: v for k, v in dataclasses.asdict(env_params).items()

@@ -36,7 +36,7 @@ WORKSPACE_LO = np.array([-0.25, -0.25, 0.0], np.float32)
 WORKSPACE_HI = np.array([0.25, 0.25, 0.25], np.float32)
 HAND_QPOS = slice(0, 3)
 FINGER_QPOS = slice(3, 5)
-CAMERAS = ("front", "wrist")
+CAMERAS = ("front", "wrist", "table")
 
 # Why these settings (jax 0.10.2, mujoco-mjx 3.3.0, XLA CPU):
 # * jacobian="sparse" and solver="CG": a dense mass matrix is factorised with
@@ -85,6 +85,7 @@ def _mjcf() -> str:
     <light name="sun" pos="0.3 0.3 1.2" dir="-0.25 -0.25 -1" directional="true"/>
     <geom name="table" type="plane" size="0.5 0.5 0.01" material="table" contype="1" conaffinity="0"/>
     <camera name="front" pos="0.5 0 0.45" xyaxes="0 1 0 -0.669 0 0.743" fovy="50"/>
+    <camera name="table" pos="0.5 0 0.45" xyaxes="0 1 0 -0.669 0 0.743" fovy="31"/>
     <body name="goal" mocap="true" pos="0.1 0.1 0">
       <geom name="goal" type="box" size="0.035 0.035 0.001" pos="0 0 0.001" material="goal"
             contype="0" conaffinity="0"/>

@@ -112,7 +112,11 @@ def reset(scene: scene_lib.Scene, rng: jax.Array, task_id: jax.Array, block: jax
   ctrl = jnp.concatenate([qpos[scene_lib.HAND_QPOS], qpos[scene_lib.FINGER_QPOS]])
   # No mjx.forward here: mjx.step recomputes everything from qpos, and the renderer runs its own
   # kinematics, so a forward pass would only add compile time.
-  data = data.replace(qpos=qpos, ctrl=ctrl, mocap_pos=goal[None])
+  # mjx.make_data (3.3.0) leaves mocap_quat all zeros (C MuJoCo's mj_makeData copies the body's
+  # quaternion): a zero quaternion gives the goal pad a zero rotation matrix, and ray casting then
+  # never hits it (the pad was invisible to every camera).
+  data = data.replace(qpos=qpos, ctrl=ctrl, mocap_pos=goal[None],
+                      mocap_quat=jnp.array([[1.0, 0.0, 0.0, 0.0]]))
   return EnvState(data=data, task_id=jnp.asarray(task_id, jnp.int32),
                   block=jnp.asarray(block, jnp.int32), lifted=jnp.asarray(False))
 

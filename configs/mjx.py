@@ -1,0 +1,111 @@
+"""MJX tabletop suite: M²-VLA with a tiny backbone on scripted-expert demos, evaluated compiled + C.
+
+    python -m m2vla_jax.sim.mjx.workflow --config=configs/mjx.py --workdir=/tmp/mjx_run
+    python -m m2vla_jax.sim.mjx.workflow --config=configs/mjx.py:steps=20,episodes=2,eval_episodes=2 ...
+
+Short args: steps, batch, episodes (demos per task), eval_episodes (per task, compiled and C),
+horizon (action chunk H), execute (actions executed per chunk), lr, width (head), mol, msm,
+c_eval (also evaluate through C MuJoCo), data_dir (demo cache).
+
+The `mjx` section is read by `m2vla_jax.sim.mjx.workflow` (prepare demos -> train -> evaluate
+compiled -> evaluate C MuJoCo -> report). Model and freezing as configs/sim.py (tiny random
+PaliGemma layout: Gemma layers frozen, SigLIP tower, queries and action head trained), except:
+  * camera 'table' (the front view narrowed to the workspace, fovy 31): at 32 px a 4 cm block
+    covers ~4 px instead of ~2 px in 'front';
+  * 32 text tokens: the tasks' instructions differ only after 15 characters ("pick up the red
+    block" vs "pick up the red block and set it down ..."), so 16 byte tokens would make
+    pick_lift and place_on_target instructions identical.
+"""
+import os
+
+import ml_collections
+
+from m2vla_jax.training import config_base
+
+TASKS = ("pick_lift", "push_to_target", "place_on_target")
+DEFAULT_DATA_DIR = os.path.join(os.path.expanduser("~"), ".cache", "m2vla_jax", "mjx_demos")
+
+
+def dataset_name(tasks, episodes_per_task: int, image_size: int, camera: str, horizon: int,
+                 seed: int) -> str:
+  """Cache name: every setting that changes the recorded data."""
+  short = "-".join(t.split("_")[0] for t in tasks)
+  return f"mjx_{short}_{camera}_{image_size}px_n{episodes_per_task}_h{horizon}_s{seed}".lower()
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  a = config_base.parse_arg(arg, steps=3000, batch=64, episodes=100, eval_episodes=50, horizon=8,
+                            execute=2, lr=1e-3, width=64, mol=True, msm=True, c_eval=True,
+                            data_dir=os.environ.get("M2VLA_MJX_DATA", DEFAULT_DATA_DIR))
+  from m2vla_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from m2vla_jax.models import m2vla  # pylint: disable=g-import-not-at-top
+  c = config_base.base_config()
+  c.total_steps = a.steps
+  c.batch_size = a.batch
+  c.policy = "m2vla"
+
+  c.mjx = ml_collections.ConfigDict()
+  c.mjx.tasks = TASKS
+  c.mjx.episodes_per_task = a.episodes
+  c.mjx.image_size = 32
+  c.mjx.camera = "table"
+  c.mjx.demo_horizon = 90        # the experts finish within 75 control steps (RESULTS.md)
+  c.mjx.demo_seed = 0
+  c.mjx.dataset_name = dataset_name(TASKS, a.episodes, c.mjx.image_size, c.mjx.camera,
+                                    c.mjx.demo_horizon, c.mjx.demo_seed)
+  c.mjx.eval = ml_collections.ConfigDict()
+  c.mjx.eval.episodes_per_task = a.eval_episodes
+  c.mjx.eval.horizon = 120       # control steps (2.4 s); the experts need <= 75
+  c.mjx.eval.execute_steps = a.execute
+  c.mjx.eval.seed = 1000         # initial states disjoint from the demos' (seed 0)
+  c.mjx.eval.c_mujoco = a.c_eval
+  c.mjx.eval.out_subdir = "mjx_eval"
+
+  c.model = m2vla.get_config()
+  c.model.vlm = "tiny"
+  c.model.vlm_overrides = ml_collections.ConfigDict({"max_text_tokens": 32})
+  c.model.num_cameras = 1
+  c.model.state_dim = 4
+  c.model.action_dim = 4
+  c.model.horizon = a.horizon
+  c.model.mol = a.mol
+  c.model.msm = a.msm
+  c.model.head.width = a.width
+  c.model.head.num_heads = 4
+  c.model.head.head_dim = a.width // 4
+  c.model.head.mlp_dim = 2 * a.width
+  c.model.memory.size = 2048
+  c.model.frozen_dtype = "float32"    # bf16 matmuls are slow on CPU and the backbone is tiny
+  rules = [("vlm/queries", True), ("vlm/img/.*", True), ("vlm/.*", False), (".*", True)]
+  c.model.trainable = rules
+  c.trainable = list(rules)
+  c.frozen_dtype = "float32"
+
+  c.data.kind = "rlds"
+  c.data.pipeline = pipeline.get_config()
+  p = c.data.pipeline
+  p.datasets = c.mjx.dataset_name
+  p.data_dir = a.data_dir
+  p.cameras = ("primary",)
+  p.image_size = (c.mjx.image_size, c.mjx.image_size)
+  p.horizon = a.horizon
+  p.max_tokens = 32
+  p.shuffle_buffer = 1024
+  p.progress = False
+  p.num_threads = 1
+  p.prefetch = 4
+  c.data.tokenizer = "bytes_mod:128"   # UTF-8 bytes folded into the tiny Gemma's 128 ids
+  c.data.val_split = "train"
+
+  c.optimizer.lr = a.lr
+  c.optimizer.warmup_steps = min(100, max(a.steps // 10, 1))
+  c.optimizer.weight_decay = 1e-4
+  c.mesh.data = -1
+  c.checkpoint.every = max(a.steps, 1)
+  c.checkpoint.keep = 1
+  c.checkpoint.async_save = False
+  c.log_every = 100
+  c.eval_every = 0
+  c.progress_bar = False
+  c.lock()
+  return c

@@ -1,0 +1,252 @@
+"""MJX tabletop suite end to end: expert demos -> training -> compiled and C-MuJoCo evaluation.
+
+Owns the glue that a training config with a `config.mjx` section (configs/mjx.py) needs around
+the trainer, modelled on `m2vla_jax.sim.workflow` (Meta-World):
+
+    path = prepare_data(config)        # expert rollouts in the compiled MJX program -> RLDS (PNG)
+                                       # unless cached; registers the dataset for the pipeline
+    trainer.train(config, workdir)
+    summary = evaluate_run(config, workdir)   # newest checkpoint -> compiled rollout (rollout.
+                                       # evaluate) and the same episodes through C MuJoCo
+                                       # (c_rollout.evaluate) -> files in <workdir>/<out_subdir>/
+
+`run(config, workdir)` does them in sequence and records wall-clock per phase. As a program:
+`python -m m2vla_jax.sim.mjx.workflow --config=configs/mjx.py --workdir=DIR`.
+
+`config.mjx` fields (configs/mjx.py): tasks, episodes_per_task, image_size, camera, demo_horizon,
+demo_seed, dataset_name (derived by `configs/mjx.py:dataset_name`), and `eval`:
+episodes_per_task, horizon, execute_steps, seed, c_mujoco, out_subdir.
+
+Report files: `mjx_compiled.json/.png`, `c_mujoco.json/.png` (every episode: instruction,
+success, steps, return), `demos.json` (expert success while recording), `summary.json` and
+`summary.md` (per-task success with Wilson 95% intervals, compiled vs C, per-episode agreement,
+wall-clock per phase).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Mapping, Sequence
+
+import ml_collections
+
+_DEMO_STATS = "mjx_demo_summary.json"
+
+
+def _check(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  if "mjx" not in config:
+    raise ValueError("config has no 'mjx' section; use configs/mjx.py (or add config.mjx)")
+  m = config.mjx
+  if not m.tasks:
+    raise ValueError("config.mjx.tasks is empty; name some of m2vla_jax.sim.mjx.tasks.TASKS")
+  from m2vla_jax.sim.mjx import tasks as tasks_lib  # pylint: disable=g-import-not-at-top
+  for t in m.tasks:
+    tasks_lib.check_task(t)
+  if config.data.pipeline.datasets != m.dataset_name:
+    raise ValueError(f"config.data.pipeline.datasets={config.data.pipeline.datasets!r} must be "
+                     f"config.mjx.dataset_name={m.dataset_name!r}")
+  if tuple(config.data.pipeline.image_size) != (m.image_size, m.image_size):
+    raise ValueError(f"config.data.pipeline.image_size={tuple(config.data.pipeline.image_size)} "
+                     f"must be (mjx.image_size, mjx.image_size)=({m.image_size}, {m.image_size})")
+  for field in ("episodes_per_task", "demo_horizon"):
+    if int(m[field]) < 1:
+      raise ValueError(f"config.mjx.{field}={m[field]} must be >= 1")
+  for field in ("episodes_per_task", "horizon", "execute_steps"):
+    if int(m.eval[field]) < 1:
+      raise ValueError(f"config.mjx.eval.{field}={m.eval[field]} must be >= 1")
+  if int(m.eval.execute_steps) > int(config.model.horizon):
+    raise ValueError(f"config.mjx.eval.execute_steps={m.eval.execute_steps} exceeds the action "
+                     f"chunk config.model.horizon={config.model.horizon}")
+  return m
+
+
+def dataset_spec(name: str):
+  """The data-registry entry of the demos `prepare_data` writes (one camera, state, action).
+
+  The gripper action is declared continuous (like the Meta-World demos): normalization stays
+  invertible, so the policy's output maps back to the simulator's action exactly.
+  """
+  from m2vla_jax.data.oxe import spec as oxe_spec  # pylint: disable=g-import-not-at-top
+  return oxe_spec.DatasetSpec(name, {"primary": "image"},
+                              state=(oxe_spec.Field("observation/state"),),
+                              action=(oxe_spec.Field("action"),),
+                              action_encoding=oxe_spec.ActionEncoding.EEF_DELTA)
+
+
+def cached_path(data_dir: str, name: str) -> str | None:
+  path = os.path.join(data_dir, name, "1.0.0")
+  return path if os.path.exists(os.path.join(path, "dataset_info.json")) else None
+
+
+def prepare_data(config: ml_collections.ConfigDict) -> tuple[str, dict[str, Any] | None]:
+  """Records and writes the expert demonstrations unless cached; registers them.
+
+  Returns (dataset directory, expert summary or None when the cache was used). Call it in the
+  training process before `trainer.train` (the registry entry lives in this process).
+  """
+  from m2vla_jax.data import oxe  # pylint: disable=g-import-not-at-top
+  from m2vla_jax.sim.mjx import experts  # pylint: disable=g-import-not-at-top
+  m = _check(config)
+  data_dir = config.data.pipeline.data_dir
+  if not data_dir:
+    raise ValueError("config.data.pipeline.data_dir is empty; set the demo cache directory")
+  oxe.register(dataset_spec(m.dataset_name), overwrite=True)
+  path = cached_path(data_dir, m.dataset_name)
+  if path is not None:
+    print(f"using cached demonstrations {path}", flush=True)
+    return path, None
+  t0 = time.time()
+  path, summary = experts.collect_demos(
+      data_dir, m.dataset_name, tasks=tuple(m.tasks), episodes_per_task=int(m.episodes_per_task),
+      horizon=int(m.demo_horizon), seed=int(m.demo_seed), image_size=int(m.image_size),
+      camera=m.camera)
+  brief = _brief(summary)
+  brief["wall_s"] = time.time() - t0
+  with open(os.path.join(path, _DEMO_STATS), "w") as f:
+    json.dump(brief, f, indent=1)
+  print(f"expert demos: success {brief['mean_success']:.3f} over {brief['episodes']} episodes "
+        f"({brief['wall_s']:.0f}s) -> {path}", flush=True)
+  return path, brief
+
+
+def _brief(summary: Mapping[str, Any]) -> dict[str, Any]:
+  return {"mean_success": summary["mean_success"], "mean_ci95": list(summary["mean_ci95"]),
+          "episodes": summary["episodes"],
+          "per_task": {t: {k: x[k] for k in ("successes", "episodes", "success_rate", "ci95")}
+                       for t, x in summary["per_task"].items()}}
+
+
+def summary_markdown(results: Mapping[str, Mapping[str, Any]]) -> str:
+  """One table: rollout x task success (successes/episodes) and the mean with its 95% interval."""
+  lines = ["| rollout | task | success | episodes | 95% CI |", "|---|---|---|---|---|"]
+  for name, r in results.items():
+    for task, t in r["per_task"].items():
+      lo, hi = t["ci95"]
+      lines.append(f"| {name} | {task} | {t['successes']}/{t['episodes']} "
+                   f"({t['success_rate']:.2f}) | {t['episodes']} | {lo:.2f}-{hi:.2f} |")
+    lo, hi = r["mean_ci95"]
+    lines.append(f"| **{name}** | **mean** | **{r['mean_success']:.3f}** | {r['episodes']} | "
+                 f"{lo:.2f}-{hi:.2f} |")
+  return "\n".join(lines) + "\n"
+
+
+def evaluate_run(config: ml_collections.ConfigDict, workdir: str, trained: Any = None
+                 ) -> dict[str, Any]:
+  """Compiled-MJX and (with mjx.eval.c_mujoco) C-MuJoCo evaluation of the newest checkpoint.
+
+  Both play the same episodes: seed `mjx.eval.seed`, `episodes_per_task * len(tasks)`
+  environments dealt round-robin over tasks and instructions. `trained`: a ready
+  `policy.TrainedPolicy` (tests); default from the workdir. Returns the summary dict.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  from m2vla_jax.sim.mjx import c_rollout  # pylint: disable=g-import-not-at-top
+  from m2vla_jax.sim.mjx import policy as policy_lib  # pylint: disable=g-import-not-at-top
+  from m2vla_jax.sim.mjx import rollout as rollout_lib  # pylint: disable=g-import-not-at-top
+  m = _check(config)
+  e = m.eval
+  out_dir = os.path.join(workdir, e.out_subdir)
+  os.makedirs(out_dir, exist_ok=True)
+  t0 = time.time()
+  if trained is None:
+    trained = policy_lib.TrainedPolicy.from_workdir(workdir)
+  wall = {"load_policy": time.time() - t0}
+  env = trained.env_params(tuple(m.tasks), m.camera, int(e.execute_steps))
+  n = int(e.episodes_per_task) * len(m.tasks)
+  horizon, rng = int(e.horizon), jax.random.key(int(e.seed))
+  results, raw = {}, {}
+
+  t = time.time()
+  raw["compiled"] = rollout_lib.rollout(trained.policy_fn, trained.params, env, rng, n, horizon)
+  results["compiled MJX"] = rollout_lib.report(raw["compiled"], out_dir, "mjx_compiled")
+  wall["eval_compiled"] = time.time() - t
+  if e.c_mujoco:
+    t = time.time()
+    raw["c"] = c_rollout.c_rollout(trained.policy_fn, trained.params, env, rng, n, horizon)
+    results["C MuJoCo"] = rollout_lib.report(raw["c"], out_dir, "c_mujoco")
+    wall["eval_c_mujoco"] = time.time() - t
+    wall["c_mujoco_parts"] = raw["c"]["wall_s"]
+
+  summary = {
+      "workdir": workdir,
+      "dataset": m.dataset_name,
+      "tasks": list(m.tasks),
+      "episodes": n,
+      "horizon": horizon,
+      "execute_steps": int(e.execute_steps),
+      "camera": m.camera,
+      "image_size": int(m.image_size),
+      "seed": int(e.seed),
+      "rollouts": {k: {"mean_success": r["mean_success"], "mean_ci95": list(r["mean_ci95"]),
+                       "episodes": r["episodes"],
+                       "per_task": {t: {f: x[f] for f in ("successes", "episodes",
+                                                          "success_rate", "ci95")}
+                                    for t, x in r["per_task"].items()}}
+                   for k, r in results.items()},
+      "wall_s": wall,
+  }
+  if "c" in raw:
+    agree = c_rollout.compare(raw["compiled"], raw["c"])
+    lo, hi = results["compiled MJX"]["mean_ci95"]
+    c_mean = results["C MuJoCo"]["mean_success"]
+    agree["c_within_compiled_ci95"] = bool(lo - 1e-9 <= c_mean <= hi + 1e-9)   # float Wilson ends
+    summary["agreement"] = agree
+  demo_stats = os.path.join(config.data.pipeline.data_dir, m.dataset_name, "1.0.0", _DEMO_STATS)
+  if os.path.exists(demo_stats):
+    with open(demo_stats) as f:
+      summary["expert_demos"] = json.load(f)
+  with open(os.path.join(out_dir, "summary.json"), "w") as f:
+    json.dump(summary, f, indent=1)
+  with open(os.path.join(out_dir, "summary.md"), "w") as f:
+    f.write(summary_markdown(results))
+    if "agreement" in summary:
+      a = summary["agreement"]
+      f.write(f"\nSame outcome in {a['same_outcome']}/{a['episodes']} episodes (compiled only "
+              f"{a['compiled_only']}, C only {a['c_only']}); C mean within the compiled 95% CI: "
+              f"{a['c_within_compiled_ci95']}.\n")
+  for k, r in results.items():
+    lo, hi = r["mean_ci95"]
+    print(f"{k}: mean success {r['mean_success']:.3f} (95% CI {lo:.2f}-{hi:.2f}, "
+          f"{r['episodes']} episodes)", flush=True)
+  return summary
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """prepare_data -> trainer.train -> evaluate_run, with wall-clock per phase in the summary."""
+  from m2vla_jax.training import trainer  # pylint: disable=g-import-not-at-top
+  _check(config)
+  t0 = time.time()
+  prepare_data(config)
+  t1 = time.time()
+  result = trainer.train(config, workdir)
+  t2 = time.time()
+  print(f"trained: step={result['step']} loss={result['loss']} ({t2 - t1:.0f}s)", flush=True)
+  summary = evaluate_run(config, workdir)
+  t3 = time.time()
+  summary["wall_s"].update(prepare_data=t1 - t0, train=t2 - t1, evaluate=t3 - t2, total=t3 - t0)
+  summary["final_loss"] = result["loss"]
+  summary["train_steps"] = result["step"]
+  with open(os.path.join(workdir, config.mjx.eval.out_subdir, "summary.json"), "w") as f:
+    json.dump(summary, f, indent=1)
+  print(f"wall-clock: data {t1 - t0:.0f}s, train {t2 - t1:.0f}s, evaluate {t3 - t2:.0f}s, "
+        f"total {t3 - t0:.0f}s", flush=True)
+  return summary
+
+
+def main(argv: Sequence[str]) -> None:
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  if len(argv) > 1:
+    raise ValueError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # orbax logs every file it reads and writes at INFO
+  run(flags.FLAGS.config, flags.FLAGS.workdir)
+
+
+if __name__ == "__main__":
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  config_flags.DEFINE_config_file("config", None, "configs/mjx.py[:args]", lock_config=True)
+  flags.DEFINE_string("workdir", None, "Run directory.", required=True)
+  app.run(main)
