@@ -110,6 +110,16 @@ def test_gradients_only_reach_trainable_params_and_optimizer_state_is_trainable_
   assert n_opt == 2 * n_train and n_frozen > n_train  # Adam's two moments, none for the backbone
 
 
+def test_full_fine_tuning_config_differentiates_the_backbone(setup):
+  """The full fine-tuning baseline: with trainable=[('.*', True)] no parameter is stop-gradiented."""
+  params, state = setup["params"], setup["filled"]
+  policy = m2vla.M2VLA(_config(trainable=[(".*", True)]))
+  grads = jax.jit(jax.grad(lambda p: policy.loss(p, state, square_batch(2), jax.random.PRNGKey(1))[0]))(params)
+  flat = tree_util.flatten(grads)
+  for path in ("vlm/img/embedding/kernel", "vlm/llm/layers/mlp/linear", "vlm/llm/layers/attn/qkv_einsum/w"):
+    assert float(jnp.abs(flat[path]).max()) > 0.0, path
+
+
 def test_metrics_memory_update_and_sampling(setup):
   policy, params, loss_fn = setup["policy"], setup["params"], setup["loss_fn"]
   _, metrics = setup["first"]
