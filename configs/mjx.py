@@ -3,9 +3,11 @@
     python -m m2vla_jax.sim.mjx.workflow --config=configs/mjx.py --workdir=/tmp/mjx_run
     python -m m2vla_jax.sim.mjx.workflow --config=configs/mjx.py:steps=20,episodes=2,eval_episodes=2 ...
 
-Short args: steps, batch, episodes (demos per task), eval_episodes (per task, compiled and C),
+Short args: steps, batch, episodes (demos per task), noise (std of the DART noise executed while
+recording demos; labels are the clean expert actions), eval_episodes (per task, compiled and C),
 horizon (action chunk H), execute (actions executed per chunk), lr, width (head), mol, msm,
-c_eval (also evaluate through C MuJoCo), data_dir (demo cache).
+c_eval (also evaluate through C MuJoCo), train_llm (also train the tiny Gemma layers), data_dir
+(demo cache).
 
 The `mjx` section is read by `m2vla_jax.sim.mjx.workflow` (prepare demos -> train -> evaluate
 compiled -> evaluate C MuJoCo -> report). Model and freezing as configs/sim.py (tiny random
@@ -27,15 +29,16 @@ DEFAULT_DATA_DIR = os.path.join(os.path.expanduser("~"), ".cache", "m2vla_jax", 
 
 
 def dataset_name(tasks, episodes_per_task: int, image_size: int, camera: str, horizon: int,
-                 seed: int) -> str:
+                 seed: int, noise: float) -> str:
   """Cache name: every setting that changes the recorded data."""
   short = "-".join(t.split("_")[0] for t in tasks)
-  return f"mjx_{short}_{camera}_{image_size}px_n{episodes_per_task}_h{horizon}_s{seed}".lower()
+  return (f"mjx_{short}_{camera}_{image_size}px_n{episodes_per_task}_h{horizon}_s{seed}_"
+          f"noise{noise:g}").lower()
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  a = config_base.parse_arg(arg, steps=3000, batch=64, episodes=100, eval_episodes=50, horizon=8,
-                            execute=2, lr=1e-3, width=64, mol=True, msm=True, c_eval=True,
+  a = config_base.parse_arg(arg, steps=10000, batch=64, episodes=150, eval_episodes=50, horizon=8,
+                            execute=2, lr=1e-3, width=64, noise=0.3, train_llm=True, mol=True, msm=True, c_eval=True,
                             data_dir=os.environ.get("M2VLA_MJX_DATA", DEFAULT_DATA_DIR))
   from m2vla_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from m2vla_jax.models import m2vla  # pylint: disable=g-import-not-at-top
@@ -49,13 +52,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.mjx.episodes_per_task = a.episodes
   c.mjx.image_size = 32
   c.mjx.camera = "table"
-  c.mjx.demo_horizon = 90        # the experts finish within 75 control steps (RESULTS.md)
+  c.mjx.demo_horizon = 120       # clean experts finish within 75 control steps, noisy within ~95
   c.mjx.demo_seed = 0
+  c.mjx.demo_noise = a.noise
   c.mjx.dataset_name = dataset_name(TASKS, a.episodes, c.mjx.image_size, c.mjx.camera,
-                                    c.mjx.demo_horizon, c.mjx.demo_seed)
+                                    c.mjx.demo_horizon, c.mjx.demo_seed, c.mjx.demo_noise)
   c.mjx.eval = ml_collections.ConfigDict()
   c.mjx.eval.episodes_per_task = a.eval_episodes
-  c.mjx.eval.horizon = 120       # control steps (2.4 s); the experts need <= 75
+  c.mjx.eval.horizon = 150       # control steps (3 s); the clean experts need <= 75
   c.mjx.eval.execute_steps = a.execute
   c.mjx.eval.seed = 1000         # initial states disjoint from the demos' (seed 0)
   c.mjx.eval.c_mujoco = a.c_eval
@@ -76,7 +80,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.head.mlp_dim = 2 * a.width
   c.model.memory.size = 2048
   c.model.frozen_dtype = "float32"    # bf16 matmuls are slow on CPU and the backbone is tiny
-  rules = [("vlm/queries", True), ("vlm/img/.*", True), ("vlm/.*", False), (".*", True)]
+  if a.train_llm:   # everything trains: the backbone is random, there is nothing to preserve
+    rules = [(".*", True)]
+  else:             # configs/sim.py: Gemma frozen; SigLIP, queries and head train
+    rules = [("vlm/queries", True), ("vlm/img/.*", True), ("vlm/.*", False), (".*", True)]
   c.model.trainable = rules
   c.trainable = list(rules)
   c.frozen_dtype = "float32"

@@ -21,6 +21,7 @@ import pytest  # noqa: E402
 
 from m2vla_jax.sim.mjx import experts  # noqa: E402
 from m2vla_jax.sim.mjx import rollout as rl  # noqa: E402
+from m2vla_jax.sim.mjx import scene as scene_lib  # noqa: E402
 from m2vla_jax.sim.mjx import tasks  # noqa: E402
 
 N_ENVS = 12       # 4 episodes per task
@@ -150,3 +151,32 @@ def test_mixture_assignment_and_tokens():
   assert (tokens[~mask] == 0).all() and (tokens[mask] > 0).all()
   # same words -> same ids; the instruction decides the block
   assert tokens[0, 3] != tokens[2, 1] or eps[0].block == eps[2].block
+
+
+@pytest.mark.slow
+def test_recorded_privileged_state_relabels_to_the_executed_expert_actions(results):
+  # collect_demos labels each recorded state with the expert's action in it; without noise that
+  # must be exactly the action the rollout executed (execute_steps=1: one state per step).
+  expert, _ = results
+  assert expert["privileged"].shape == (HORIZON, N_ENVS, 18)
+  labels = np.asarray(jax.vmap(jax.vmap(experts.expert_action))(expert["privileged"]))
+  np.testing.assert_allclose(labels, expert["actions"], atol=1e-6)
+
+
+def test_noisy_expert_perturbs_only_the_hand_motion():
+  scene = scene_lib.load()
+  states = jax.vmap(lambda k: tasks.reset(scene, k, 0, 1))(jax.random.split(jax.random.key(0), 256))
+  priv = np.array(jax.vmap(lambda s: tasks.privileged(scene, s))(states))
+  # hand just above the named block (index 1): the xy actions are then unsaturated
+  rs = np.random.default_rng(0)
+  priv[:, :3] = priv[:, 7:10] + np.array([0, 0, 0.02]) + rs.uniform(-0.005, 0.005, (256, 3))
+  obs = {"privileged": jnp.asarray(priv)}
+  clean = np.asarray(experts.expert_policy(None, obs, None))
+  np.testing.assert_array_equal(np.asarray(experts.noisy_expert_policy(0.0, obs, jax.random.key(1))),
+                                clean)
+  noisy = np.asarray(experts.noisy_expert_policy(0.3, obs, jax.random.key(1)))
+  np.testing.assert_array_equal(noisy[..., 3], clean[..., 3])          # gripper untouched
+  assert np.abs(noisy).max() <= 1.0
+  inside = np.abs(clean[..., :3]) < 0.4                                # away from the clip
+  diff = (noisy[..., :3] - clean[..., :3])[inside]
+  assert diff.size > 100 and abs(diff.std() - 0.3) < 0.05 and abs(diff.mean()) < 0.05

@@ -129,6 +129,17 @@ def expert_policy(params: Any, obs: dict[str, jax.Array], rng: jax.Array) -> jax
   return jax.vmap(expert_action)(obs["privileged"])[:, None]
 
 
+def noisy_expert_policy(params: jax.Array, obs: dict[str, jax.Array], rng: jax.Array
+                        ) -> jax.Array:
+  """The expert with Gaussian noise of std `params` (float []) on its hand motion; chunk
+  [N, 1, 4]. For DART-style demonstrations: the noisy action is executed, the recorded label is
+  the expert's clean action in the state that noise led to (`collect_demos`), so the data covers
+  the states a slightly wrong policy drifts into and says how to get back."""
+  clean = jax.vmap(expert_action)(obs["privileged"])
+  noise = params * jax.random.normal(rng, clean[:, :3].shape)
+  return jnp.clip(clean.at[:, :3].add(noise), -1.0, 1.0)[:, None]
+
+
 def random_policy(params: Any, obs: dict[str, jax.Array], rng: jax.Array) -> jax.Array:
   """Uniform actions in [-1, 1], chunk float [N, 1, 4] (a success floor; run with execute_steps=1)."""
   del params
@@ -138,8 +149,8 @@ def random_policy(params: Any, obs: dict[str, jax.Array], rng: jax.Array) -> jax
 def collect_demos(out_dir: str, name: str, *, tasks: Sequence[str] = tasks_lib.TASKS,
                   episodes_per_task: int = 4, horizon: int = 60, seed: int = 0,
                   image_size: int = 64, only_successful: bool = True, camera: str = "front",
-                  image_encoding: str = "png", env_kwargs: dict[str, Any] | None = None
-                  ) -> tuple[str, dict[str, Any]]:
+                  image_encoding: str = "png", noise: float = 0.0,
+                  env_kwargs: dict[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
   """Runs the expert in the compiled rollout and writes the episodes as an RLDS dataset.
 
   Episodes end at their first success (like the Meta-World demos). Returns (dataset directory,
@@ -148,15 +159,24 @@ def collect_demos(out_dir: str, name: str, *, tasks: Sequence[str] = tasks_lib.T
   `image_encoding` defaults to lossless PNG: the closed-loop policy sees the renderer's exact
   pixels, so training on JPEG-decoded pixels would add a train/test gap (at 32 px JPEG blurs a
   2-3 px block into its neighbours).
+  `noise` > 0: execute `noisy_expert_policy` (std `noise` on the hand motion) and record the
+  clean expert action of each visited state as the label (DART: a learner's small errors then
+  lead into states the data covers). With noise 0 the label is the executed action.
   """
   from m2vla_jax.data import writer  # pylint: disable=g-import-not-at-top
   from m2vla_jax.sim.mjx import rollout as rollout_lib  # pylint: disable=g-import-not-at-top
   if episodes_per_task < 1:
     raise ValueError(f"episodes_per_task={episodes_per_task} must be >= 1")
+  if not 0.0 <= noise <= 1.0:
+    raise ValueError(f"noise={noise} must be in [0, 1] (std of the hand action, in action units)")
   env = rollout_lib.EnvParams(tasks=tuple(tasks), execute_steps=1, image_size=image_size,
                               cameras=(camera,), record=True, **(env_kwargs or {}))
   n = episodes_per_task * len(tasks)
-  result = rollout_lib.rollout(expert_policy, None, env, jax.random.key(seed), n, horizon)
+  result = rollout_lib.rollout(noisy_expert_policy, jnp.float32(noise), env, jax.random.key(seed),
+                               n, horizon)
+  # Labels: the expert's action in each recorded state (execute_steps=1: one state per step).
+  result["executed_actions"] = result["actions"]
+  result["actions"] = np.asarray(jax.vmap(jax.vmap(expert_action))(result["privileged"]))
   episodes = demo_episodes(result, only_successful)
   if not episodes:
     raise RuntimeError(f"no successful expert episode among {n}; nothing to write")

@@ -224,7 +224,7 @@ def _compiled(policy_fn: PolicyFn, env: EnvParams, n_envs: int, horizon: int):
       carry, actions = jax.lax.scan(control_step, carry, jnp.arange(e))
       rec = None
       if env.record:
-        rec = {"state": obs["state"], "actions": actions}
+        rec = {"state": obs["state"], "privileged": obs["privileged"], "actions": actions}
         if env.render:
           rec["images"] = obs["images"]
       return carry, rec
@@ -234,9 +234,11 @@ def _compiled(policy_fn: PolicyFn, env: EnvParams, n_envs: int, horizon: int):
     out = {"success": succ, "success_step": succ_step, "returns": ret, "nonfinite": bad,
            "final_qpos": states.data.qpos}
     if env.record:
-      # per control step actions [T, N, 4]; per policy call state [R, N, 4], images [R, N, C, ...]
+      # per control step actions [T, N, 4]; per policy call state [R, N, 4], privileged
+      # [R, N, 18], images [R, N, C, ...]
       out["actions"] = rec["actions"].reshape((n_calls * e,) + rec["actions"].shape[2:])[:horizon]
       out["states"] = rec["state"]
+      out["privileged"] = rec["privileged"]
       if env.render:
         out["frames"] = rec["images"]
     return out
@@ -261,7 +263,8 @@ def rollout(policy_fn: PolicyFn, policy_params: Any, env_params: EnvParams, rng:
 
   Returns numpy arrays: success bool [N], success_step int32 [N] (-1 if never), returns float [N],
   nonfinite bool [N] (physics or actions went non-finite), final_qpos [N, nq]; with
-  `record`: actions [T, N, 4], states [R, N, 4], frames uint8 [R, N, C, S, S, 3] (R policy calls);
+  `record`: actions [T, N, 4], states [R, N, 4], privileged [R, N, 18], frames uint8
+  [R, N, C, S, S, 3] (R policy calls);
   plus host lists tasks, instructions (per env) and the env params, horizon.
   """
   check_args(policy_fn, env_params, n_envs, horizon)
@@ -323,7 +326,12 @@ def report(result: dict[str, Any], out_dir: str | None = None, name: str = "mjx_
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
       json.dump(summary, f, indent=1)
-    evaluate_metaworld.plot_success(summary, os.path.join(out_dir, f"{name}.png"),
+    # Wilson ends are rounded floats: at a rate of exactly 0 or 1 the end can miss the rate by
+    # ~1e-16, and matplotlib refuses the resulting negative error bar; plot clamped copies.
+    plotted = dict(summary, per_task={
+        t: dict(e, ci95=[min(e["ci95"][0], e["success_rate"]), max(e["ci95"][1], e["success_rate"])])
+        for t, e in summary["per_task"].items()})
+    evaluate_metaworld.plot_success(plotted, os.path.join(out_dir, f"{name}.png"),
                                     title=f"{name}: mean {summary['mean_success']:.3f}")
   log.info("%s: mean success %.3f (95%% CI %.3f-%.3f) over %d episodes", name,
            summary["mean_success"], *summary["mean_ci95"], summary["episodes"])

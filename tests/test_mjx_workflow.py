@@ -1,0 +1,56 @@
+"""configs/mjx.py and the MJX workflow's config checks (fast; the end-to-end run is in RESULTS.md).
+
+Reference for the dataset name: the settings it must encode, compared field by field.
+"""
+import os
+
+import pytest
+
+from m2vla_jax.sim.mjx import workflow
+from m2vla_jax.training import config_base
+
+CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "mjx.py")
+
+
+def _config(arg=None):
+  return config_base.load_config_file(CONFIG).get_config(arg)
+
+
+def test_config_is_consistent_and_short_args_apply():
+  c = _config("steps=7,episodes=3,eval_episodes=2,execute=4,c_eval=False")
+  assert c.total_steps == 7 and c.mjx.episodes_per_task == 3
+  assert c.mjx.eval.episodes_per_task == 2 and c.mjx.eval.execute_steps == 4
+  assert not c.mjx.eval.c_mujoco
+  assert c.data.pipeline.datasets == c.mjx.dataset_name
+  assert "n3" in c.mjx.dataset_name and c.mjx.camera in c.mjx.dataset_name
+  assert tuple(c.data.pipeline.image_size) == (c.mjx.image_size,) * 2
+  # 32 text tokens in both the pipeline and the tiny VLM (the instructions differ after 15 chars)
+  assert c.data.pipeline.max_tokens == c.model.vlm_overrides.max_text_tokens == 32
+  assert workflow._check(c) is c.mjx  # pylint: disable=protected-access
+  # a different demo count is a different cache entry
+  assert _config("episodes=4").mjx.dataset_name != c.mjx.dataset_name
+
+
+def test_config_errors_name_the_field():
+  c = _config()
+  c.unlock()
+  c.data.pipeline.datasets = "other"
+  with pytest.raises(ValueError, match="config.data.pipeline.datasets='other'"):
+    workflow._check(c)  # pylint: disable=protected-access
+  c = _config()
+  c.unlock()
+  c.mjx.eval.execute_steps = 9
+  with pytest.raises(ValueError, match="execute_steps=9 exceeds"):
+    workflow._check(c)  # pylint: disable=protected-access
+  c = _config()
+  c.unlock()
+  c.mjx.tasks = ("pick_lift", "stack")
+  with pytest.raises(ValueError, match="task='stack' is unknown"):
+    workflow._check(c)  # pylint: disable=protected-access
+  c = _config()
+  c.unlock()
+  del c["mjx"]
+  with pytest.raises(ValueError, match="no 'mjx' section"):
+    workflow.prepare_data(c)
+  with pytest.raises(ValueError, match="unknown config argument 'demos'"):
+    _config("demos=3")
