@@ -93,8 +93,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   p.cameras = ("primary",)
   p.image_size = (c.sim.image_size, c.sim.image_size)
   p.horizon = a.horizon
-  # The tiny VLM accepts 16 text tokens (m2vla's config merge does not pass vlm_overrides keys
-  # through), so byte tokens keep the first 15 characters of an instruction.
+  # The tiny VLM accepts 16 text tokens (raise model.vlm_overrides.max_text_tokens together with
+  # this), so byte tokens keep the first 15 characters of an instruction; the measured results use 16.
   p.max_tokens = 16
   p.shuffle_buffer = 1024
   p.progress = False

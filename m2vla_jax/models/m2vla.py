@@ -44,7 +44,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   Fields:
     vlm: backbone name for `vlm.get_config` (or a `VLMConfig`); vlm_overrides: its keyword overrides
-      (e.g. num_queries — 64 as in VLA-Adapter, the paper does not say).
+      (e.g. num_queries — 64 as in VLA-Adapter, the paper does not say; query_attention — 'readout',
+      the paper's causal read-out of the VLM, or 'bidirectional'; present by default so that
+      `--config.model.vlm_overrides.query_attention=...` works from the command line).
     num_cameras, state_dim, horizon, action_dim: the batch geometry the policy accepts.
     head: `action_head.HeadConfig` fields (defaults documented there).
     mol, msm: module switches for the ablations.
@@ -58,7 +60,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   defaults = ah.HeadConfig()
   c = ml_collections.ConfigDict()
   c.vlm = "paligemma_3b"
-  c.vlm_overrides = ml_collections.ConfigDict()
+  c.vlm_overrides = ml_collections.ConfigDict({"query_attention": "readout"})
   c.num_cameras = 2
   c.state_dim = 8
   c.horizon = 8
