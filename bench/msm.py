@@ -28,7 +28,10 @@ def worker(args) -> None:
   # Always 8 emulated devices, of which the mesh uses n: with exactly 2 emulated devices on this 2-core
   # machine the CPU all-gather rendezvous deadlocks (XLA aborts after 40 s); 4 and 8 are fine.
   os.environ["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={max(8, args.worker)} "
-                             "--xla_cpu_multi_thread_eigen=false")
+                             "--xla_cpu_multi_thread_eigen=false "
+                             # Under load from other processes one device thread can reach the
+                             # all-gather long after the rest; XLA aborts after 40 s by default.
+                             "--xla_cpu_collective_call_terminate_timeout_seconds=600")
   os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
   sys.path.insert(0, REPO)
   import jax
