@@ -84,6 +84,16 @@ def test_images_of_the_c_state_equal_put_data_rendering():
     assert (seg == g).any(), g
 
 
+def test_layout_repeats_share_initial_states():
+  env = rl.EnvParams(layout_repeats=3, render=False)
+  qpos, goal = c_rollout.initial_states(env, jax.random.key(0), 7)
+  for a, b in ((0, 1), (0, 2), (3, 5), (6, 6)):
+    np.testing.assert_array_equal(qpos[a], qpos[b])
+    np.testing.assert_array_equal(goal[a], goal[b])
+  assert np.abs(qpos[0] - qpos[3]).max() > 1e-3 and np.abs(qpos[3] - qpos[6]).max() > 1e-3
+  assert [e.block for e in env.episodes(9)] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+
+
 def test_invalid_inputs_fail_before_any_step():
   with pytest.raises(ValueError, match="horizon=0"):
     c_rollout.c_rollout(experts.expert_policy, None, ENV, jax.random.key(0), 4, 0)
@@ -97,6 +107,8 @@ def test_invalid_inputs_fail_before_any_step():
   with pytest.raises(ValueError, match="record"):
     c_rollout.c_rollout(experts.expert_policy, None, rl.EnvParams(record=True),
                         jax.random.key(0), 4, 10)
+  with pytest.raises(ValueError, match="layout_repeats=0"):
+    rl.EnvParams(layout_repeats=0)
   with pytest.raises(ValueError, match="task='stack' is unknown"):
     rl.EnvParams(tasks=("stack",))
   with pytest.raises(ValueError, match="in the vocabulary of none"):

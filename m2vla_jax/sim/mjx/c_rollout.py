@@ -79,11 +79,10 @@ def _compiled(policy_fn: rollout_lib.PolicyFn, env: rollout_lib.EnvParams, n_env
 def initial_states(env_params: rollout_lib.EnvParams, rng: jax.Array, n_envs: int
                    ) -> tuple[np.ndarray, np.ndarray]:
   """qpos float64 [N, nq] and goal float64 [N, 3] of the compiled rollout's episodes for `rng`."""
-  del env_params  # the layout does not depend on the task (tasks.reset)
   scene = scene_lib.load()
   k_reset, _ = jax.random.split(rng)
   qpos, goal = jax.vmap(lambda k: tasks_lib.initial_qpos(k, scene))(
-      jax.random.split(k_reset, n_envs))
+      rollout_lib.reset_keys(env_params, k_reset, n_envs))
   return np.asarray(qpos, np.float64), np.asarray(goal, np.float64)
 
 

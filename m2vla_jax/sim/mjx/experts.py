@@ -149,7 +149,7 @@ def random_policy(params: Any, obs: dict[str, jax.Array], rng: jax.Array) -> jax
 def collect_demos(out_dir: str, name: str, *, tasks: Sequence[str] = tasks_lib.TASKS,
                   episodes_per_task: int = 4, horizon: int = 60, seed: int = 0,
                   image_size: int = 64, only_successful: bool = True, camera: str = "front",
-                  image_encoding: str = "png", noise: float = 0.0,
+                  image_encoding: str = "png", noise: float = 0.0, layout_repeats: int = 1,
                   env_kwargs: dict[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
   """Runs the expert in the compiled rollout and writes the episodes as an RLDS dataset.
 
@@ -162,6 +162,7 @@ def collect_demos(out_dir: str, name: str, *, tasks: Sequence[str] = tasks_lib.T
   `noise` > 0: execute `noisy_expert_policy` (std `noise` on the hand motion) and record the
   clean expert action of each visited state as the label (DART: a learner's small errors then
   lead into states the data covers). With noise 0 the label is the executed action.
+  `layout_repeats` (EnvParams.layout_repeats): consecutive episodes sharing one initial layout.
   """
   from m2vla_jax.data import writer  # pylint: disable=g-import-not-at-top
   from m2vla_jax.sim.mjx import rollout as rollout_lib  # pylint: disable=g-import-not-at-top
@@ -170,7 +171,8 @@ def collect_demos(out_dir: str, name: str, *, tasks: Sequence[str] = tasks_lib.T
   if not 0.0 <= noise <= 1.0:
     raise ValueError(f"noise={noise} must be in [0, 1] (std of the hand action, in action units)")
   env = rollout_lib.EnvParams(tasks=tuple(tasks), execute_steps=1, image_size=image_size,
-                              cameras=(camera,), record=True, **(env_kwargs or {}))
+                              cameras=(camera,), record=True, layout_repeats=layout_repeats,
+                              **(env_kwargs or {}))
   n = episodes_per_task * len(tasks)
   result = rollout_lib.rollout(noisy_expert_policy, jnp.float32(noise), env, jax.random.key(seed),
                                n, horizon)

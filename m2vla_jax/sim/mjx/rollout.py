@@ -85,6 +85,10 @@ class EnvParams:
       control step the executed actions (for videos and demonstrations).
     max_tokens: T, instruction tokens are right-padded / truncated to this.
     tokenizer: str -> list[int]; None = `word_tokenizer`.
+    layout_repeats: consecutive environments that start from the same layout (blocks, goal,
+      hand). With all tasks and every instruction colour (e.g. 9 for 3 tasks x 3 colours with
+      the default vocabulary order) one scene appears with every instruction: demonstrations
+      then cannot be fitted from the image alone, the instruction has to be read.
   """
   tasks: tuple[str, ...] = tasks_lib.TASKS
   instructions: tuple[str, ...] | None = None
@@ -96,6 +100,7 @@ class EnvParams:
   record: bool = False
   max_tokens: int = 16
   tokenizer: Callable[[str], Sequence[int]] | None = None
+  layout_repeats: int = 1
 
   def __post_init__(self):
     object.__setattr__(self, "tasks", tuple(self.tasks))
@@ -115,7 +120,7 @@ class EnvParams:
       if missing:
         raise ValueError(f"EnvParams.instructions has none for tasks {missing}; add some or drop "
                          f"those tasks")
-    for field in ("execute_steps", "image_size", "max_tokens"):
+    for field in ("execute_steps", "image_size", "max_tokens", "layout_repeats"):
       if getattr(self, field) < 1:
         raise ValueError(f"EnvParams.{field}={getattr(self, field)} must be >= 1")
     for c in self.cameras:
@@ -183,6 +188,13 @@ def observe(scene: scene_lib.Scene, env: EnvParams, states: tasks_lib.EnvState,
   return obs
 
 
+def reset_keys(env: EnvParams, k_reset: jax.Array, n_envs: int) -> jax.Array:
+  """Per-environment reset keys [N]: `layout_repeats` consecutive environments share one."""
+  r = env.layout_repeats
+  keys = jax.random.split(k_reset, -(-n_envs // r))
+  return keys[np.arange(n_envs) // r] if r > 1 else keys
+
+
 @functools.lru_cache(maxsize=32)
 def _compiled(policy_fn: PolicyFn, env: EnvParams, n_envs: int, horizon: int):
   scene = scene_lib.load()
@@ -192,7 +204,7 @@ def _compiled(policy_fn: PolicyFn, env: EnvParams, n_envs: int, horizon: int):
   def run(params, rng, task_id, block, tokens, token_mask):
     k_reset, k_policy = jax.random.split(rng)
     states = jax.vmap(functools.partial(tasks_lib.reset, scene))(
-        jax.random.split(k_reset, n_envs), task_id, block)
+        reset_keys(env, k_reset, n_envs), task_id, block)
     zeros = jnp.zeros(n_envs)
     carry0 = (states, zeros.astype(bool), jnp.full(n_envs, -1, jnp.int32), zeros,
               zeros.astype(bool))

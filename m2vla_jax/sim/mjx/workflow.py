@@ -14,7 +14,7 @@ the trainer, modelled on `m2vla_jax.sim.workflow` (Meta-World):
 `python -m m2vla_jax.sim.mjx.workflow --config=configs/mjx.py --workdir=DIR`.
 
 `config.mjx` fields (configs/mjx.py): tasks, episodes_per_task, image_size, camera, demo_horizon,
-demo_seed, demo_noise, dataset_name (derived by `configs/mjx.py:dataset_name`), and `eval`:
+demo_seed, demo_noise, demo_layout_repeats, dataset_name (derived by `configs/mjx.py:dataset_name`), and `eval`:
 episodes_per_task, horizon, execute_steps, seed, c_mujoco, out_subdir.
 
 Report files: `mjx_compiled.json/.png`, `c_mujoco.json/.png` (every episode: instruction,
@@ -100,7 +100,8 @@ def prepare_data(config: ml_collections.ConfigDict) -> tuple[str, dict[str, Any]
   path, summary = experts.collect_demos(
       data_dir, m.dataset_name, tasks=tuple(m.tasks), episodes_per_task=int(m.episodes_per_task),
       horizon=int(m.demo_horizon), seed=int(m.demo_seed), image_size=int(m.image_size),
-      camera=m.camera, noise=float(m.demo_noise))
+      camera=m.camera, noise=float(m.demo_noise),
+      layout_repeats=int(m.demo_layout_repeats))
   brief = _brief(summary)
   brief["wall_s"] = time.time() - t0
   with open(os.path.join(path, _DEMO_STATS), "w") as f:
