@@ -5,14 +5,17 @@
 
 Short args: steps, batch, episodes (demos per task), noise (std of the DART noise executed while
 recording demos; labels are the clean expert actions), repeats (consecutive demos sharing one
-initial layout), eval_episodes (per task, compiled and C),
-horizon (action chunk H), execute (actions executed per chunk), lr, width (head), mol, msm,
-c_eval (also evaluate through C MuJoCo), train_llm (also train the tiny Gemma layers), data_dir
+initial layout), eval_episodes (per task, compiled and C), horizon (action chunk H), execute
+(actions executed per chunk), lr, width (head), queries (learnable query tokens), mol, msm,
+train_llm (also train the tiny Gemma layers), c_eval (also evaluate through C MuJoCo), data_dir
 (demo cache).
 
 The `mjx` section is read by `m2vla_jax.sim.mjx.workflow` (prepare demos -> train -> evaluate
-compiled -> evaluate C MuJoCo -> report). Model and freezing as configs/sim.py (tiny random
-PaliGemma layout: Gemma layers frozen, SigLIP tower, queries and action head trained), except:
+compiled -> evaluate C MuJoCo -> report). Model as configs/sim.py (tiny random PaliGemma layout,
+MoL + MSM head), except:
+  * everything trains by default (`train_llm=True`): the backbone is random, so freezing Gemma
+    preserves nothing, and with it frozen the colour word did not change the actions
+    (m2vla_jax/sim/mjx/RESULTS.md);
   * camera 'table' (the front view narrowed to the workspace, fovy 31): at 32 px a 4 cm block
     covers ~4 px instead of ~2 px in 'front';
   * 32 text tokens: the tasks' instructions differ only after 15 characters ("pick up the red
@@ -38,8 +41,9 @@ def dataset_name(tasks, episodes_per_task: int, image_size: int, camera: str, ho
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  a = config_base.parse_arg(arg, steps=10000, batch=64, episodes=240, repeats=9, eval_episodes=50, horizon=8,
-                            execute=2, lr=1e-3, width=64, noise=0.3, train_llm=True, mol=True, msm=True, c_eval=True,
+  a = config_base.parse_arg(arg, steps=10000, batch=64, episodes=240, repeats=9, eval_episodes=50,
+                            horizon=8, execute=2, lr=1e-3, width=64, noise=0.3, train_llm=True,
+                            queries=4, mol=True, msm=True, c_eval=True,
                             data_dir=os.environ.get("M2VLA_MJX_DATA", DEFAULT_DATA_DIR))
   from m2vla_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from m2vla_jax.models import m2vla  # pylint: disable=g-import-not-at-top
@@ -73,7 +77,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.model = m2vla.get_config()
   c.model.vlm = "tiny"
-  c.model.vlm_overrides = ml_collections.ConfigDict({"max_text_tokens": 32})
+  c.model.vlm_overrides = ml_collections.ConfigDict({"max_text_tokens": 32,
+                                                     "num_queries": a.queries})
   c.model.num_cameras = 1
   c.model.state_dim = 4
   c.model.action_dim = 4

@@ -172,8 +172,8 @@ def test_noisy_expert_perturbs_only_the_hand_motion():
   priv[:, :3] = priv[:, 7:10] + np.array([0, 0, 0.02]) + rs.uniform(-0.005, 0.005, (256, 3))
   obs = {"privileged": jnp.asarray(priv)}
   clean = np.asarray(experts.expert_policy(None, obs, None))
-  np.testing.assert_array_equal(np.asarray(experts.noisy_expert_policy(0.0, obs, jax.random.key(1))),
-                                clean)
+  np.testing.assert_array_equal(
+      np.asarray(experts.noisy_expert_policy(0.0, obs, jax.random.key(1))), clean)
   noisy = np.asarray(experts.noisy_expert_policy(0.3, obs, jax.random.key(1)))
   np.testing.assert_array_equal(noisy[..., 3], clean[..., 3])          # gripper untouched
   assert np.abs(noisy).max() <= 1.0

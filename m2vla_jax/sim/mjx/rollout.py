@@ -266,7 +266,8 @@ def check_args(policy_fn: PolicyFn, env_params: EnvParams, n_envs: int, horizon:
     if not isinstance(v, (int, np.integer)) or v < 1:
       raise ValueError(f"{name}={v!r} must be a positive int")
   if not callable(policy_fn):
-    raise TypeError(f"policy_fn must be callable (params, obs, rng) -> [N, H, 4]; got {policy_fn!r}")
+    raise TypeError(f"policy_fn must be callable (params, obs, rng) -> [N, H, 4]; got "
+                    f"{policy_fn!r}")
 
 
 def rollout(policy_fn: PolicyFn, policy_params: Any, env_params: EnvParams, rng: jax.Array,
@@ -341,7 +342,8 @@ def report(result: dict[str, Any], out_dir: str | None = None, name: str = "mjx_
     # Wilson ends are rounded floats: at a rate of exactly 0 or 1 the end can miss the rate by
     # ~1e-16, and matplotlib refuses the resulting negative error bar; plot clamped copies.
     plotted = dict(summary, per_task={
-        t: dict(e, ci95=[min(e["ci95"][0], e["success_rate"]), max(e["ci95"][1], e["success_rate"])])
+        t: dict(e, ci95=[min(e["ci95"][0], e["success_rate"]),
+                         max(e["ci95"][1], e["success_rate"])])
         for t, e in summary["per_task"].items()})
     evaluate_metaworld.plot_success(plotted, os.path.join(out_dir, f"{name}.png"),
                                     title=f"{name}: mean {summary['mean_success']:.3f}")

@@ -14,13 +14,14 @@ the trainer, modelled on `m2vla_jax.sim.workflow` (Meta-World):
 `python -m m2vla_jax.sim.mjx.workflow --config=configs/mjx.py --workdir=DIR`.
 
 `config.mjx` fields (configs/mjx.py): tasks, episodes_per_task, image_size, camera, demo_horizon,
-demo_seed, demo_noise, demo_layout_repeats, dataset_name (derived by `configs/mjx.py:dataset_name`), and `eval`:
-episodes_per_task, horizon, execute_steps, seed, c_mujoco, out_subdir.
+demo_seed, demo_noise, demo_layout_repeats, dataset_name (derived by `configs/mjx.py:
+dataset_name`), and `eval`: episodes_per_task, horizon, execute_steps, seed, c_mujoco,
+out_subdir.
 
 Report files: `mjx_compiled.json/.png`, `c_mujoco.json/.png` (every episode: instruction,
-success, steps, return), `demos.json` (expert success while recording), `summary.json` and
-`summary.md` (per-task success with Wilson 95% intervals, compiled vs C, per-episode agreement,
-wall-clock per phase).
+success, steps, return), `summary.json` and `summary.md` (per-task success with Wilson 95%
+intervals, compiled vs C, per-episode agreement, wall-clock per phase, and the experts' success
+while recording, kept beside the demos as `mjx_demo_summary.json`).
 """
 from __future__ import annotations
 
