@@ -89,6 +89,8 @@ _VARIANTS: dict[str, tuple[str | None, str, dict[str, Any]]] = {
     # the Meta-World config for more compute (configs/sim_gemma3.py); no pretrained SigLIP is needed.
     "tiny_img_gemma3_270m": ("tiny/16", "gemma3_270m", dict(num_queries=16, max_text_tokens=32)),
     "tiny": ("tiny/16", "gemma_tiny", dict(num_queries=4, max_text_tokens=16)),
+    # 8x8 patches: 16 image tokens from a 32x32 camera (tiny/16 gives 4).
+    "tiny_p8": ("tiny/8", "gemma_tiny", dict(num_queries=4, max_text_tokens=16)),
     "tiny_gemma2": ("tiny/16", "gemma2_tiny", dict(num_queries=4, max_text_tokens=16)),
     "tiny_gemma3": ("tiny/16", "gemma3_tiny", dict(num_queries=4, max_text_tokens=16)),
     "tiny_text": (None, "gemma3_tiny", dict(num_queries=4, max_text_tokens=16)),
