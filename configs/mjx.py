@@ -6,7 +6,8 @@
 Short args: steps, batch, episodes (demos per task), noise (std of the DART noise executed while
 recording demos; labels are the clean expert actions), repeats (consecutive demos sharing one
 initial layout), eval_episodes (per task, compiled and C), horizon (action chunk H), execute
-(actions executed per chunk), lr, width (head), queries (learnable query tokens), mol, msm,
+(actions executed per chunk), lr, width (head), queries (learnable query tokens), vlm (backbone
+variant: 'tiny' or 'tiny_p8'), mol, msm,
 train_llm (also train the tiny Gemma layers), c_eval (also evaluate through C MuJoCo), data_dir
 (demo cache).
 
@@ -43,7 +44,7 @@ def dataset_name(tasks, episodes_per_task: int, image_size: int, camera: str, ho
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   a = config_base.parse_arg(arg, steps=10000, batch=64, episodes=240, repeats=9, eval_episodes=50,
                             horizon=8, execute=2, lr=1e-3, width=64, noise=0.3, train_llm=True,
-                            queries=4, mol=True, msm=True, c_eval=True,
+                            queries=4, vlm="tiny", mol=True, msm=True, c_eval=True,
                             data_dir=os.environ.get("M2VLA_MJX_DATA", DEFAULT_DATA_DIR))
   from m2vla_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from m2vla_jax.models import m2vla  # pylint: disable=g-import-not-at-top
@@ -76,7 +77,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.mjx.eval.out_subdir = "mjx_eval"
 
   c.model = m2vla.get_config()
-  c.model.vlm = "tiny"
+  c.model.vlm = a.vlm     # 'tiny' (4 image tokens) or 'tiny_p8' (8x8 patches: 16 tokens)
   c.model.vlm_overrides = ml_collections.ConfigDict({"max_text_tokens": 32,
                                                      "num_queries": a.queries})
   c.model.num_cameras = 1
