@@ -274,7 +274,10 @@ def plot_success(summary: dict[str, Any], path: str, title: str = "") -> None:
   rates = np.array([summary["per_task"][t]["success_rate"] for t in tasks])
   ci = np.array([summary["per_task"][t]["ci95"] for t in tasks]).reshape(-1, 2)
   fig, ax = plt.subplots(figsize=(max(4.0, 0.45 * len(tasks) + 1.5), 3.6))
-  ax.bar(range(len(tasks)), rates, yerr=np.stack([rates - ci[:, 0], ci[:, 1] - rates]),
+  # Interval ends are rounded for the JSON report, so at rates of exactly 0 or 1 an end can fall a
+  # hair past the rate; matplotlib refuses negative error bars.
+  yerr = np.maximum(np.stack([rates - ci[:, 0], ci[:, 1] - rates]), 0.0)
+  ax.bar(range(len(tasks)), rates, yerr=yerr,
          capsize=3, color="tab:blue")
   ax.axhline(summary["mean_success"], color="tab:red", ls="--",
              label=f"mean {summary['mean_success']:.2f}")
