@@ -275,3 +275,12 @@ def test_env_detects_nan_state():
       env.step(np.array([0.0, np.nan, 0.0, 0.0]))
   with pytest.raises(ValueError, match="primary_camera"):
     me.EnvConfig(primary_camera="front")
+
+
+def test_success_plot_accepts_rates_of_zero_and_one(tmp_path):
+  """Rounded Wilson ends can fall past a rate of 0 or 1; the plot must not raise on it."""
+  summary = {"per_task": {"a": {"success_rate": 1.0, "ci95": [0.8, 0.9999]},
+                          "b": {"success_rate": 0.0, "ci95": [0.0001, 0.2]}}, "mean_success": 0.5}
+  path = tmp_path / "plot.png"
+  ev.plot_success(summary, str(path))
+  assert path.stat().st_size > 1000
