@@ -20,7 +20,7 @@ import hashlib
 import json
 import logging
 import os
-from typing import Mapping
+from typing import Any, Mapping
 
 import numpy as np
 import tqdm
@@ -145,3 +145,23 @@ def apply_normalizer(x: np.ndarray, norm) -> np.ndarray:
   """[..., D] -> normalized float32 [..., D]."""
   scale, shift, lo, hi = norm
   return np.clip(x * scale + shift, lo, hi).astype(np.float32)
+
+
+def run_normalizers(statistics: Mapping[str, Any], dataset: str | None = None
+                    ) -> tuple[str, Any, Any]:
+  """(dataset, state normalizer, action normalizer) from a run's statistics asset.
+
+  `statistics` is {'normalization', 'datasets': {name: stats}}; `dataset` defaults to the only entry.
+  The action normalizer leaves the gripper dimensions (`action_gripper_mask`) alone.
+  """
+  datasets = sorted(statistics.get("datasets", {}))
+  if dataset is None:
+    if len(datasets) != 1:
+      raise ValueError(f"statistics hold datasets {datasets}; pass dataset= to pick one")
+    dataset = datasets[0]
+  if dataset not in datasets:
+    raise ValueError(f"dataset={dataset!r} is not in the statistics ({datasets})")
+  stats = statistics["datasets"][dataset]
+  mode = statistics.get("normalization", "bounds")
+  mask = np.asarray(stats.get("action_gripper_mask", [False] * len(stats["action"]["mean"])), bool)
+  return dataset, normalizer(stats, "state", mode), normalizer(stats, "action", mode, mask=mask)

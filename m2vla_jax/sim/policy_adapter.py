@@ -46,13 +46,7 @@ class SimPolicyAdapter:
   def __init__(self, policy: Any, params: Any, state: Any, statistics: Mapping[str, Any],
                tokenizer: Any, max_tokens: int, image_size: Sequence[int], cameras: Sequence[str],
                state_dim: int, dataset: str | None = None, seed: int = 0):
-    datasets = sorted(statistics.get("datasets", {}))
-    if dataset is None:
-      if len(datasets) != 1:
-        raise ValueError(f"statistics hold datasets {datasets}; pass dataset= to pick one")
-      dataset = datasets[0]
-    if dataset not in datasets:
-      raise ValueError(f"dataset={dataset!r} is not in the statistics ({datasets})")
+    dataset, self._state_norm, self._action_norm = stats_lib.run_normalizers(statistics, dataset)
     bad = [c for c in cameras if c not in SIM_CAMERA_INDEX]
     if bad:
       raise ValueError(f"cameras={list(cameras)}: slots {bad} have no simulator camera; the "
@@ -62,11 +56,6 @@ class SimPolicyAdapter:
     self.image_size = tuple(int(x) for x in image_size)
     self.cameras = tuple(cameras)
     self.state_dim = int(state_dim)
-    stats = statistics["datasets"][dataset]
-    mode = statistics.get("normalization", "bounds")
-    self._state_norm = stats_lib.normalizer(stats, "state", mode)
-    mask = np.asarray(stats.get("action_gripper_mask", [False] * len(stats["action"]["mean"])), bool)
-    self._action_norm = stats_lib.normalizer(stats, "action", mode, mask=mask)
     if self._state_norm[0].shape[0] > self.state_dim:
       raise ValueError(f"statistics have {self._state_norm[0].shape[0]} state dims, more than the "
                        f"model's state_dim={self.state_dim}")

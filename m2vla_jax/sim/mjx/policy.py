@@ -78,23 +78,11 @@ class TrainedPolicy:
 
   def __init__(self, policy: Any, params: Any, state: Any, statistics: Mapping[str, Any],
                tokenizer: str, max_tokens: int, image_size: int, dataset: str | None = None):
-    datasets = sorted(statistics.get("datasets", {}))
-    if dataset is None:
-      if len(datasets) != 1:
-        raise ValueError(f"statistics hold datasets {datasets}; pass dataset= to pick one")
-      dataset = datasets[0]
-    if dataset not in datasets:
-      raise ValueError(f"dataset={dataset!r} is not in the statistics ({datasets})")
-    stats = statistics["datasets"][dataset]
-    mode = statistics.get("normalization", "bounds")
+    dataset, state_norm, action_norm = stats_lib.run_normalizers(statistics, dataset)
     self.policy, self.dataset = policy, dataset
     self.params = {"model": params, "state": state}
     self.tokenizer = TrainingTokenizer(str(tokenizer), int(max_tokens))
     self.image_size = int(image_size)
-    state_norm = stats_lib.normalizer(stats, "state", mode)
-    mask = np.asarray(stats.get("action_gripper_mask", [False] * len(stats["action"]["mean"])),
-                      bool)
-    action_norm = stats_lib.normalizer(stats, "action", mode, mask=mask)
     self.state_dim = int(policy.config.state_dim)
     if state_norm[0].shape[0] > self.state_dim:
       raise ValueError(f"statistics have {state_norm[0].shape[0]} state dims, more than the "
