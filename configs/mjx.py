@@ -7,7 +7,8 @@ Short args: steps, batch, episodes (demos per task), noise (std of the DART nois
 recording demos; labels are the clean expert actions), repeats (consecutive demos sharing one
 initial layout), eval_episodes (per task, compiled and C), horizon (action chunk H), execute
 (actions executed per chunk), lr, width (head), queries (learnable query tokens), vlm (backbone
-variant: 'tiny' or 'tiny_p8'), mol, msm,
+variant: 'tiny', 'tiny_p8', 'tiny_p4' or 'mini_p8'), posemb (initial SigLIP position embedding:
+'normal' or 'sincos2d'), mol, msm,
 train_llm (also train the tiny Gemma layers), c_eval (also evaluate through C MuJoCo), data_dir
 (demo cache).
 
@@ -44,7 +45,7 @@ def dataset_name(tasks, episodes_per_task: int, image_size: int, camera: str, ho
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   a = config_base.parse_arg(arg, steps=10000, batch=64, episodes=240, repeats=9, eval_episodes=50,
                             horizon=8, execute=2, lr=1e-3, width=64, noise=0.3, train_llm=True,
-                            queries=4, vlm="tiny", mol=True, msm=True, c_eval=True,
+                            queries=4, vlm="tiny", posemb="normal", mol=True, msm=True, c_eval=True,
                             data_dir=os.environ.get("M2VLA_MJX_DATA", DEFAULT_DATA_DIR))
   from m2vla_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from m2vla_jax.models import m2vla  # pylint: disable=g-import-not-at-top
@@ -79,7 +80,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model = m2vla.get_config()
   c.model.vlm = a.vlm     # 'tiny' (4 image tokens) or 'tiny_p8' (8x8 patches: 16 tokens)
   c.model.vlm_overrides = ml_collections.ConfigDict({"max_text_tokens": 32,
-                                                     "num_queries": a.queries})
+                                                     "num_queries": a.queries,
+                                                     "posemb_init": a.posemb})
   c.model.num_cameras = 1
   c.model.state_dim = 4
   c.model.action_dim = 4

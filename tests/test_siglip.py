@@ -67,3 +67,33 @@ def test_bad_images_and_config():
     siglip.get_config("tiny/16", image_size=40)
   with pytest.raises(ValueError, match="unknown SigLIP variant"):
     siglip.get_config("L/99")
+
+
+def test_sincos2d_position_embedding_init_matches_brute_force():
+  # Reference: big_vision's posemb_sincos_2d written element by element in float64. Token n is
+  # patch (row n // w, column n // w); feature block 0..3 = sin(col), cos(col), sin(row), cos(row)
+  # at frequency 1 / 10000 ** (k / (W/4 - 1)).
+  cfg = siglip.get_config("tiny/4", posemb_init="sincos2d")
+  params = siglip.SigLIP(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))["params"]
+  table = np.asarray(params["pos_embedding"])
+  h = w = 8
+  q = cfg.width // 4
+  ref = np.zeros((1, h * w, cfg.width))
+  for n in range(h * w):
+    row, col = divmod(n, w)
+    for k in range(q):
+      f = 1.0 / 10_000.0 ** (k / (q - 1))
+      ref[0, n, [k, q + k, 2 * q + k, 3 * q + k]] = (np.sin(col * f), np.cos(col * f),
+                                                     np.sin(row * f), np.cos(row * f))
+  np.testing.assert_allclose(table, ref, atol=1e-6)
+  # 'normal' (the default, big_vision's 'learn') stays random, and the parameter layout is the same.
+  normal = siglip.SigLIP(siglip.get_config("tiny/4")).init(
+      jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))["params"]["pos_embedding"]
+  assert normal.shape == table.shape and not np.allclose(normal, table, atol=0.1)
+
+
+def test_posemb_init_errors_name_the_field():
+  with pytest.raises(ValueError, match="posemb_init='grid'; use one of"):
+    siglip.get_config("tiny/8", posemb_init="grid")
+  with pytest.raises(ValueError, match="posemb_init='sincos2d' needs width % 4 == 0"):
+    siglip.get_config("tiny/8", width=34, num_heads=2, posemb_init="sincos2d")

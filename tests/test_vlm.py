@@ -139,6 +139,11 @@ def test_config_validation():
   cfg = vlm.get_config("paligemma2_3b")
   assert cfg.img.head_dim_out == cfg.llm.width == 2304 and cfg.img.num_patches == 256
   assert vlm.get_config("tiny", dtype="bfloat16").img.dtype == "bfloat16"
+  # Image-tower-only fields reach SigLIP and are refused where there is no image tower.
+  assert vlm.get_config("tiny_p4", posemb_init="sincos2d").img.posemb_init == "sincos2d"
+  assert vlm.get_config("tiny_p4").img.num_patches == 64
+  with pytest.raises(ValueError, match="'tiny_text' has no image tower"):
+    vlm.get_config("tiny_text", posemb_init="sincos2d")
 
 
 @pytest.mark.parametrize("mode", ["readout", "bidirectional"])

@@ -157,6 +157,9 @@ _VARIANTS: dict[str, dict[str, Any]] = {
     # windows so that local and global layers differ at test sequence lengths.
     "gemma_tiny": dict(version=1, width=32, depth=2, mlp_dim=64, num_heads=2, num_kv_heads=2,
                        head_dim=16, vocab_size=128),
+    # Twice gemma_tiny's width, for simulation suites trained from scratch (configs/mjx.py).
+    "gemma_mini": dict(version=1, width=64, depth=2, mlp_dim=256, num_heads=4, num_kv_heads=4,
+                       head_dim=16, vocab_size=128),
     "gemma2_tiny": dict(version=2, width=32, depth=4, mlp_dim=64, num_heads=4, num_kv_heads=2,
                         head_dim=8, vocab_size=128, query_pre_attn_scalar=12, attn_logit_softcap=50.0,
                         final_logit_softcap=30.0, sliding_window=4, global_every=2, post_norms=True),

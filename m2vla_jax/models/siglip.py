@@ -23,6 +23,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +43,10 @@ class SigLIPConfig:
     dtype: compute dtype; parameters stay float32.
     remat_policy: 'none' or a `jax.checkpoint_policies` name.
     scan_unroll: unroll factor of the block scan.
+    posemb_init: initial value of the (always learnable) position embedding: 'normal' (random, as
+      big_vision's 'learn') or 'sincos2d' (big_vision's fixed 2-D sine-cosine table, here only the
+      start). Irrelevant when weights are loaded; for towers trained from scratch on small data
+      'sincos2d' starts every token with its image coordinates.
   """
   variant: str
   width: int
@@ -55,8 +60,14 @@ class SigLIPConfig:
   dtype: str = "float32"
   remat_policy: str = "nothing_saveable"
   scan_unroll: int = 1
+  posemb_init: str = "normal"
 
   def __post_init__(self):
+    if self.posemb_init not in POSEMB_INITS:
+      raise ValueError(f"SigLIPConfig.posemb_init={self.posemb_init!r}; use one of {POSEMB_INITS}")
+    if self.posemb_init == "sincos2d" and self.width % 4:
+      raise ValueError(f"SigLIPConfig.posemb_init='sincos2d' needs width % 4 == 0, got "
+                       f"width={self.width}")
     if self.width % self.num_heads:
       raise ValueError(f"SigLIPConfig.width={self.width} must be divisible by num_heads={self.num_heads}")
     if self.image_size % self.patch_size:
@@ -71,11 +82,28 @@ class SigLIPConfig:
     return (self.image_size // self.patch_size) ** 2
 
 
+POSEMB_INITS = ("normal", "sincos2d")
+
+
+def posemb_sincos_2d(h: int, w: int, width: int, temperature: float = 10_000.0) -> np.ndarray:
+  """float32 [1, h*w, width]: sin/cos of the row and column at width/4 frequencies each."""
+  y, x = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+  omega = 1.0 / temperature ** (np.arange(width // 4) / (width // 4 - 1 or 1))
+  y = y.reshape(-1)[:, None] * omega[None]
+  x = x.reshape(-1)[:, None] * omega[None]
+  table = np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1)
+  return table[None].astype(np.float32)
+
+
 _VARIANTS: dict[str, dict[str, Any]] = {
     "So400m/14": dict(width=1152, depth=27, mlp_dim=4304, num_heads=16, patch_size=14, image_size=224),
     "B/16": dict(width=768, depth=12, mlp_dim=3072, num_heads=12, patch_size=16, image_size=224),
     "tiny/16": dict(width=32, depth=2, mlp_dim=64, num_heads=2, patch_size=16, image_size=32),
     "tiny/8": dict(width=32, depth=2, mlp_dim=64, num_heads=2, patch_size=8, image_size=32),
+    # 4x4 patches: 64 tokens, each about one block wide in the MJX suite's 32 px camera.
+    "tiny/4": dict(width=32, depth=2, mlp_dim=64, num_heads=2, patch_size=4, image_size=32),
+    # Twice tiny's width, for simulation suites trained from scratch (configs/mjx.py).
+    "mini/8": dict(width=64, depth=2, mlp_dim=256, num_heads=4, patch_size=8, image_size=32),
 }
 
 
@@ -162,8 +190,11 @@ class SigLIP(nn.Module):
         images.astype(dtype))
     b, h, w, c = x.shape
     x = out["stem"] = x.reshape(b, h * w, c)
-    pos = self.param("pos_embedding", nn.initializers.normal(stddev=1 / cfg.width ** 0.5),
-                     (1, h * w, c), jnp.float32)
+    if cfg.posemb_init == "sincos2d":
+      pos_init = lambda *_: jnp.asarray(posemb_sincos_2d(h, w, c))
+    else:
+      pos_init = nn.initializers.normal(stddev=1 / cfg.width ** 0.5)
+    pos = self.param("pos_embedding", pos_init, (1, h * w, c), jnp.float32)
     x = out["with_posemb"] = x + pos.astype(dtype)
     x, out["blocks"] = Encoder(cfg, name="Transformer")(x)
     out["encoded"] = x

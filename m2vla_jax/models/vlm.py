@@ -91,6 +91,10 @@ _VARIANTS: dict[str, tuple[str | None, str, dict[str, Any]]] = {
     "tiny": ("tiny/16", "gemma_tiny", dict(num_queries=4, max_text_tokens=16)),
     # 8x8 patches: 16 image tokens from a 32x32 camera (tiny/16 gives 4).
     "tiny_p8": ("tiny/8", "gemma_tiny", dict(num_queries=4, max_text_tokens=16)),
+    # 4x4 patches: 64 image tokens from a 32x32 camera.
+    "tiny_p4": ("tiny/4", "gemma_tiny", dict(num_queries=4, max_text_tokens=16)),
+    # Both towers twice tiny_p8's width (random init, trained from scratch: configs/mjx.py).
+    "mini_p8": ("mini/8", "gemma_mini", dict(num_queries=4, max_text_tokens=16)),
     "tiny_gemma2": ("tiny/16", "gemma2_tiny", dict(num_queries=4, max_text_tokens=16)),
     "tiny_gemma3": ("tiny/16", "gemma3_tiny", dict(num_queries=4, max_text_tokens=16)),
     "tiny_text": (None, "gemma3_tiny", dict(num_queries=4, max_text_tokens=16)),
@@ -99,28 +103,36 @@ _VARIANTS: dict[str, tuple[str | None, str, dict[str, Any]]] = {
 
 def get_config(name: str, **overrides) -> VLMConfig:
   """Named backbone: 'paligemma_3b', 'paligemma2_3b', 'gemma3_270m' (text-only), 'tiny_img_gemma3_270m'
-  (SigLIP tiny/16 at 32 px + Gemma 3 270M), and for tests 'tiny',
-  'tiny_gemma2', 'tiny_gemma3', 'tiny_text' (text-only).
+  (SigLIP tiny/16 at 32 px + Gemma 3 270M), for tests 'tiny', 'tiny_gemma2', 'tiny_gemma3',
+  'tiny_text' (text-only), and for simulation suites trained from scratch at 32 px 'tiny_p8',
+  'tiny_p4' (8x8 / 4x4 patches) and 'mini_p8' (both towers width 64).
 
   `overrides` may set VLMConfig fields (num_queries, max_text_tokens), the tower fields `dtype`,
-  `remat_policy` and `scan_unroll`, which apply to both towers, and the Gemma field `attn_impl`.
+  `remat_policy` and `scan_unroll`, which apply to both towers, the Gemma field `attn_impl` and the
+  SigLIP field `posemb_init`.
   """
   if name not in _VARIANTS:
     raise ValueError(f"unknown VLM config {name!r}; known: {sorted(_VARIANTS)}")
   img_variant, llm_variant, fields = _VARIANTS[name]
   tower_keys = {"dtype", "remat_policy", "scan_unroll"}
   llm_keys = {"attn_impl"}
+  img_keys = {"posemb_init"}
   tower = {k: v for k, v in overrides.items() if k in tower_keys}
   llm_only = {k: v for k, v in overrides.items() if k in llm_keys}
-  rest = {k: v for k, v in overrides.items() if k not in tower_keys | llm_keys}
+  img_only = {k: v for k, v in overrides.items() if k in img_keys}
+  rest = {k: v for k, v in overrides.items() if k not in tower_keys | llm_keys | img_keys}
   known = {f.name for f in dataclasses.fields(VLMConfig)} - {"img", "llm"}
   bad = sorted(set(rest) - known)
   if bad:
-    raise ValueError(f"unknown VLM override(s) {bad}; allowed: {sorted(known | tower_keys | llm_keys)}")
+    raise ValueError(f"unknown VLM override(s) {bad}; allowed: "
+                     f"{sorted(known | tower_keys | llm_keys | img_keys)}")
+  if img_only and img_variant is None:
+    raise ValueError(f"VLM override(s) {sorted(img_only)} set image-tower fields, but {name!r} has "
+                     f"no image tower")
   llm = gemma.get_config(llm_variant, **tower, **llm_only)
   img = None
   if img_variant is not None:
-    img = siglip.get_config(img_variant, head_dim_out=llm.width, **tower)
+    img = siglip.get_config(img_variant, head_dim_out=llm.width, **tower, **img_only)
   return VLMConfig(img=img, llm=llm, **{**fields, **rest})
 
 
