@@ -9,7 +9,8 @@ initial layout), eval_episodes (per task, compiled and C), horizon (action chunk
 (actions executed per chunk), lr, width (head), queries (learnable query tokens), vlm (backbone
 variant: 'tiny', 'tiny_p8', 'tiny_p4' or 'mini_p8'), posemb (initial SigLIP position embedding:
 'normal' or 'sincos2d'), mol, msm,
-train_llm (also train the tiny Gemma layers), c_eval (also evaluate through C MuJoCo), data_dir
+train_llm (also train the tiny Gemma layers), c_eval (also evaluate through C MuJoCo),
+demo_layouts (also evaluate on the demonstrations' initial layouts), data_dir
 (demo cache).
 
 The `mjx` section is read by `m2vla_jax.sim.mjx.workflow` (prepare demos -> train -> evaluate
@@ -46,6 +47,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   a = config_base.parse_arg(arg, steps=10000, batch=64, episodes=240, repeats=9, eval_episodes=50,
                             horizon=8, execute=2, lr=1e-3, width=64, noise=0.3, train_llm=True,
                             queries=4, vlm="tiny", posemb="normal", mol=True, msm=True, c_eval=True,
+                            demo_layouts=True,
                             data_dir=os.environ.get("M2VLA_MJX_DATA", DEFAULT_DATA_DIR))
   from m2vla_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from m2vla_jax.models import m2vla  # pylint: disable=g-import-not-at-top
@@ -75,6 +77,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.mjx.eval.execute_steps = a.execute
   c.mjx.eval.seed = 1000         # initial states disjoint from the demos' (seed 0)
   c.mjx.eval.c_mujoco = a.c_eval
+  # Also roll out on the demonstrations' own initial layouts: success there but not on fresh
+  # layouts means memorised layouts (RESULTS.md).
+  c.mjx.eval.demo_layouts = a.demo_layouts
   c.mjx.eval.out_subdir = "mjx_eval"
 
   c.model = m2vla.get_config()

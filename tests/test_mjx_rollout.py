@@ -81,6 +81,21 @@ def test_summary_matches_numpy_and_wilson(results):
 
 
 @pytest.mark.slow
+def test_grounding_measure_sees_the_expert_go_to_the_named_block(results):
+  expert, rand = results
+  s = rl.summarize(expert)
+  assert s["named_block_closest"] == 1.0, [e["closest_block"] for e in s["episode_records"]]
+  assert all(e["named_block_closest"] == 1.0 for e in s["per_task"].values())
+  # Brute force on random trajectories: the block (moving or not) with the smallest xy distance
+  # to the hand over all recorded calls.
+  p = np.random.default_rng(0).uniform(-0.2, 0.2, (5, 7, 18))
+  ref = [min(range(3), key=lambda b: min(math.dist(p[r, i, :2], p[r, i, 4 + 3 * b:6 + 3 * b])
+                                        for r in range(5))) for i in range(7)]
+  np.testing.assert_array_equal(rl.closest_block(p), ref)
+  assert 0.0 <= rl.summarize(rand)["named_block_closest"] <= 1.0
+
+
+@pytest.mark.slow
 def test_recorded_frames_show_the_scene(results):
   expert, _ = results
   frames = expert["frames"]

@@ -16,15 +16,17 @@ the trainer, modelled on `m2vla_jax.sim.workflow` (Meta-World):
 `config.mjx` fields (configs/mjx.py): tasks, episodes_per_task, image_size, camera, demo_horizon,
 demo_seed, demo_noise, demo_layout_repeats, dataset_name (derived by `configs/mjx.py:
 dataset_name`), and `eval`: episodes_per_task, horizon, execute_steps, seed, c_mujoco,
-out_subdir.
+demo_layouts (also roll out on the demonstrations' first initial layouts), out_subdir.
 
-Report files: `mjx_compiled.json/.png`, `c_mujoco.json/.png` (every episode: instruction,
+Report files: `mjx_compiled.json/.png`, `c_mujoco.json/.png`, with `demo_layouts`
+`mjx_demo_layouts.json/.png` (every episode: instruction,
 success, steps, return), `summary.json` and `summary.md` (per-task success with Wilson 95%
 intervals, compiled vs C, per-episode agreement, wall-clock per phase, and the experts' success
 while recording, kept beside the demos as `mjx_demo_summary.json`).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -120,16 +122,24 @@ def _brief(summary: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def summary_markdown(results: Mapping[str, Mapping[str, Any]]) -> str:
-  """One table: rollout x task success (successes/episodes) and the mean with its 95% interval."""
-  lines = ["| rollout | task | success | episodes | 95% CI |", "|---|---|---|---|---|"]
+  """One table: rollout x task success (successes/episodes), the mean with its 95% interval, and
+  how often the hand went closest to the named block (recorded rollouts; chance is 1/3)."""
+  lines = ["| rollout | task | success | episodes | 95% CI | named block closest |",
+           "|---|---|---|---|---|---|"]
+
+  def closest(entry):
+    v = entry.get("named_block_closest")
+    return "-" if v is None else f"{v:.2f}"
+
   for name, r in results.items():
     for task, t in r["per_task"].items():
       lo, hi = t["ci95"]
       lines.append(f"| {name} | {task} | {t['successes']}/{t['episodes']} "
-                   f"({t['success_rate']:.2f}) | {t['episodes']} | {lo:.2f}-{hi:.2f} |")
+                   f"({t['success_rate']:.2f}) | {t['episodes']} | {lo:.2f}-{hi:.2f} | "
+                   f"{closest(t)} |")
     lo, hi = r["mean_ci95"]
     lines.append(f"| **{name}** | **mean** | **{r['mean_success']:.3f}** | {r['episodes']} | "
-                 f"{lo:.2f}-{hi:.2f} |")
+                 f"{lo:.2f}-{hi:.2f} | {closest(r)} |")
   return "\n".join(lines) + "\n"
 
 
@@ -153,7 +163,9 @@ def evaluate_run(config: ml_collections.ConfigDict, workdir: str, trained: Any =
   if trained is None:
     trained = policy_lib.TrainedPolicy.from_workdir(workdir)
   wall = {"load_policy": time.time() - t0}
-  env = trained.env_params(tuple(m.tasks), m.camera, int(e.execute_steps))
+  # record=True: the per-call privileged state gives the grounding measure (named_block_closest).
+  env = dataclasses.replace(trained.env_params(tuple(m.tasks), m.camera, int(e.execute_steps)),
+                            record=True)
   n = int(e.episodes_per_task) * len(m.tasks)
   horizon, rng = int(e.horizon), jax.random.key(int(e.seed))
   results, raw = {}, {}
@@ -162,9 +174,21 @@ def evaluate_run(config: ml_collections.ConfigDict, workdir: str, trained: Any =
   raw["compiled"] = rollout_lib.rollout(trained.policy_fn, trained.params, env, rng, n, horizon)
   results["compiled MJX"] = rollout_lib.report(raw["compiled"], out_dir, "mjx_compiled")
   wall["eval_compiled"] = time.time() - t
+  if e.get("demo_layouts", False):
+    # The first n initial layouts of the demonstrations (same seed and layout sharing; reset keys
+    # do not depend on the episode count), with the evaluation's instructions: the gap to the
+    # fresh layouts above says how much of the policy is memorised layouts.
+    t = time.time()
+    demo_env = dataclasses.replace(env, layout_repeats=int(m.demo_layout_repeats))
+    raw["demo"] = rollout_lib.rollout(trained.policy_fn, trained.params, demo_env,
+                                      jax.random.key(int(m.demo_seed)), n, horizon)
+    results["compiled MJX, demo layouts"] = rollout_lib.report(raw["demo"], out_dir,
+                                                               "mjx_demo_layouts")
+    wall["eval_demo_layouts"] = time.time() - t
   if e.c_mujoco:
     t = time.time()
-    raw["c"] = c_rollout.c_rollout(trained.policy_fn, trained.params, env, rng, n, horizon)
+    raw["c"] = c_rollout.c_rollout(trained.policy_fn, trained.params,
+                                   dataclasses.replace(env, record=False), rng, n, horizon)
     results["C MuJoCo"] = rollout_lib.report(raw["c"], out_dir, "c_mujoco")
     wall["eval_c_mujoco"] = time.time() - t
     wall["c_mujoco_parts"] = raw["c"]["wall_s"]
@@ -181,6 +205,7 @@ def evaluate_run(config: ml_collections.ConfigDict, workdir: str, trained: Any =
       "seed": int(e.seed),
       "rollouts": {k: {"mean_success": r["mean_success"], "mean_ci95": list(r["mean_ci95"]),
                        "episodes": r["episodes"],
+                       "named_block_closest": r.get("named_block_closest"),
                        "per_task": {t: {f: x[f] for f in ("successes", "episodes",
                                                           "success_rate", "ci95")}
                                     for t, x in r["per_task"].items()}}
