@@ -10,7 +10,8 @@ initial layout), eval_episodes (per task, compiled and C), horizon (action chunk
 variant: 'tiny', 'tiny_p8', 'tiny_p4' or 'mini_p8'), posemb (initial SigLIP position embedding:
 'normal' or 'sincos2d'), mol, msm,
 train_llm (also train the tiny Gemma layers), c_eval (also evaluate through C MuJoCo),
-demo_layouts (also evaluate on the demonstrations' initial layouts), data_dir
+demo_layouts (also evaluate on the demonstrations' initial layouts), augment (random resized crop +
+colour jitter of training images), data_dir
 (demo cache).
 
 The `mjx` section is read by `m2vla_jax.sim.mjx.workflow` (prepare demos -> train -> evaluate
@@ -47,7 +48,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   a = config_base.parse_arg(arg, steps=10000, batch=64, episodes=240, repeats=9, eval_episodes=50,
                             horizon=8, execute=2, lr=1e-3, width=64, noise=0.3, train_llm=True,
                             queries=4, vlm="tiny", posemb="normal", mol=True, msm=True, c_eval=True,
-                            demo_layouts=True,
+                            demo_layouts=True, augment=False,
                             data_dir=os.environ.get("M2VLA_MJX_DATA", DEFAULT_DATA_DIR))
   from m2vla_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from m2vla_jax.models import m2vla  # pylint: disable=g-import-not-at-top
@@ -117,6 +118,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   p.horizon = a.horizon
   p.max_tokens = 32
   p.shuffle_buffer = 1024
+  # Random resized crop (area 0.8-1, aspect 0.9-1.1) + brightness/contrast/saturation jitter (no hue
+  # change, so the colour words stay true); evaluation sees the full frame.
+  p.augment = a.augment
   p.progress = False
   p.num_threads = 1
   p.prefetch = 4
