@@ -54,3 +54,9 @@ def test_config_errors_name_the_field():
     workflow.prepare_data(c)
   with pytest.raises(ValueError, match="unknown config argument 'demos'"):
     _config("demos=3")
+  # 3 repeats over 3 tasks: each shared layout names one colour per task (the word is redundant)
+  with pytest.raises(ValueError, match=r"demo_layout_repeats=3: .* one block only for "
+                                       r"\['pick_lift', 'place_on_target', 'push_to_target'\]"):
+    workflow._check(_config("repeats=3"))  # pylint: disable=protected-access
+  for ok in (1, 9, 18):
+    workflow._check(_config(f"repeats={ok}"))  # pylint: disable=protected-access

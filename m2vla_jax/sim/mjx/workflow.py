@@ -55,6 +55,7 @@ def _check(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   for field in ("episodes_per_task", "demo_horizon"):
     if int(m[field]) < 1:
       raise ValueError(f"config.mjx.{field}={m[field]} must be >= 1")
+  _check_layout_sharing(tuple(m.tasks), int(m.demo_layout_repeats))
   for field in ("episodes_per_task", "horizon", "execute_steps"):
     if int(m.eval[field]) < 1:
       raise ValueError(f"config.mjx.eval.{field}={m.eval[field]} must be >= 1")
@@ -62,6 +63,29 @@ def _check(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     raise ValueError(f"config.mjx.eval.execute_steps={m.eval.execute_steps} exceeds the action "
                      f"chunk config.model.horizon={config.model.horizon}")
   return m
+
+
+def _check_layout_sharing(tasks: tuple[str, ...], repeats: int) -> None:
+  """Episodes that share a layout must name different blocks for the same task.
+
+  Instructions are dealt round-robin over tasks, then over each task's instructions (colour
+  fastest), so e.g. 3 repeats over 3 tasks give every layout one colour: the demos can then be
+  fitted from the image alone, and the policy learned to ignore the colour word (RESULTS.md).
+  """
+  from m2vla_jax.sim.mjx import rollout as rollout_lib  # pylint: disable=g-import-not-at-top
+  if repeats < 1:
+    raise ValueError(f"config.mjx.demo_layout_repeats={repeats} must be >= 1")
+  if repeats == 1:
+    return
+  blocks: dict[str, set[int]] = {}
+  for e in rollout_lib.EnvParams(tasks=tasks).episodes(repeats):
+    blocks.setdefault(e.task, set()).add(e.block)
+  one = sorted(t for t, b in blocks.items() if len(b) < 2)
+  if one:
+    raise ValueError(f"config.mjx.demo_layout_repeats={repeats}: the episodes sharing a layout name "
+                     f"one block only for {one} (instructions go round-robin over tasks, then "
+                     f"colours), so the colour word is redundant; use 1 or a multiple of "
+                     f"len(tasks) * 3 = {len(tasks) * 3}")
 
 
 def dataset_spec(name: str):
