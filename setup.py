@@ -41,6 +41,7 @@ TEST = [
     "accelerate",
     "pytest",
     "pytest-timeout",
+    "pytest-xdist",     # two workers: most test time is single-threaded XLA compilation
     "gcp-storage-emulator==2026.7.19",   # tests/gcs_emulator.py patches its request handler
 ]
 
