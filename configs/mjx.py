@@ -3,7 +3,7 @@
     python -m m2vla_jax.sim.mjx.workflow --config=configs/mjx.py --workdir=/tmp/mjx_run
     python -m m2vla_jax.sim.mjx.workflow --config=configs/mjx.py:steps=20,episodes=2,eval_episodes=2 ...
 
-Short args: steps, batch, episodes (demos per task), noise (std of the DART noise executed while
+Short args: tasks ('+'-separated, default all three), steps, batch, episodes (demos per task), noise (std of the DART noise executed while
 recording demos; labels are the clean expert actions), repeats (consecutive demos sharing one
 initial layout), eval_episodes (per task, compiled and C), horizon (action chunk H), execute
 (actions executed per chunk), lr, width (head), queries (learnable query tokens), vlm (backbone
@@ -48,7 +48,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   a = config_base.parse_arg(arg, steps=10000, batch=64, episodes=240, repeats=9, eval_episodes=50,
                             horizon=8, execute=2, lr=1e-3, width=64, noise=0.3, train_llm=True,
                             queries=4, vlm="tiny", posemb="normal", mol=True, msm=True, c_eval=True,
-                            demo_layouts=True, augment=False,
+                            demo_layouts=True, augment=False, tasks="+".join(TASKS),
                             data_dir=os.environ.get("M2VLA_MJX_DATA", DEFAULT_DATA_DIR))
   from m2vla_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from m2vla_jax.models import m2vla  # pylint: disable=g-import-not-at-top
@@ -58,7 +58,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.policy = "m2vla"
 
   c.mjx = ml_collections.ConfigDict()
-  c.mjx.tasks = TASKS
+  c.mjx.tasks = tuple(a.tasks.split("+"))
   c.mjx.episodes_per_task = a.episodes
   c.mjx.image_size = 32
   c.mjx.camera = "table"
@@ -69,7 +69,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # layout the policy fitted the demos from the image alone and ignored the colour word
   # (RESULTS.md); 3 tasks x 3 colours consecutive envs share one reset key.
   c.mjx.demo_layout_repeats = a.repeats
-  c.mjx.dataset_name = dataset_name(TASKS, a.episodes, c.mjx.image_size, c.mjx.camera,
+  c.mjx.dataset_name = dataset_name(c.mjx.tasks, a.episodes, c.mjx.image_size, c.mjx.camera,
                                     c.mjx.demo_horizon, c.mjx.demo_seed, c.mjx.demo_noise,
                                     c.mjx.demo_layout_repeats)
   c.mjx.eval = ml_collections.ConfigDict()

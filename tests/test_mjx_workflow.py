@@ -58,5 +58,9 @@ def test_config_errors_name_the_field():
   with pytest.raises(ValueError, match=r"demo_layout_repeats=3: .* one block only for "
                                        r"\['pick_lift', 'place_on_target', 'push_to_target'\]"):
     workflow._check(_config("repeats=3"))  # pylint: disable=protected-access
+  # one task: 3 repeats give each layout all three colours
+  one = _config("tasks=pick_lift,repeats=3")
+  assert one.mjx.tasks == ("pick_lift",) and one.mjx.dataset_name.startswith("mjx_pick_")
+  workflow._check(one)  # pylint: disable=protected-access
   for ok in (1, 9, 18):
     workflow._check(_config(f"repeats={ok}"))  # pylint: disable=protected-access
