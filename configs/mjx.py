@@ -3,8 +3,8 @@
     python -m m2vla_jax.sim.mjx.workflow --config=configs/mjx.py --workdir=/tmp/mjx_run
     python -m m2vla_jax.sim.mjx.workflow --config=configs/mjx.py:steps=20,episodes=2,eval_episodes=2 ...
 
-Short args: tasks ('+'-separated, default all three), steps, batch, episodes (demos per task), noise (std of the DART noise executed while
-recording demos; labels are the clean expert actions), repeats (consecutive demos sharing one
+Short args: tasks ('+'-separated, default all three), steps, batch, episodes (demos per task),
+noise (std of the DART noise executed while recording demos; labels are the clean expert actions), repeats (consecutive demos sharing one
 initial layout), eval_episodes (per task, compiled and C), horizon (action chunk H), execute
 (actions executed per chunk), lr, width (head), queries (learnable query tokens), vlm (backbone
 variant: 'tiny', 'tiny_p8', 'tiny_p4' or 'mini_p8'), posemb (initial SigLIP position embedding:
@@ -84,7 +84,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.mjx.eval.out_subdir = "mjx_eval"
 
   c.model = m2vla.get_config()
-  c.model.vlm = a.vlm     # 'tiny' (4 image tokens) or 'tiny_p8' (8x8 patches: 16 tokens)
+  c.model.vlm = a.vlm     # 'tiny' (4 image tokens), 'tiny_p8' (16), 'tiny_p4' (64), 'mini_p8
   c.model.vlm_overrides = ml_collections.ConfigDict({"max_text_tokens": 32,
                                                      "num_queries": a.queries,
                                                      "posemb_init": a.posemb})

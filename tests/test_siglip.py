@@ -71,7 +71,7 @@ def test_bad_images_and_config():
 
 def test_sincos2d_position_embedding_init_matches_brute_force():
   # Reference: big_vision's posemb_sincos_2d written element by element in float64. Token n is
-  # patch (row n // w, column n // w); feature block 0..3 = sin(col), cos(col), sin(row), cos(row)
+  # patch (row n // w, column n % w); feature block 0..3 = sin(col), cos(col), sin(row), cos(row)
   # at frequency 1 / 10000 ** (k / (W/4 - 1)).
   cfg = siglip.get_config("tiny/4", posemb_init="sincos2d")
   params = siglip.SigLIP(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))["params"]
