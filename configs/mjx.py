@@ -11,7 +11,7 @@ variant: 'tiny', 'tiny_p8', 'tiny_p4' or 'mini_p8'), posemb (initial SigLIP posi
 'normal' or 'sincos2d'), mol, msm,
 train_llm (also train the tiny Gemma layers), c_eval (also evaluate through C MuJoCo),
 demo_layouts (also evaluate on the demonstrations' initial layouts), augment (random resized crop +
-colour jitter of training images), data_dir
+colour jitter of training images), tokenizer ('words' or 'bytes', below), data_dir
 (demo cache).
 
 The `mjx` section is read by `m2vla_jax.sim.mjx.workflow` (prepare demos -> train -> evaluate
@@ -22,9 +22,11 @@ MoL + MSM head), except:
     (m2vla_jax/sim/mjx/RESULTS.md);
   * camera 'table' (the front view narrowed to the workspace, fovy 31): at 32 px a 4 cm block
     covers ~4 px instead of ~2 px in 'front';
-  * 32 text tokens: the tasks' instructions differ only after 15 characters ("pick up the red
-    block" vs "pick up the red block and set it down ..."), so 16 byte tokens would make
-    pick_lift and place_on_target instructions identical.
+  * tokenizer 'words' (default): one id per word of the tasks' 25-word vocabulary
+    (`data_adapter.WordVocabulary`), as Gemma's own tokenizer gives ' red' / ' green' / ' blue'
+    one piece each; 16 tokens. 'bytes' is the UTF-8 byte tokenizer of configs/sim.py, 32 tokens
+    (the instructions differ only after 15 characters: "pick up the red block" vs "pick up the
+    red block and set it down ..."). Runs 1-11 of RESULTS.md used 'bytes'.
 """
 import os
 
@@ -33,6 +35,7 @@ import ml_collections
 from m2vla_jax.training import config_base
 
 TASKS = ("pick_lift", "push_to_target", "place_on_target")
+TOKENIZERS = ("words", "bytes")
 DEFAULT_DATA_DIR = os.path.join(os.path.expanduser("~"), ".cache", "m2vla_jax", "mjx_demos")
 
 
@@ -49,6 +52,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                             horizon=8, execute=2, lr=1e-3, width=64, noise=0.3, train_llm=True,
                             queries=4, vlm="tiny", posemb="normal", mol=True, msm=True, c_eval=True,
                             demo_layouts=True, augment=False, tasks="+".join(TASKS),
+                            tokenizer="words",
                             data_dir=os.environ.get("M2VLA_MJX_DATA", DEFAULT_DATA_DIR))
   from m2vla_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from m2vla_jax.models import m2vla  # pylint: disable=g-import-not-at-top
@@ -83,9 +87,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.mjx.eval.demo_layouts = a.demo_layouts
   c.mjx.eval.out_subdir = "mjx_eval"
 
+  if a.tokenizer not in TOKENIZERS:
+    raise ValueError(f"configs/mjx.py: tokenizer={a.tokenizer!r}; use one of {TOKENIZERS}")
+  if a.tokenizer == "words":
+    # Every word of all three tasks' vocabularies, whichever tasks train: ids stay comparable.
+    from m2vla_jax.sim.mjx import tasks as tasks_lib  # pylint: disable=g-import-not-at-top
+    from m2vla_jax.training import data_adapter  # pylint: disable=g-import-not-at-top
+    tokenizer = data_adapter.words_spec(
+        ins.text for t in tasks_lib.TASKS for ins in tasks_lib.vocabulary(t))
+    max_tokens = 16                  # the longest instruction is 12 words + BOS
+  else:
+    tokenizer, max_tokens = "bytes_mod:128", 32
   c.model = m2vla.get_config()
   c.model.vlm = a.vlm     # 'tiny' (4 image tokens), 'tiny_p8' (16), 'tiny_p4' (64), 'mini_p8
-  c.model.vlm_overrides = ml_collections.ConfigDict({"max_text_tokens": 32,
+  c.model.vlm_overrides = ml_collections.ConfigDict({"max_text_tokens": max_tokens,
                                                      "num_queries": a.queries,
                                                      "posemb_init": a.posemb})
   c.model.num_cameras = 1
@@ -116,7 +131,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   p.cameras = ("primary",)
   p.image_size = (c.mjx.image_size, c.mjx.image_size)
   p.horizon = a.horizon
-  p.max_tokens = 32
+  p.max_tokens = max_tokens
   p.shuffle_buffer = 1024
   # Random resized crop (area 0.8-1, aspect 0.9-1.1) + brightness/contrast/saturation jitter (no hue
   # change, so the colour words stay true); evaluation sees the full frame.
@@ -124,7 +139,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   p.progress = False
   p.num_threads = 1
   p.prefetch = 4
-  c.data.tokenizer = "bytes_mod:128"   # UTF-8 bytes folded into the tiny Gemma's 128 ids
+  c.data.tokenizer = tokenizer
   c.data.val_split = "train"
 
   c.optimizer.lr = a.lr

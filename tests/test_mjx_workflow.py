@@ -8,6 +8,7 @@ import pytest
 
 from m2vla_jax.sim.mjx import workflow
 from m2vla_jax.training import config_base
+from m2vla_jax.training import data_adapter
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "mjx.py")
 
@@ -24,8 +25,15 @@ def test_config_is_consistent_and_short_args_apply():
   assert c.data.pipeline.datasets == c.mjx.dataset_name
   assert "n3" in c.mjx.dataset_name and c.mjx.camera in c.mjx.dataset_name
   assert tuple(c.data.pipeline.image_size) == (c.mjx.image_size,) * 2
-  # 32 text tokens in both the pipeline and the tiny VLM (the instructions differ after 15 chars)
-  assert c.data.pipeline.max_tokens == c.model.vlm_overrides.max_text_tokens == 32
+  # one token per word (the colour is one token, as in Gemma's vocabulary): 16 tokens in both the
+  # pipeline and the tiny VLM, every id inside the tiny Gemma's 128
+  assert c.data.tokenizer.startswith("words:") and "red" in c.data.tokenizer.split(",")
+  assert c.data.pipeline.max_tokens == c.model.vlm_overrides.max_text_tokens == 16
+  assert data_adapter.make_tokenizer(c.data.tokenizer).vocab <= 128
+  # bytes: 32 tokens (the instructions differ after 15 characters)
+  b = _config("tokenizer=bytes")
+  assert b.data.tokenizer == "bytes_mod:128"
+  assert b.data.pipeline.max_tokens == b.model.vlm_overrides.max_text_tokens == 32
   assert workflow._check(c) is c.mjx  # pylint: disable=protected-access
   # a different demo count is a different cache entry
   assert _config("episodes=4").mjx.dataset_name != c.mjx.dataset_name
@@ -52,6 +60,14 @@ def test_config_errors_name_the_field():
   del c["mjx"]
   with pytest.raises(ValueError, match="no 'mjx' section"):
     workflow.prepare_data(c)
+  # 16 byte tokens: pick_lift's and place_on_target's "pick up the red block ..." collide
+  c = _config("tokenizer=bytes")
+  c.unlock()
+  c.data.pipeline.max_tokens = 16
+  with pytest.raises(ValueError, match=r"more than config.data.pipeline.max_tokens=16"):
+    workflow._check(c)  # pylint: disable=protected-access
+  with pytest.raises(ValueError, match=r"tokenizer='sentencepiece'; use one of \('words', 'bytes'\)"):
+    _config("tokenizer=sentencepiece")
   with pytest.raises(ValueError, match="unknown config argument 'demos'"):
     _config("demos=3")
   # 3 repeats over 3 tasks: each shared layout names one colour per task (the word is redundant)

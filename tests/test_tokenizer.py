@@ -136,3 +136,26 @@ def test_gguf_vocab_rebuild_follows_llama_cpp_conventions(model_path):
 def test_missing_model_file_is_named(tmp_path):
   with pytest.raises(FileNotFoundError, match="absent.model"):
     tokenizer_lib.Tokenizer.from_sentencepiece(str(tmp_path / "absent.model"))
+
+
+def test_word_vocabulary_ids_round_trip_and_errors():
+  from m2vla_jax.training import data_adapter
+  spec = data_adapter.words_spec(["Pick up the RED block", "push the green block to the goal"])
+  assert spec == "words:block,goal,green,pick,push,red,the,to,up"
+  tok = data_adapter.make_tokenizer(spec)
+  words = spec.split(":", 1)[1].split(",")
+  # BOS = 1, word i of the sorted list = i + 2; case and punctuation do not matter
+  assert tok.encode("push the green block, to the goal!") == (
+      [1] + [words.index(w) + 2 for w in "push the green block to the goal".split()])
+  assert tok.vocab == len(words) + 2
+  # the colour is one token, and two instructions differing only in it differ in one id
+  a, b = tok.encode("pick up the red block"), tok.encode("pick up the green block")
+  assert len(a) == len(b) == 6 and sum(x != y for x, y in zip(a, b)) == 1
+  with pytest.raises(ValueError, match=r"words \['blue'\] are not in the tokenizer's word list"):
+    tok.encode("pick up the blue block")
+  with pytest.raises(ValueError, match=r"listed twice"):
+    data_adapter.make_tokenizer("words:red,red")
+  with pytest.raises(ValueError, match=r"lower-case words"):
+    data_adapter.make_tokenizer("words:Red,green")
+  with pytest.raises(ValueError, match=r"empty list"):
+    data_adapter.make_tokenizer("words:")

@@ -56,6 +56,7 @@ def _check(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if int(m[field]) < 1:
       raise ValueError(f"config.mjx.{field}={m[field]} must be >= 1")
   _check_layout_sharing(tuple(m.tasks), int(m.demo_layout_repeats))
+  _check_tokenizer(tuple(m.tasks), str(config.data.tokenizer), int(config.data.pipeline.max_tokens))
   for field in ("episodes_per_task", "horizon", "execute_steps"):
     if int(m.eval[field]) < 1:
       raise ValueError(f"config.mjx.eval.{field}={m.eval[field]} must be >= 1")
@@ -63,6 +64,29 @@ def _check(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     raise ValueError(f"config.mjx.eval.execute_steps={m.eval.execute_steps} exceeds the action "
                      f"chunk config.model.horizon={config.model.horizon}")
   return m
+
+
+def _check_tokenizer(tasks: tuple[str, ...], spec: str, max_tokens: int) -> None:
+  """Every instruction fits in max_tokens, and no two become the same tokens.
+
+  Truncation is silent in the pipeline: with 16 byte tokens "pick up the red block" and "pick up
+  the red block and set it down ..." would be one instruction for two tasks.
+  """
+  from m2vla_jax.sim.mjx import tasks as tasks_lib  # pylint: disable=g-import-not-at-top
+  from m2vla_jax.training import data_adapter  # pylint: disable=g-import-not-at-top
+  tok = data_adapter.make_tokenizer(spec)
+  seen: dict[tuple[int, ...], str] = {}
+  for t in tasks:
+    for ins in tasks_lib.vocabulary(t):
+      ids = tuple(tok.encode(ins.text))
+      if len(ids) > max_tokens:
+        raise ValueError(f"instruction {ins.text!r} is {len(ids)} tokens with config.data.tokenizer"
+                         f"={spec[:40]!r}, more than config.data.pipeline.max_tokens={max_tokens}; "
+                         f"raise max_tokens (and model.vlm_overrides.max_text_tokens)")
+      if ids in seen:
+        raise ValueError(f"instructions {seen[ids]!r} and {ins.text!r} have the same tokens with "
+                         f"config.data.tokenizer={spec[:40]!r}")
+      seen[ids] = ins.text
 
 
 def _check_layout_sharing(tasks: tuple[str, ...], repeats: int) -> None:
