@@ -11,7 +11,9 @@ variant: 'tiny', 'tiny_p8', 'tiny_p4' or 'mini_p8'), posemb (initial SigLIP posi
 'normal' or 'sincos2d'), mol, msm,
 train_llm (also train the tiny Gemma layers), c_eval (also evaluate through C MuJoCo),
 demo_layouts (also evaluate on the demonstrations' initial layouts), augment (random resized crop +
-colour jitter of training images), tokenizer ('words' or 'bytes', below), data_dir
+colour jitter of training images), tokenizer ('words' or 'bytes', below), ground (steps of grounding pretraining of the
+backbone before behaviour cloning, m2vla_jax.sim.mjx.grounding; 0 = none), freeze_vlm (keep the
+VLM frozen but its query tokens, the paper's setting; overrides train_llm), data_dir
 (demo cache).
 
 The `mjx` section is read by `m2vla_jax.sim.mjx.workflow` (prepare demos -> train -> evaluate
@@ -52,7 +54,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                             horizon=8, execute=2, lr=1e-3, width=64, noise=0.3, train_llm=True,
                             queries=4, vlm="tiny", posemb="normal", mol=True, msm=True, c_eval=True,
                             demo_layouts=True, augment=False, tasks="+".join(TASKS),
-                            tokenizer="words",
+                            tokenizer="words", ground=0, freeze_vlm=False,
                             data_dir=os.environ.get("M2VLA_MJX_DATA", DEFAULT_DATA_DIR))
   from m2vla_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from m2vla_jax.models import m2vla  # pylint: disable=g-import-not-at-top
@@ -115,9 +117,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.head.mlp_dim = 2 * a.width
   c.model.memory.size = 2048
   c.model.frozen_dtype = "float32"    # bf16 matmuls are slow on CPU and the backbone is tiny
-  if a.train_llm:   # everything trains: the backbone is random, there is nothing to preserve
+  if a.freeze_vlm:    # the paper's setting: the (grounding-pretrained) VLM stays frozen
+    rules = [("vlm/queries", True), ("vlm/.*", False), (".*", True)]
+  elif a.train_llm:   # everything trains: a random backbone has nothing to preserve
     rules = [(".*", True)]
-  else:             # configs/sim.py: Gemma frozen; SigLIP, queries and head train
+  else:               # configs/sim.py: Gemma frozen; SigLIP, queries and head train
     rules = [("vlm/queries", True), ("vlm/img/.*", True), ("vlm/.*", False), (".*", True)]
   c.model.trainable = rules
   c.trainable = list(rules)
@@ -141,6 +145,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   p.prefetch = 4
   c.data.tokenizer = tokenizer
   c.data.val_split = "train"
+
+  # Grounding pretraining of the backbone (m2vla_jax.sim.mjx.grounding), run and cached by the
+  # workflow before training; the trainer then starts from it through config.init.checkpoint.
+  c.mjx.pretrain = ml_collections.ConfigDict(dict(steps=a.ground, batch_size=128, lr=1e-3, seed=0))
+  if a.ground > 0:
+    from m2vla_jax.sim.mjx import grounding  # pylint: disable=g-import-not-at-top
+    c.init = ml_collections.ConfigDict()
+    c.init.checkpoint = os.path.join(a.data_dir, "grounding",
+                                     grounding.settings_from_config(c).cache_name() + ".npz")
+    c.init.source_prefix = "params/"
+    c.init.target_prefix = "vlm/"
 
   c.optimizer.lr = a.lr
   c.optimizer.warmup_steps = min(100, max(a.steps // 10, 1))
