@@ -13,7 +13,9 @@ train_llm (also train the tiny Gemma layers), c_eval (also evaluate through C Mu
 demo_layouts (also evaluate on the demonstrations' initial layouts), augment (random resized crop +
 colour jitter of training images), tokenizer ('words' or 'bytes', below), ground (steps of grounding pretraining of the
 backbone before behaviour cloning, m2vla_jax.sim.mjx.grounding; 0 = none), freeze_vlm (keep the
-VLM frozen but its query tokens, the paper's setting; overrides train_llm), data_dir
+VLM frozen but its query tokens, the paper's setting; overrides train_llm), dagger (DAgger rounds
+after behaviour cloning, m2vla_jax.sim.mjx.dagger; 0 = none), dagger_episodes (per task and round),
+dagger_beta (probability that the expert acts at a policy call), data_dir
 (demo cache).
 
 The `mjx` section is read by `m2vla_jax.sim.mjx.workflow` (prepare demos -> train -> evaluate
@@ -54,7 +56,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                             horizon=8, execute=2, lr=1e-3, width=64, noise=0.3, train_llm=True,
                             queries=4, vlm="tiny", posemb="normal", mol=True, msm=True, c_eval=True,
                             demo_layouts=True, augment=False, tasks="+".join(TASKS),
-                            tokenizer="words", ground=0, freeze_vlm=False,
+                            tokenizer="words", ground=0, freeze_vlm=False, dagger=0,
+                            dagger_episodes=200, dagger_beta=0.5,
                             data_dir=os.environ.get("M2VLA_MJX_DATA", DEFAULT_DATA_DIR))
   from m2vla_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from m2vla_jax.models import m2vla  # pylint: disable=g-import-not-at-top
@@ -88,6 +91,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # layouts means memorised layouts (RESULTS.md).
   c.mjx.eval.demo_layouts = a.demo_layouts
   c.mjx.eval.out_subdir = "mjx_eval"
+  # DAgger rounds after behaviour cloning (m2vla_jax.sim.mjx.dagger; workflow.dagger_rounds).
+  c.mjx.dagger = ml_collections.ConfigDict(dict(rounds=a.dagger, episodes_per_task=a.dagger_episodes,
+                                                beta=a.dagger_beta, seed=2000))
 
   if a.tokenizer not in TOKENIZERS:
     raise ValueError(f"configs/mjx.py: tokenizer={a.tokenizer!r}; use one of {TOKENIZERS}")

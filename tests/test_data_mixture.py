@@ -150,3 +150,48 @@ def test_resume_in_a_fresh_process_gives_the_next_batches(written, tmp_path):
     np.testing.assert_array_equal(got[f"{k}/images"], b["observation"]["images"])  # same augmentation
     np.testing.assert_array_equal(got[f"{k}/actions"], b["actions"])
     np.testing.assert_array_equal(got[f"{k}/tokens"], b["observation"]["tokens"])
+
+
+def test_shared_statistics_normalize_every_dataset_alike(written, tmp_path):
+  root, eps_a, _ = written
+  # toy_c: toy_a's dims, actions 5x larger: its own statistics would differ
+  eps_c = testing.toy_episodes(3, 6, seed=3, task="pick")
+  for e in eps_c:
+    e["action"][:, :3] *= 5
+  write_rlds_dataset(eps_c, root, "toy_c", image_encoding="png", progress=False)
+  oxe.register(_spec("toy_c"), overwrite=True)
+  c = _config(root, tmp_path, datasets="toy_a,toy_c", shared_statistics="toy_a", batch_size=16,
+              shuffle_buffer=0)
+  it = pipeline.make_pipeline(c, tokenizer=testing.ByteTokenizer(), seed=0, process_index=0,
+                              process_count=1)
+  info = it.info
+  assert info.statistics["toy_c"] == info.statistics["toy_a"]
+  from m2vla_jax.data import statistics as stats_lib
+  a_norm = stats_lib.normalizer(info.statistics["toy_a"], "action", "bounds",
+                                mask=np.asarray(info.statistics["toy_a"]["action_gripper_mask"]))
+  seen = 0
+  for _ in range(8):
+    batch = next(it)
+    which = info.dataset_of(batch["frame_id"])
+    for b in np.flatnonzero(which == info.datasets.index("toy_c")):
+      f = int(batch["frame_id"][b]) - info.frame_id_ranges["toy_c"][0]
+      ep, t = divmod(f, 6)
+      want = stats_lib.apply_normalizer(eps_c[ep]["action"][t:t + 1], a_norm)[0]
+      np.testing.assert_allclose(batch["actions"][b, 0], want, atol=1e-5)
+      seen += 1
+  assert seen >= 18 // 2      # toy_c is 18 of the mixture's 49 steps; 128 frames drawn
+  # one shared entry: the run's normalizers need no dataset name
+  run_stats = {"normalization": "bounds", "datasets": info.statistics}
+  assert stats_lib.run_normalizers(run_stats)[0] == "toy_a"
+  with pytest.raises(ValueError, match="pass dataset= to pick one"):
+    stats_lib.run_normalizers({"datasets": {"x": info.statistics["toy_a"],
+                                            "y": stats_lib.dataset_statistics(
+                                                load_dataset(root, oxe.get_spec("toy_c"), "train",
+                                                             progress=False), str(tmp_path),
+                                                progress=False)}})
+  with pytest.raises(Exception, match=r"shared_statistics='toy_z' is not a dataset of the mixture"):
+    pipeline.make_dataset(_config(root, tmp_path, datasets="toy_a,toy_c", shared_statistics="toy_z"),
+                          tokenizer=testing.ByteTokenizer(), process_index=0, process_count=1)
+  with pytest.raises(Exception, match=r"dataset 'toy_b' has \(state, action\) dims \(2, 4\)"):
+    pipeline.make_dataset(_config(root, tmp_path, datasets="toy_a,toy_b", shared_statistics="toy_a"),
+                          tokenizer=testing.ByteTokenizer(), process_index=0, process_count=1)

@@ -76,6 +76,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.saturation = 0.2
   c.skip_bad_episodes = False    # skip (count, report) bad episodes instead of raising DataError
   c.stats_dir = ""               # statistics cache; '' = statistics.default_cache_dir(data_dir)
+  c.shared_statistics = ""       # a dataset of the mixture whose statistics normalize every dataset
+                                 # ('' = each its own): for datasets of one robot and action space,
+                                 # e.g. demonstrations plus DAgger rollouts of the same simulator
   c.num_threads = 2              # grain read threads
   c.prefetch = 8                 # batches prefetched
   c.progress = True              # tqdm bars while reading / computing statistics
@@ -269,6 +272,19 @@ def load_mixture(config, split: str, statistics: Mapping[str, Mapping] | None = 
     if len(stats[name]["action"]["mean"]) != ds.action_dim:
       raise DataError(f"dataset {name!r}: statistics have {len(stats[name]['action']['mean'])} action "
                       f"dims, the data {ds.action_dim}; they belong to another entry/version.")
+  shared = str(config.get("shared_statistics", "") or "")
+  if shared:
+    if shared not in stats:
+      raise DataError(f"config.shared_statistics={shared!r} is not a dataset of the mixture "
+                      f"{names}; name one of them or set ''.")
+    ref = loaded[names.index(shared)]
+    for name, ds in zip(names, loaded):
+      dims, ref_dims = (ds.state_dim, ds.action_dim), (ref.state_dim, ref.action_dim)
+      if dims != ref_dims:
+        raise DataError(f"config.shared_statistics={shared!r}: dataset {name!r} has (state, action) "
+                        f"dims {dims}, {shared!r} {ref_dims}; only datasets of one robot and "
+                        f"action space can share statistics.")
+      stats[name] = stats[shared]
   weights = np.array([mix[n] for n in names], np.float64)
   if config.balance_by_size:
     weights *= np.array([d.num_steps for d in loaded])

@@ -147,16 +147,24 @@ def apply_normalizer(x: np.ndarray, norm) -> np.ndarray:
   return np.clip(x * scale + shift, lo, hi).astype(np.float32)
 
 
+def _same(a: Any, b: Any) -> bool:
+  if isinstance(a, Mapping) and isinstance(b, Mapping):
+    return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+  return np.array_equal(np.asarray(a), np.asarray(b))
+
+
 def run_normalizers(statistics: Mapping[str, Any], dataset: str | None = None
                     ) -> tuple[str, Any, Any]:
   """(dataset, state normalizer, action normalizer) from a run's statistics asset.
 
-  `statistics` is {'normalization', 'datasets': {name: stats}}; `dataset` defaults to the only entry.
+  `statistics` is {'normalization', 'datasets': {name: stats}}; `dataset` defaults to the only entry,
+  or to the first when every entry is the same (a mixture trained with `shared_statistics`).
   The action normalizer leaves the gripper dimensions (`action_gripper_mask`) alone.
   """
   datasets = sorted(statistics.get("datasets", {}))
   if dataset is None:
-    if len(datasets) != 1:
+    entries = [statistics["datasets"][d] for d in datasets]
+    if not entries or not all(_same(e, entries[0]) for e in entries[1:]):
       raise ValueError(f"statistics hold datasets {datasets}; pass dataset= to pick one")
     dataset = datasets[0]
   if dataset not in datasets:

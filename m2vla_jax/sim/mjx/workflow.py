@@ -27,6 +27,7 @@ while recording, kept beside the demos as `mjx_demo_summary.json`).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import time
@@ -46,9 +47,11 @@ def _check(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   from m2vla_jax.sim.mjx import tasks as tasks_lib  # pylint: disable=g-import-not-at-top
   for t in m.tasks:
     tasks_lib.check_task(t)
-  if config.data.pipeline.datasets != m.dataset_name:
+  names = [x.split(":")[0] for x in str(config.data.pipeline.datasets).split(",")]
+  if names[0] != m.dataset_name or any(not n.startswith(m.dataset_name + "_dagger")
+                                       for n in names[1:]):
     raise ValueError(f"config.data.pipeline.datasets={config.data.pipeline.datasets!r} must be "
-                     f"config.mjx.dataset_name={m.dataset_name!r}")
+                     f"config.mjx.dataset_name={m.dataset_name!r} (then only its DAgger rounds)")
   if tuple(config.data.pipeline.image_size) != (m.image_size, m.image_size):
     raise ValueError(f"config.data.pipeline.image_size={tuple(config.data.pipeline.image_size)} "
                      f"must be (mjx.image_size, mjx.image_size)=({m.image_size}, {m.image_size})")
@@ -314,6 +317,64 @@ def evaluate_run(config: ml_collections.ConfigDict, workdir: str, trained: Any =
   return summary
 
 
+def dagger_rounds(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]:
+  """`config.mjx.dagger.rounds` rounds of DAgger after the behaviour-cloning run in `workdir`.
+
+  Round k rolls out the policy of round k-1 (round 0: `workdir`) mixed with the expert
+  (`dagger.beta`), writes the expert-labelled episodes as dataset `<demos>_dagger<k>` next to the
+  demonstrations, trains a fresh policy on demonstrations + rounds 1..k (the demonstrations'
+  statistics for all, steps as weights) in `workdir/dagger<k>` and evaluates it there. Returns
+  one summary per round.
+  """
+  import copy  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from m2vla_jax.data import oxe  # pylint: disable=g-import-not-at-top
+  from m2vla_jax.data import writer  # pylint: disable=g-import-not-at-top
+  from m2vla_jax.sim.mjx import dagger  # pylint: disable=g-import-not-at-top
+  from m2vla_jax.sim.mjx import policy as policy_lib  # pylint: disable=g-import-not-at-top
+  from m2vla_jax.training import trainer  # pylint: disable=g-import-not-at-top
+  m = _check(config)
+  d = m.dagger
+  data_dir = config.data.pipeline.data_dir
+  # Rollouts of this run's own policies: the datasets carry the run directory's digest.
+  tag = hashlib.sha1(os.path.abspath(workdir).encode()).hexdigest()[:8]
+  summaries, names, prev = [], [], workdir
+  for k in range(1, int(d.rounds) + 1):
+    t0 = time.time()
+    name = dagger.round_name(m.dataset_name, k) + f"_{tag}"
+    oxe.register(dataset_spec(name), overwrite=True)
+    if cached_path(data_dir, name) is None:
+      trained = policy_lib.TrainedPolicy.from_workdir(prev)
+      env = dataclasses.replace(trained.env_params(tuple(m.tasks), m.camera, 1), record=True)
+      episodes, rollout_summary = dagger.collect(
+          trained.policy_fn, trained.params, env,
+          jax.random.key(int(d.seed) + k), int(d.episodes_per_task) * len(m.tasks),
+          int(m.demo_horizon), float(d.beta))
+      writer.write_rlds_dataset(episodes, data_dir, name, progress=False, image_encoding="png",
+                                description=f"{name}: DAgger round {k} of {prev} (expert labels).")
+      print(f"DAgger round {k}: {len(episodes)} episodes, mixed-policy success "
+            f"{rollout_summary['mean_success']:.3f} -> {name}", flush=True)
+    names.append(name)
+    t1 = time.time()
+    cfg = copy.deepcopy(config)
+    with cfg.unlocked():
+      cfg.data.pipeline.datasets = ",".join([m.dataset_name] + names)
+      cfg.data.pipeline.shared_statistics = m.dataset_name
+      cfg.data.pipeline.balance_by_size = True      # aggregate: every labelled step counts once
+    wd = os.path.join(workdir, f"dagger{k}")
+    result = trainer.train(cfg, wd)
+    t2 = time.time()
+    summary = evaluate_run(cfg, wd)
+    summary["dagger"] = {"round": k, "datasets": list(names), "beta": float(d.beta),
+                         "final_loss": result["loss"]}
+    summary["wall_s"].update(collect=t1 - t0, train=t2 - t1, evaluate=time.time() - t2)
+    with open(os.path.join(wd, cfg.mjx.eval.out_subdir, "summary.json"), "w") as f:
+      json.dump(summary, f, indent=1)
+    summaries.append(summary)
+    prev = wd
+  return summaries
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """prepare_data -> trainer.train -> evaluate_run, with wall-clock per phase in the summary."""
   from m2vla_jax.training import trainer  # pylint: disable=g-import-not-at-top
@@ -335,6 +396,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     json.dump(summary, f, indent=1)
   print(f"wall-clock: data {t_data - t0:.0f}s, pretrain {t1 - t_data:.0f}s, train {t2 - t1:.0f}s, evaluate {t3 - t2:.0f}s, "
         f"total {t3 - t0:.0f}s", flush=True)
+  if "dagger" in config.mjx and int(config.mjx.dagger.rounds) > 0:
+    summary["dagger_rounds"] = dagger_rounds(config, workdir)
   return summary
 
 
