@@ -5,10 +5,13 @@ the trainer, modelled on `m2vla_jax.sim.workflow` (Meta-World):
 
     path = prepare_data(config)        # expert rollouts in the compiled MJX program -> RLDS (PNG)
                                        # unless cached; registers the dataset for the pipeline
+    prepare_backbone(config)           # grounding pretraining (mjx.pretrain.steps > 0), cached
     trainer.train(config, workdir)
     summary = evaluate_run(config, workdir)   # newest checkpoint -> compiled rollout (rollout.
                                        # evaluate) and the same episodes through C MuJoCo
                                        # (c_rollout.evaluate) -> files in <workdir>/<out_subdir>/
+    dagger_rounds(config, workdir)     # mjx.dagger.rounds > 0: learner rollouts labelled by the
+                                       # expert, retrain on the aggregate, evaluate per round
 
 `run(config, workdir)` does them in sequence and records wall-clock per phase. As a program:
 `python -m m2vla_jax.sim.mjx.workflow --config=configs/mjx.py --workdir=DIR`.
@@ -16,7 +19,8 @@ the trainer, modelled on `m2vla_jax.sim.workflow` (Meta-World):
 `config.mjx` fields (configs/mjx.py): tasks, episodes_per_task, image_size, camera, demo_horizon,
 demo_seed, demo_noise, demo_layout_repeats, dataset_name (derived by `configs/mjx.py:
 dataset_name`), and `eval`: episodes_per_task, horizon, execute_steps, seed, c_mujoco,
-demo_layouts (also roll out on the demonstrations' first initial layouts), out_subdir.
+demo_layouts (also roll out on the demonstrations' first initial layouts), out_subdir;
+`pretrain`: steps, batch_size, lr, seed; `dagger`: rounds, episodes_per_task, beta, seed.
 
 Report files: `mjx_compiled.json/.png`, `c_mujoco.json/.png`, with `demo_layouts`
 `mjx_demo_layouts.json/.png` (every episode: instruction,
