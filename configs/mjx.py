@@ -15,7 +15,8 @@ colour jitter of training images), tokenizer ('words' or 'bytes', below), ground
 backbone before behaviour cloning, m2vla_jax.sim.mjx.grounding; 0 = none), freeze_vlm (keep the
 VLM frozen but its query tokens, the paper's setting; overrides train_llm), dagger (DAgger rounds
 after behaviour cloning, m2vla_jax.sim.mjx.dagger; 0 = none), dagger_episodes (per task and round),
-dagger_beta (probability that the expert acts at a policy call), data_dir
+dagger_beta (probability that the expert acts at a policy call in round 1; halved every
+round), data_dir
 (demo cache).
 
 The `mjx` section is read by `m2vla_jax.sim.mjx.workflow` (prepare demos -> train -> evaluate
@@ -93,7 +94,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.mjx.eval.out_subdir = "mjx_eval"
   # DAgger rounds after behaviour cloning (m2vla_jax.sim.mjx.dagger; workflow.dagger_rounds).
   c.mjx.dagger = ml_collections.ConfigDict(dict(rounds=a.dagger, episodes_per_task=a.dagger_episodes,
-                                                beta=a.dagger_beta, seed=2000))
+                                                beta=a.dagger_beta, beta_decay=0.5, seed=2000))
 
   if a.tokenizer not in TOKENIZERS:
     raise ValueError(f"configs/mjx.py: tokenizer={a.tokenizer!r}; use one of {TOKENIZERS}")

@@ -20,7 +20,7 @@ the trainer, modelled on `m2vla_jax.sim.workflow` (Meta-World):
 demo_seed, demo_noise, demo_layout_repeats, dataset_name (derived by `configs/mjx.py:
 dataset_name`), and `eval`: episodes_per_task, horizon, execute_steps, seed, c_mujoco,
 demo_layouts (also roll out on the demonstrations' first initial layouts), out_subdir;
-`pretrain`: steps, batch_size, lr, seed; `dagger`: rounds, episodes_per_task, beta, seed.
+`pretrain`: steps, batch_size, lr, seed; `dagger`: rounds, episodes_per_task, beta, beta_decay, seed.
 
 Report files: `mjx_compiled.json/.png`, `c_mujoco.json/.png`, with `demo_layouts`
 `mjx_demo_layouts.json/.png` (every episode: instruction,
@@ -324,8 +324,9 @@ def evaluate_run(config: ml_collections.ConfigDict, workdir: str, trained: Any =
 def dagger_rounds(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]:
   """`config.mjx.dagger.rounds` rounds of DAgger after the behaviour-cloning run in `workdir`.
 
-  Round k rolls out the policy of round k-1 (round 0: `workdir`) mixed with the expert
-  (`dagger.beta`), writes the expert-labelled episodes as dataset `<demos>_dagger<k>` next to the
+  Round k rolls out the policy of round k-1 (round 0: `workdir`) mixed with the expert (beta
+  `dagger.beta * dagger.beta_decay ** (k - 1)`: the learner takes over as it improves), writes
+  the expert-labelled episodes as dataset `<demos>_dagger<k>` next to the
   demonstrations, trains a fresh policy on demonstrations + rounds 1..k (the demonstrations'
   statistics for all, steps as weights) in `workdir/dagger<k>` and evaluates it there. Returns
   one summary per round.
@@ -347,16 +348,17 @@ def dagger_rounds(config: ml_collections.ConfigDict, workdir: str) -> list[dict[
     t0 = time.time()
     name = dagger.round_name(m.dataset_name, k) + f"_{tag}"
     oxe.register(dataset_spec(name), overwrite=True)
+    beta = float(d.beta) * float(d.get("beta_decay", 1.0)) ** (k - 1)
     if cached_path(data_dir, name) is None:
       trained = policy_lib.TrainedPolicy.from_workdir(prev)
       env = dataclasses.replace(trained.env_params(tuple(m.tasks), m.camera, 1), record=True)
       episodes, rollout_summary = dagger.collect(
           trained.policy_fn, trained.params, env,
           jax.random.key(int(d.seed) + k), int(d.episodes_per_task) * len(m.tasks),
-          int(m.demo_horizon), float(d.beta))
+          int(m.demo_horizon), beta)
       writer.write_rlds_dataset(episodes, data_dir, name, progress=False, image_encoding="png",
                                 description=f"{name}: DAgger round {k} of {prev} (expert labels).")
-      print(f"DAgger round {k}: {len(episodes)} episodes, mixed-policy success "
+      print(f"DAgger round {k} (beta {beta:.3f}): {len(episodes)} episodes, mixed-policy success "
             f"{rollout_summary['mean_success']:.3f} -> {name}", flush=True)
     names.append(name)
     t1 = time.time()
@@ -369,7 +371,7 @@ def dagger_rounds(config: ml_collections.ConfigDict, workdir: str) -> list[dict[
     result = trainer.train(cfg, wd)
     t2 = time.time()
     summary = evaluate_run(cfg, wd)
-    summary["dagger"] = {"round": k, "datasets": list(names), "beta": float(d.beta),
+    summary["dagger"] = {"round": k, "datasets": list(names), "beta": beta,
                          "final_loss": result["loss"]}
     summary["wall_s"].update(collect=t1 - t0, train=t2 - t1, evaluate=time.time() - t2)
     with open(os.path.join(wd, cfg.mjx.eval.out_subdir, "summary.json"), "w") as f:
