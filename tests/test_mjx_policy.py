@@ -118,6 +118,11 @@ def test_trained_policy_applies_the_pipelines_normalization():
   with pytest.raises(ValueError, match="trained on 32px"):
     trained.policy_fn(trained.params, {**obs, "images": np.zeros((5, 1, 16, 16, 3), np.uint8)},
                       jax.random.key(0))
+  other = {**stats, "action": {**stats["action"], "q99": stats["action"]["q99"] * 2}}
   with pytest.raises(ValueError, match="pass dataset="):
-    policy_lib.TrainedPolicy(echo, None, {}, {"datasets": {"a": stats, "b": stats}},
+    policy_lib.TrainedPolicy(echo, None, {}, {"datasets": {"a": stats, "b": other}},
                              tokenizer="bytes_mod:128", max_tokens=32, image_size=32)
+  # one set shared by every dataset of the mixture (pipeline shared_statistics): no choice to make
+  shared = policy_lib.TrainedPolicy(echo, None, {}, {"datasets": {"a": stats, "b": stats}},
+                                    tokenizer="bytes_mod:128", max_tokens=32, image_size=32)
+  assert shared.dataset == "a"
