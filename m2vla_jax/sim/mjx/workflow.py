@@ -362,12 +362,18 @@ def dagger_rounds(config: ml_collections.ConfigDict, workdir: str) -> list[dict[
             f"{rollout_summary['mean_success']:.3f} -> {name}", flush=True)
     names.append(name)
     t1 = time.time()
+    wd = os.path.join(workdir, f"dagger{k}")
+    done = os.path.join(wd, config.mjx.eval.out_subdir, "summary.json")
+    if os.path.exists(done):     # this round finished before (the run was restarted)
+      with open(done) as f:
+        summaries.append(json.load(f))
+      prev = wd
+      continue
     cfg = copy.deepcopy(config)
     with cfg.unlocked():
       cfg.data.pipeline.datasets = ",".join([m.dataset_name] + names)
       cfg.data.pipeline.shared_statistics = m.dataset_name
       cfg.data.pipeline.balance_by_size = True      # aggregate: every labelled step counts once
-    wd = os.path.join(workdir, f"dagger{k}")
     result = trainer.train(cfg, wd)
     t2 = time.time()
     summary = evaluate_run(cfg, wd)
