@@ -46,10 +46,11 @@ DEFAULT_DATA_DIR = os.path.join(os.path.expanduser("~"), ".cache", "m2vla_jax", 
 
 def dataset_name(tasks, episodes_per_task: int, image_size: int, camera: str, horizon: int,
                  seed: int, noise: float, layout_repeats: int) -> str:
-  """Cache name: every setting that changes the recorded data."""
+  """Cache name: every setting that changes the recorded data, and the experts' version."""
+  from m2vla_jax.sim.mjx import experts  # pylint: disable=g-import-not-at-top
   short = "-".join(t.split("_")[0] for t in tasks)
   return (f"mjx_{short}_{camera}_{image_size}px_n{episodes_per_task}_h{horizon}_s{seed}_"
-          f"noise{noise:g}_rep{layout_repeats}").lower()
+          f"noise{noise:g}_rep{layout_repeats}_e{experts.VERSION}").lower()
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
