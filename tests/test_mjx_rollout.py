@@ -195,3 +195,22 @@ def test_noisy_expert_perturbs_only_the_hand_motion():
   inside = np.abs(clean[..., :3]) < 0.4                                # away from the clip
   diff = (noisy[..., :3] - clean[..., :3])[inside]
   assert diff.size > 100 and abs(diff.std() - 0.3) < 0.05 and abs(diff.mean()) < 0.05
+
+
+def test_dagger_round_with_beta_one_records_the_expert_rollout(results):
+  """With beta = 1 the mixed policy is the expert: the round's labels and observations are the
+  independent expert rollout's executed actions and states (first 20 steps: before any contact,
+  where two separately compiled programs cannot drift apart)."""
+  from m2vla_jax.sim.mjx import dagger
+  expert, _ = results
+  learner = lambda params, obs, rng: jnp.broadcast_to(params, (obs["state"].shape[0], 3, 4))
+  episodes, summary = dagger.collect(learner, jnp.zeros(4), ENV, jax.random.key(0), N_ENVS,
+                                     HORIZON, beta=1.0)
+  assert len(episodes) == N_ENVS and summary["episodes"] == N_ENVS   # failures would be kept too
+  executed, states = np.asarray(expert["actions"]), np.asarray(expert["states"])
+  for i, ep in enumerate(episodes):
+    np.testing.assert_allclose(ep["action"][:20], executed[:20, i], atol=1e-4)
+    np.testing.assert_allclose(ep["observation"]["state"][:20], states[:20, i], atol=1e-5)
+    assert ep["observation"]["image"].shape[1:] == (32, 32, 3)
+    # cut at the expert's first success, like the demonstrations
+    assert len(ep["action"]) == int(expert["success_step"][i]) + 1

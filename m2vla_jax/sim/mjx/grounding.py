@@ -204,7 +204,10 @@ def pretrain(settings: Settings, out_path: str, *, log_every: int = 500, eval_si
   apply = lambda p, b: model.apply({"params": p}, b["images"], b["image_mask"], b["tokens"],
                                    b["token_mask"])
   k_init, k_eval, k_train = jax.random.split(jax.random.key(settings.seed), 3)
-  example = jax.jit(batch_fn, static_argnums=1)(k_init, 2)
+  # One compiled scene sampler (rendering dominates compile time) serves init, training and the
+  # held-out set.
+  sample = jax.jit(lambda rng: batch_fn(rng, settings.batch_size))
+  example = sample(k_init)
   params = model.init(k_init, example["images"], example["image_mask"], example["tokens"],
                       example["token_mask"])["params"]
   schedule = optax.warmup_cosine_decay_schedule(0.0, settings.lr, min(200, settings.steps // 10 + 1),
@@ -213,19 +216,20 @@ def pretrain(settings: Settings, out_path: str, *, log_every: int = 500, eval_si
   opt = tx.init(params)
 
   @jax.jit
-  def step(params, opt, rng):
-    batch = batch_fn(rng, settings.batch_size)
+  def step(params, opt, batch):
     def loss_fn(p):
       return jnp.mean(jnp.abs(apply(p, batch) - batch["targets"]))
     loss, grads = jax.value_and_grad(loss_fn)(params)
     updates, opt = tx.update(grads, opt, params)
     return optax.apply_updates(params, updates), opt, loss
 
-  eval_batch = jax.jit(batch_fn, static_argnums=1)(k_eval, eval_size)   # held out: its own key
+  # Held out: scenes from their own key, never drawn for training.
+  parts = [sample(k) for k in jax.random.split(k_eval, -(-eval_size // settings.batch_size))]
+  eval_batch = jax.tree.map(lambda *x: jnp.concatenate(x)[:eval_size], *parts)
   evaluate = jax.jit(lambda p: errors_cm(apply(p, eval_batch), eval_batch["targets"]))
   history, t0 = [], time.time()
   for i in range(settings.steps):
-    params, opt, loss = step(params, opt, jax.random.fold_in(k_train, i))
+    params, opt, loss = step(params, opt, sample(jax.random.fold_in(k_train, i)))
     if (i + 1) % log_every == 0 or i + 1 == settings.steps:
       loss = float(loss)
       if not np.isfinite(loss):
