@@ -3,7 +3,7 @@
 M²-VLA keeps a *pretrained* VLM frozen and trusts it to know where "the red block" is (PaliGemma
 learned that from detection and referring-expression pretraining). The tiny backbones of the
 simulation configs cannot be downloaded pretrained and start random, and behaviour cloning alone
-never bound the colour word to a block, not even on its training episodes (RESULTS.md, runs 1-12).
+never bound the colour word to a block, not even on its training episodes (RESULTS.md, runs 1-13).
 This stage is their stand-in for that pretraining:
 
   * data: an endless stream of fresh random scenes, rendered inside the compiled step by the

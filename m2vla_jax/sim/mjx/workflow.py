@@ -326,7 +326,7 @@ def dagger_rounds(config: ml_collections.ConfigDict, workdir: str) -> list[dict[
 
   Round k rolls out the policy of round k-1 (round 0: `workdir`) mixed with the expert (beta
   `dagger.beta * dagger.beta_decay ** (k - 1)`: the learner takes over as it improves), writes
-  the expert-labelled episodes as dataset `<demos>_dagger<k>` next to the
+  the expert-labelled episodes as dataset `<demos>_dagger<k>_<digest of workdir>` next to the
   demonstrations, trains a fresh policy on demonstrations + rounds 1..k (the demonstrations'
   statistics for all, steps as weights) in `workdir/dagger<k>` and evaluates it there. Returns
   one summary per round.
