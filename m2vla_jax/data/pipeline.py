@@ -257,6 +257,10 @@ def load_mixture(config, split: str, statistics: Mapping[str, Mapping] | None = 
   if not config.data_dir:
     raise DataError("config.data_dir is empty; set it to the directory holding <dataset>/<version>/.")
   names = sorted(mix)
+  shared = str(config.get("shared_statistics", "") or "")
+  if shared and shared not in names:
+    raise DataError(f"config.shared_statistics={shared!r} is not a dataset of the mixture "
+                    f"{names}; name one of them or set ''.")
   loaded, stats = [], {}
   for name in names:
     ds = load_dataset(config.data_dir, oxe.get_spec(name), split,
@@ -266,17 +270,15 @@ def load_mixture(config, split: str, statistics: Mapping[str, Mapping] | None = 
       if name not in statistics:
         raise DataError(f"statistics given for {sorted(statistics)} but not for dataset {name!r}.")
       stats[name] = dict(statistics[name])
+    elif shared and name != shared:
+      continue          # normalized with the shared dataset's statistics (below), none computed
     else:
       stats[name] = stats_lib.dataset_statistics(ds, config.stats_dir or None,
                                                  progress=bool(config.progress))
     if len(stats[name]["action"]["mean"]) != ds.action_dim:
       raise DataError(f"dataset {name!r}: statistics have {len(stats[name]['action']['mean'])} action "
                       f"dims, the data {ds.action_dim}; they belong to another entry/version.")
-  shared = str(config.get("shared_statistics", "") or "")
   if shared:
-    if shared not in stats:
-      raise DataError(f"config.shared_statistics={shared!r} is not a dataset of the mixture "
-                      f"{names}; name one of them or set ''.")
     ref = loaded[names.index(shared)]
     for name, ds in zip(names, loaded):
       dims, ref_dims = (ds.state_dim, ds.action_dim), (ref.state_dim, ref.action_dim)

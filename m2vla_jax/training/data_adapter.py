@@ -28,6 +28,11 @@ class _FoldedBytes:
     return [1 + (i - 1) % (self.vocab - 1) for i in self._bytes.encode(text)]
 
 
+def _words(text: str) -> list[str]:
+  """Lower-cased runs of letters and digits: the words of `WordVocabulary`."""
+  return re.findall(r"[a-z0-9]+", text.lower())
+
+
 class WordVocabulary:
   """Tokenizer for a closed instruction vocabulary: one id per word, as a real LLM tokenizer gives
   common words (Gemma's SentencePiece has ' red', ' green', ' blue' as single pieces).
@@ -52,7 +57,7 @@ class WordVocabulary:
     self.vocab = len(listed) + 2      # ids used: 0 (padding), BOS, the words
 
   def encode(self, text: str) -> list[int]:
-    words = re.findall(r"[a-z0-9]+", text.lower())
+    words = _words(text)
     unknown = sorted({w for w in words if w not in self.ids})
     if unknown:
       raise ValueError(f"instruction {text!r}: words {unknown} are not in the tokenizer's word list "
@@ -62,7 +67,7 @@ class WordVocabulary:
 
 def words_spec(texts) -> str:
   """The 'words:...' tokenizer spec covering every word of `texts` (sorted, so it is stable)."""
-  return "words:" + ",".join(sorted({w for t in texts for w in re.findall(r"[a-z0-9]+", t.lower())}))
+  return "words:" + ",".join(sorted({w for t in texts for w in _words(t)}))
 
 
 def make_tokenizer(spec: str) -> Any:

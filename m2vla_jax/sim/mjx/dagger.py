@@ -23,7 +23,6 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from m2vla_jax.sim.mjx import experts
 from m2vla_jax.sim.mjx import rollout as rollout_lib
@@ -54,8 +53,7 @@ def collect(learner_fn: Callable, learner_params: Any, env: rollout_lib.EnvParam
   result = rollout_lib.rollout(mixed_policy(learner_fn),
                                {"learner": learner_params, "beta": jnp.float32(beta)},
                                env, rng, n_envs, horizon)
-  result["executed_actions"] = result["actions"]
-  result["actions"] = np.asarray(jax.vmap(jax.vmap(experts.expert_action))(result["privileged"]))
+  experts.relabel_with_expert(result)
   return experts.demo_episodes(result, only_successful=False), rollout_lib.summarize(result)
 
 

@@ -190,8 +190,7 @@ def collect_demos(out_dir: str, name: str, *, tasks: Sequence[str] = tasks_lib.T
   result = rollout_lib.rollout(noisy_expert_policy, jnp.float32(noise), env, jax.random.key(seed),
                                n, horizon)
   # Labels: the expert's action in each recorded state (execute_steps=1: one state per step).
-  result["executed_actions"] = result["actions"]
-  result["actions"] = np.asarray(jax.vmap(jax.vmap(expert_action))(result["privileged"]))
+  relabel_with_expert(result)
   episodes = demo_episodes(result, only_successful)
   if not episodes:
     raise RuntimeError(f"no successful expert episode among {n}; nothing to write")
@@ -201,6 +200,13 @@ def collect_demos(out_dir: str, name: str, *, tasks: Sequence[str] = tasks_lib.T
                                                f"demonstrations cut at first success "
                                                f"(m2vla_jax.sim.mjx.experts).")
   return path, rollout_lib.summarize(result)
+
+
+def relabel_with_expert(result: dict[str, Any]) -> None:
+  """In place: `actions` become the clean expert action of every recorded state (the executed
+  ones move to `executed_actions`). Needs a rollout recorded with `execute_steps=1`."""
+  result["executed_actions"] = result["actions"]
+  result["actions"] = np.asarray(jax.vmap(jax.vmap(expert_action))(result["privileged"]))
 
 
 def demo_episodes(result: dict[str, Any], only_successful: bool = True) -> list[dict[str, Any]]:

@@ -24,6 +24,7 @@ be memorised, and the policy's demos stay the only behaviour data.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import time
@@ -82,7 +83,6 @@ class Settings:
 
   def cache_name(self) -> str:
     """File name that changes with every setting (the tokenizer through a digest: it is long)."""
-    import hashlib  # pylint: disable=g-import-not-at-top
     digest = hashlib.sha1(repr(dataclasses.astuple(self)).encode()).hexdigest()[:10]
     return f"ground_{self.vlm}_{self.camera}_{self.image_size}px_s{self.steps}_b{self.batch_size}_{digest}"
 
@@ -200,13 +200,13 @@ def pretrain(settings: Settings, out_path: str, *, log_every: int = 500, eval_si
     raise ValueError(f"vlm={settings.vlm!r} takes {cfg.img.image_size}px images but config.mjx."
                      f"image_size={settings.image_size}")
   model = GroundingProbe(cfg)
-  batch_fn = lambda rng, n: sample_batch(scene, table, rng, n, settings.camera, settings.image_size)
   apply = lambda p, b: model.apply({"params": p}, b["images"], b["image_mask"], b["tokens"],
                                    b["token_mask"])
   k_init, k_eval, k_train = jax.random.split(jax.random.key(settings.seed), 3)
   # One compiled scene sampler (rendering dominates compile time) serves init, training and the
   # held-out set.
-  sample = jax.jit(lambda rng: batch_fn(rng, settings.batch_size))
+  sample = jax.jit(lambda rng: sample_batch(scene, table, rng, settings.batch_size,
+                                             settings.camera, settings.image_size))
   example = sample(k_init)
   params = model.init(k_init, example["images"], example["image_mask"], example["tokens"],
                       example["token_mask"])["params"]
