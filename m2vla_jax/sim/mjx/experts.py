@@ -18,19 +18,27 @@ from m2vla_jax.sim.mjx import scene as scene_lib
 from m2vla_jax.sim.mjx import tasks as tasks_lib
 
 # Bumped whenever the experts' behaviour changes: it is part of the demo cache name.
-# 2: hysteresis on the descents (below).
-VERSION = 2
+# 2: hysteresis on the descents. 3: funnels (below) instead of thresholds, release on hand height.
+VERSION = 3
 HOVER_Z = 0.09           # hand height for travelling: fingertips clear the 4 cm blocks
-# Descent hysteresis. A descent starts only when aligned within ALIGN_START, but once the hand is
-# low it goes on while within ALIGN_KEEP. Without it a learner that is ~1 cm precise sits on the
-# threshold, where the labels flip between "go up" and "go down" and their L1 median is "stay":
-# cloned policies hovered 1.5 cm over the goal with the block in hand (RESULTS.md).
-ALIGN_START = 0.012      # m, xy error that starts the descent to a block
-ALIGN_KEEP = 0.018       # m, xy error under which a started descent (hand low) continues
-PLACE_START, PLACE_KEEP = 0.008, 0.015   # the same for setting a block down on the goal
+# Funnels. A cloned policy localises the block to ~1-1.5 cm from a 32 px image (RESULTS.md). Where
+# the expert switched between "go down" and "stay up" at a sharp xy threshold (v1-v2), labels of
+# states the policy cannot tell apart disagreed, their L1 median was "stay", and cloned policies
+# hovered beside the block or over the goal. Now the height target is a continuous function of
+# the xy error: all the way down within `*_IN`, at travel height beyond `*_OUT`, linear between,
+# so nearby states get nearby labels and a 1 cm error only slows the descent.
+REACH_IN, REACH_OUT = 0.008, 0.025    # m, xy error hand-to-block (the open fingers clear 1.7 cm)
+PLACE_IN, PLACE_OUT = 0.008, 0.03     # m, xy error block-to-goal while carrying
+PUSH_IN, PUSH_OUT = 0.01, 0.03        # m, xy error hand-to-pre-push point
+GRASP_XY = 0.015         # m, xy error under which the fingers close at grasp height
 GRASP_DZ = -0.015        # hand origin (fingertips) relative to the block centre when grasping
-CARRY_Z = 0.12
+CARRY_Z = 0.08           # hand height while carrying a block to the goal
 PUSH_Z = 0.006
+# Let go when the hand is this low (block on the table for the nominal grasp, GRASP_DZ) or the
+# block is within 6 mm of the table: the hand height is in the proprio, exact for the policy,
+# where the block's height is a fraction of a pixel (v1-v2 released on block height only).
+RELEASE_HAND_Z = scene_lib.BLOCK_HALF + GRASP_DZ + 0.006
+RELEASE_XY = 0.02        # m, block-to-goal xy error under which a low block is let go
 _CONTACT_Q = scene_lib.BLOCK_HALF + scene_lib.FINGER_RADIUS   # finger q touching a block
 _OPEN, _CLOSE = -1.0, 1.0
 
@@ -47,54 +55,54 @@ def _select(conds: Sequence[jax.Array], values: Sequence[jax.Array]) -> jax.Arra
   return out
 
 
+def _funnel(err: jax.Array, inner: float, outer: float, low: jax.Array, high: float) -> jax.Array:
+  """Height target: `low` for err <= inner, `high` for err >= outer, linear between."""
+  down = jnp.clip((outer - err) / (outer - inner), 0.0, 1.0)
+  return high - down * (high - low)
+
+
+def _xyz(xy: jax.Array, z: jax.Array) -> jax.Array:
+  return jnp.concatenate([xy, jnp.reshape(z, (1,))])
+
+
 def _pick_phases(hand, q, block):
   """(gripped, action) for reaching and grasping `block` (common to pick and place)."""
   xy_err = jnp.linalg.norm(hand[:2] - block[:2])
-  grasp = block + jnp.array([0.0, 0.0, GRASP_DZ])
+  grasp_z = block[2] + GRASP_DZ
   gripped = ((q > 0.012) & (q < _CONTACT_Q + 0.003) & (xy_err < 0.02)
-             & (jnp.abs(hand[2] - grasp[2]) < 0.03))
-  low = hand[2] < HOVER_Z - 0.03
-  aligned = (xy_err < ALIGN_START) | ((xy_err < ALIGN_KEEP) & low)
-  at_grasp = aligned & (hand[2] < grasp[2] + 0.01)
-  missed = at_grasp & (q <= 0.012)       # closed on nothing: open again
-  hover = jnp.concatenate([block[:2], jnp.array([HOVER_Z])])
-  up = jnp.concatenate([hand[:2], jnp.array([HOVER_Z])])
+             & (jnp.abs(hand[2] - grasp_z) < 0.03))
+  at_grasp = (xy_err < GRASP_XY) & (hand[2] < grasp_z + 0.01)
+  missed = at_grasp & (q <= 0.012)       # closed on nothing: open again on the way up
+  reach = _xyz(block[:2], _funnel(xy_err, REACH_IN, REACH_OUT, grasp_z, HOVER_Z))
   action = _select(
-      [missed, at_grasp, aligned, ~low],
-      [jnp.append(_move(hand, up), _OPEN),
-       jnp.append(_move(hand, grasp), _CLOSE),
-       jnp.append(_move(hand, grasp), _OPEN),
-       jnp.append(_move(hand, hover), _OPEN),
-       jnp.append(_move(hand, up), _OPEN)])
+      [missed, at_grasp],
+      [jnp.append(_move(hand, _xyz(hand[:2], HOVER_Z)), _OPEN),
+       jnp.append(_move(hand, _xyz(block[:2], grasp_z)), _CLOSE),
+       jnp.append(_move(hand, reach), _OPEN)])
   return gripped, action
 
 
 def _pick(hand, q, block, goal):
   del goal
   gripped, reach = _pick_phases(hand, q, block)
-  lift = jnp.append(_move(hand, jnp.concatenate([hand[:2], jnp.array([CARRY_Z])])), _CLOSE)
+  lift = jnp.append(_move(hand, _xyz(hand[:2], CARRY_Z + 0.04)), _CLOSE)
   return jnp.where(gripped, lift, reach)
 
 
 def _place(hand, q, block, goal):
   gripped, reach = _pick_phases(hand, q, block)
   err = goal[:2] - block[:2]
-  low = block[2] < scene_lib.BLOCK_HALF + 0.006
+  dist = jnp.linalg.norm(err)
   # Heights from the hand, not the block: the block may sit higher or lower in the grasp.
-  carry_z = CARRY_Z - 0.04
-  over_goal = ((jnp.linalg.norm(err) < PLACE_START)
-               | ((jnp.linalg.norm(err) < PLACE_KEEP) & (hand[2] < carry_z - 0.01)))
   set_down = hand[2] - (block[2] - scene_lib.BLOCK_HALF)   # hand height that puts it on the table
-  carry = _select(
-      [~over_goal & (hand[2] < carry_z - 0.01), ~over_goal, ~low],
-      [jnp.append(_move(hand, jnp.concatenate([hand[:2], jnp.array([carry_z])])), _CLOSE),
-       jnp.append(_move(hand, jnp.concatenate([hand[:2] + err, jnp.array([carry_z])])), _CLOSE),
-       jnp.append(_move(hand, jnp.concatenate([hand[:2] + err, set_down[None] - 0.002])),
-                  _CLOSE),
-       jnp.append(jnp.zeros(3), _OPEN)])
-  on_goal = (jnp.linalg.norm(err) < tasks_lib.GOAL_RADIUS - 0.01) & low
-  leave = jnp.append(_move(hand, jnp.concatenate([hand[:2], jnp.array([HOVER_Z])])), _OPEN)
-  return _select([gripped & ~on_goal, on_goal], [carry, leave, reach])
+  carry = jnp.append(_move(hand, _xyz(hand[:2] + err, _funnel(dist, PLACE_IN, PLACE_OUT,
+                                                              set_down - 0.002, CARRY_Z))), _CLOSE)
+  low = (hand[2] < RELEASE_HAND_Z) | (block[2] < scene_lib.BLOCK_HALF + 0.006)
+  release = (dist < RELEASE_XY) & low
+  let_go = jnp.append(jnp.zeros(3), _OPEN)
+  on_goal = (dist < tasks_lib.GOAL_RADIUS - 0.01) & (block[2] < scene_lib.BLOCK_HALF + 0.006)
+  leave = jnp.append(_move(hand, _xyz(hand[:2], HOVER_Z)), _OPEN)
+  return _select([gripped & release, gripped, on_goal], [let_go, carry, leave, reach])
 
 
 def _push(hand, q, block, goal):
@@ -106,18 +114,20 @@ def _push(hand, q, block, goal):
   standoff = scene_lib.BLOCK_HALF + scene_lib.FINGER_RADIUS
   rel = hand[:2] - block[:2]
   along, lat = rel @ u, rel @ perp
-  pre = block[:2] - u * (standoff + 0.02)
-  behind = (along < -standoff + 0.01) & (along > -standoff - 0.04) & (jnp.abs(lat) < 0.012)
+  pre = block[:2] - u * (standoff + 0.015)
+  behind = (along < -standoff + 0.01) & (along > -standoff - 0.04) & (jnp.abs(lat) < 0.015)
   low = hand[2] < 0.03
-  push_target = jnp.concatenate(
-      [hand[:2] + u * jnp.minimum(scene_lib.MAX_DELTA, dist) - perp * lat, jnp.array([PUSH_Z])])
-  at_pre = jnp.linalg.norm(hand[:2] - pre) < 0.01
+  push_target = _xyz(hand[:2] + u * jnp.minimum(scene_lib.MAX_DELTA, dist) - perp * lat,
+                     jnp.float32(PUSH_Z))
+  # Into the pre-push point down a funnel; climb first when low and not behind the block, so
+  # the fingers never sweep the block (or another) on the way round.
+  to_pre = jnp.linalg.norm(hand[:2] - pre)
+  approach = _xyz(pre, _funnel(to_pre, PUSH_IN, PUSH_OUT, PUSH_Z, HOVER_Z))
+  climb = (to_pre > PUSH_OUT) & (hand[2] < HOVER_Z - 0.03)
   action = _select(
-      [dist < 0.008, behind & low, at_pre, hand[2] > HOVER_Z - 0.03],
-      [jnp.zeros(3), _move(hand, push_target),
-       _move(hand, jnp.concatenate([pre, jnp.array([PUSH_Z])])),
-       _move(hand, jnp.concatenate([pre, jnp.array([HOVER_Z])])),
-       _move(hand, jnp.concatenate([hand[:2], jnp.array([HOVER_Z])]))])
+      [dist < 0.008, behind & low, climb],
+      [jnp.zeros(3), _move(hand, push_target), _move(hand, _xyz(hand[:2], HOVER_Z)),
+       _move(hand, approach)])
   return jnp.append(action, _CLOSE)
 
 
