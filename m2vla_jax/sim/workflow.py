@@ -172,23 +172,11 @@ def evaluate_run(config: ml_collections.ConfigDict, workdir: str, policy: Any = 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """prepare_data -> trainer.train -> evaluate_run, with wall-clock per phase in the summary."""
-  from m2vla_jax.training import trainer  # pylint: disable=g-import-not-at-top
-  t0 = time.time()
-  prepare_data(config)
-  t1 = time.time()
-  result = trainer.train(config, workdir)
-  t2 = time.time()
-  print(f"trained: step={result['step']} loss={result['loss']} ({t2 - t1:.0f}s)", flush=True)
-  summary = evaluate_run(config, workdir)
-  t3 = time.time()
-  summary["wall_s"].update(prepare_data=t1 - t0, train=t2 - t1, evaluate=t3 - t2, total=t3 - t0)
-  summary["final_loss"] = result["loss"]
-  out = os.path.join(workdir, config.sim.eval.out_subdir, "summary.json")
-  with open(out, "w") as f:
-    json.dump(summary, f, indent=1)
-  print(f"wall-clock: data {t1 - t0:.0f}s, train {t2 - t1:.0f}s, evaluate {t3 - t2:.0f}s, "
-        f"total {t3 - t0:.0f}s", flush=True)
-  return summary
+  from m2vla_jax.sim import phases  # pylint: disable=g-import-not-at-top
+  return phases.run_phases(
+      config, workdir, prepare=[("prepare_data", lambda: prepare_data(config))],
+      evaluate=lambda: evaluate_run(config, workdir),
+      summary_path=os.path.join(workdir, config.sim.eval.out_subdir, "summary.json"))
 
 
 def main(argv: Sequence[str]) -> None:

@@ -388,26 +388,16 @@ def dagger_rounds(config: ml_collections.ConfigDict, workdir: str) -> list[dict[
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """prepare_data -> trainer.train -> evaluate_run, with wall-clock per phase in the summary."""
-  from m2vla_jax.training import trainer  # pylint: disable=g-import-not-at-top
+  """prepare_data -> prepare_backbone -> trainer.train -> evaluate_run (-> dagger_rounds), with
+  wall-clock per phase in the summary."""
+  from m2vla_jax.sim import phases  # pylint: disable=g-import-not-at-top
   _check(config)
-  t0 = time.time()
-  prepare_data(config)
-  t_data = time.time()
-  prepare_backbone(config)
-  t1 = time.time()
-  result = trainer.train(config, workdir)
-  t2 = time.time()
-  print(f"trained: step={result['step']} loss={result['loss']} ({t2 - t1:.0f}s)", flush=True)
-  summary = evaluate_run(config, workdir)
-  t3 = time.time()
-  summary["wall_s"].update(prepare_data=t_data - t0, pretrain=t1 - t_data, train=t2 - t1, evaluate=t3 - t2, total=t3 - t0)
-  summary["final_loss"] = result["loss"]
-  summary["train_steps"] = result["step"]
-  with open(os.path.join(workdir, config.mjx.eval.out_subdir, "summary.json"), "w") as f:
-    json.dump(summary, f, indent=1)
-  print(f"wall-clock: data {t_data - t0:.0f}s, pretrain {t1 - t_data:.0f}s, train {t2 - t1:.0f}s, evaluate {t3 - t2:.0f}s, "
-        f"total {t3 - t0:.0f}s", flush=True)
+  summary = phases.run_phases(
+      config, workdir,
+      prepare=[("prepare_data", lambda: prepare_data(config)),
+               ("pretrain", lambda: prepare_backbone(config))],
+      evaluate=lambda: evaluate_run(config, workdir),
+      summary_path=os.path.join(workdir, config.mjx.eval.out_subdir, "summary.json"))
   if "dagger" in config.mjx and int(config.mjx.dagger.rounds) > 0:
     summary["dagger_rounds"] = dagger_rounds(config, workdir)
   return summary
