@@ -5,7 +5,7 @@
 
 Short args: tasks ('+'-separated, default all three), steps, batch, episodes (demos per task),
 noise (std of the DART noise executed while recording demos; labels are the clean expert actions), repeats (consecutive demos sharing one
-initial layout), eval_episodes (per task, compiled and C), horizon (action chunk H), execute
+initial layout), post (control steps recorded after a demo's first success), eval_episodes (per task, compiled and C), horizon (action chunk H), execute
 (actions executed per chunk), lr, width (head), queries (learnable query tokens), vlm (backbone
 variant: 'tiny', 'tiny_p8', 'tiny_p4' or 'mini_p8'), posemb (initial SigLIP position embedding:
 'normal' or 'sincos2d'), mol, msm,
@@ -47,12 +47,13 @@ DEFAULT_DATA_DIR = os.path.join(os.path.expanduser("~"), ".cache", "m2vla_jax", 
 
 
 def dataset_name(tasks, episodes_per_task: int, image_size: int, camera: str, horizon: int,
-                 seed: int, noise: float, layout_repeats: int) -> str:
+                 seed: int, noise: float, layout_repeats: int, post_success_steps: int = 0) -> str:
   """Cache name: every setting that changes the recorded data, and the experts' version."""
   from m2vla_jax.sim.mjx import experts  # pylint: disable=g-import-not-at-top
   short = "-".join(t.split("_")[0] for t in tasks)
+  post = f"_post{post_success_steps}" if post_success_steps else ""
   return (f"mjx_{short}_{camera}_{image_size}px_n{episodes_per_task}_h{horizon}_s{seed}_"
-          f"noise{noise:g}_rep{layout_repeats}_e{experts.VERSION}").lower()
+          f"noise{noise:g}_rep{layout_repeats}{post}_e{experts.VERSION}").lower()
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -61,7 +62,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                             queries=4, vlm="tiny_p8", posemb="sincos2d", mol=True, msm=True, c_eval=True,
                             demo_layouts=True, augment=False, tasks="+".join(TASKS),
                             tokenizer="words", ground=3000, freeze_vlm=True, dagger=0,
-                            dagger_episodes=200, dagger_beta=0.5,
+                            dagger_episodes=200, dagger_beta=0.5, post=10,
                             data_dir=os.environ.get("M2VLA_MJX_DATA", DEFAULT_DATA_DIR))
   from m2vla_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from m2vla_jax.models import m2vla  # pylint: disable=g-import-not-at-top
@@ -82,9 +83,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # layout the policy fitted the demos from the image alone and ignored the colour word
   # (RESULTS.md); 3 tasks x 3 colours consecutive envs share one reset key.
   c.mjx.demo_layout_repeats = a.repeats
+  # Steps recorded after the first success: place lets go in 1-2 control steps right before it,
+  # so without them the demos hold almost no "let go" label (RESULTS.md, run 20).
+  c.mjx.demo_post_success_steps = a.post
   c.mjx.dataset_name = dataset_name(c.mjx.tasks, a.episodes, c.mjx.image_size, c.mjx.camera,
                                     c.mjx.demo_horizon, c.mjx.demo_seed, c.mjx.demo_noise,
-                                    c.mjx.demo_layout_repeats)
+                                    c.mjx.demo_layout_repeats, c.mjx.demo_post_success_steps)
   c.mjx.eval = ml_collections.ConfigDict()
   c.mjx.eval.episodes_per_task = a.eval_episodes
   c.mjx.eval.horizon = 150       # control steps (3 s); the clean experts need <= 75

@@ -125,6 +125,22 @@ def test_demos_through_the_rlds_writer(results, tmp_path):
     assert steps[0]["language_instruction"].decode() == ref["language_instruction"]
 
 
+def test_demo_episodes_keep_post_success_steps_within_the_rollout():
+  t_max, n = 10, 3
+  result = {"frames": np.arange(t_max * n).reshape(t_max, n, 1, 1, 1, 1).astype(np.uint8),
+            "states": np.zeros((t_max, n, 4)), "actions": np.zeros((t_max, n, 4)),
+            "instructions": ["a", "b", "c"], "tasks": ["pick_lift"] * n,
+            "success": np.array([True, True, False]), "success_step": np.array([2, 8, -1])}
+  cut = [len(e["action"]) for e in experts.demo_episodes(result)]
+  assert cut == [3, 9]                     # through the first success; the failure is dropped
+  long = experts.demo_episodes(result, post_success_steps=4)
+  assert [len(e["action"]) for e in long] == [7, 10]    # 3 + 4; 9 + 4 capped at the horizon
+  np.testing.assert_array_equal(long[0]["observation"]["image"][:, 0, 0, 0], np.arange(7) * n)
+  assert len(experts.demo_episodes(result, only_successful=False, post_success_steps=4)) == 3
+  with pytest.raises(ValueError, match="post_success_steps=-1 must be >= 0"):
+    experts.collect_demos("/nonexistent", "x", post_success_steps=-1)
+
+
 @pytest.mark.slow
 def test_eval_callback_reuses_the_compiled_rollout(results):
   expert, _ = results

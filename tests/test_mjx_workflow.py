@@ -37,6 +37,9 @@ def test_config_is_consistent_and_short_args_apply():
   assert workflow._check(c) is c.mjx  # pylint: disable=protected-access
   # a different demo count is a different cache entry
   assert _config("episodes=4").mjx.dataset_name != c.mjx.dataset_name
+  # so is a different number of post-success steps (0 keeps the name of the older caches)
+  assert c.mjx.demo_post_success_steps == 10 and "_post10_" in c.mjx.dataset_name
+  assert "_post" not in _config("post=0").mjx.dataset_name
 
 
 def test_config_errors_name_the_field():

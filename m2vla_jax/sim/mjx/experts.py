@@ -173,10 +173,14 @@ def collect_demos(out_dir: str, name: str, *, tasks: Sequence[str] = tasks_lib.T
                   episodes_per_task: int = 4, horizon: int = 60, seed: int = 0,
                   image_size: int = 64, only_successful: bool = True, camera: str = "front",
                   image_encoding: str = "png", noise: float = 0.0, layout_repeats: int = 1,
-                  env_kwargs: dict[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
+                  post_success_steps: int = 0, env_kwargs: dict[str, Any] | None = None
+                  ) -> tuple[str, dict[str, Any]]:
   """Runs the expert in the compiled rollout and writes the episodes as an RLDS dataset.
 
-  Episodes end at their first success (like the Meta-World demos). Returns (dataset directory,
+  Episodes end `post_success_steps` control steps after their first success (like the Meta-World
+  demos; within `horizon`). Those steps matter for place: the release takes one or two control
+  steps before success, so without them an episode holds almost no "let go" label and cloned
+  policies carried the block to the goal and never let go (RESULTS.md). Returns (dataset directory,
   rollout summary). Observations: 'image' uint8 [T, S, S, 3] (`camera`), 'state' float32
   [T, 4]; action float32 [T, 4]; language_instruction the episode's instruction.
   `image_encoding` defaults to lossless PNG: the closed-loop policy sees the renderer's exact
@@ -191,6 +195,8 @@ def collect_demos(out_dir: str, name: str, *, tasks: Sequence[str] = tasks_lib.T
   from m2vla_jax.sim.mjx import rollout as rollout_lib  # pylint: disable=g-import-not-at-top
   if episodes_per_task < 1:
     raise ValueError(f"episodes_per_task={episodes_per_task} must be >= 1")
+  if post_success_steps < 0:
+    raise ValueError(f"post_success_steps={post_success_steps} must be >= 0")
   if not 0.0 <= noise <= 1.0:
     raise ValueError(f"noise={noise} must be in [0, 1] (std of the hand action, in action units)")
   env = rollout_lib.EnvParams(tasks=tuple(tasks), execute_steps=1, image_size=image_size,
@@ -201,7 +207,7 @@ def collect_demos(out_dir: str, name: str, *, tasks: Sequence[str] = tasks_lib.T
                                n, horizon)
   # Labels: the expert's action in each recorded state (execute_steps=1: one state per step).
   relabel_with_expert(result)
-  episodes = demo_episodes(result, only_successful)
+  episodes = demo_episodes(result, only_successful, post_success_steps)
   if not episodes:
     raise RuntimeError(f"no successful expert episode among {n}; nothing to write")
   path = writer.write_rlds_dataset(episodes, out_dir, name, progress=False,
@@ -219,8 +225,10 @@ def relabel_with_expert(result: dict[str, Any]) -> None:
   result["actions"] = np.asarray(jax.vmap(jax.vmap(expert_action))(result["privileged"]))
 
 
-def demo_episodes(result: dict[str, Any], only_successful: bool = True) -> list[dict[str, Any]]:
-  """Rollout output recorded with `EnvParams(record=True)` -> writer episodes (cut at success)."""
+def demo_episodes(result: dict[str, Any], only_successful: bool = True,
+                  post_success_steps: int = 0) -> list[dict[str, Any]]:
+  """Rollout output recorded with `EnvParams(record=True)` -> writer episodes, cut
+  `post_success_steps` steps after the first success (at the rollout's end if sooner)."""
   frames = np.asarray(result["frames"])            # [T, N, C, S, S, 3]
   states = np.asarray(result["states"])            # [T, N, 4]
   actions = np.asarray(result["actions"])          # [T, N, 4]
@@ -229,7 +237,8 @@ def demo_episodes(result: dict[str, Any], only_successful: bool = True) -> list[
     ok = bool(result["success"][i])
     if only_successful and not ok:
       continue
-    t = int(result["success_step"][i]) + 1 if ok else frames.shape[0]
+    t = (min(int(result["success_step"][i]) + 1 + post_success_steps, frames.shape[0]) if ok
+         else frames.shape[0])
     episodes.append({
         "observation": {"image": frames[:t, i, 0], "state": states[:t, i].astype(np.float32)},
         "action": actions[:t, i].astype(np.float32),

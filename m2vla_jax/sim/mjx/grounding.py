@@ -41,9 +41,13 @@ from m2vla_jax.sim.mjx import render as render_lib
 from m2vla_jax.sim.mjx import scene as scene_lib
 from m2vla_jax.sim.mjx import tasks as tasks_lib
 
-# Columns of the target vector, in order (each is a position in metres x TARGET_SCALE).
-TARGETS = ("named_x", "named_y", "named_z", "goal_x", "goal_y", "hand_x", "hand_y", "hand_z") + tuple(
-    f"{c}_{a}" for c in scene_lib.COLORS for a in "xy")
+# Columns of the target vector, in order: positions in metres x TARGET_SCALE, then the
+# instruction's task one-hot. Without the task the frozen query tokens kept the colour word but
+# not the verb, and the cloned policy pushed where it was told to place (RESULTS.md, run 20).
+POSITION_TARGETS = ("named_x", "named_y", "named_z", "goal_x", "goal_y", "hand_x", "hand_y",
+                    "hand_z") + tuple(f"{c}_{a}" for c in scene_lib.COLORS for a in "xy")
+TASK_TARGETS = tuple(f"task_{t}" for t in tasks_lib.TASKS)
+TARGETS = POSITION_TARGETS + TASK_TARGETS
 TARGET_SCALE = 10.0
 # Scene mix: the named block in the hand, or on the goal square (else where the layout put it).
 P_IN_HAND, P_ON_GOAL = 0.25, 0.15
@@ -83,7 +87,7 @@ class Settings:
 
   def cache_name(self) -> str:
     """File name that changes with every setting (the tokenizer through a digest: it is long)."""
-    digest = hashlib.sha1(repr(dataclasses.astuple(self)).encode()).hexdigest()[:10]
+    digest = hashlib.sha1(repr((dataclasses.astuple(self), TARGETS)).encode()).hexdigest()[:10]
     return f"ground_{self.vlm}_{self.camera}_{self.image_size}px_s{self.steps}_b{self.batch_size}_{digest}"
 
 
@@ -100,7 +104,8 @@ def settings_from_config(config) -> Settings:
 
 def instruction_table(tasks: Sequence[str], tokenizer: str, max_tokens: int
                       ) -> dict[str, np.ndarray]:
-  """Every instruction of `tasks`: tokens int32 [I, T], token_mask bool [I, T], block int32 [I]."""
+  """Every instruction of `tasks`: tokens int32 [I, T], token_mask bool [I, T], block int32 [I],
+  task int32 [I] (index into tasks.TASKS)."""
   from m2vla_jax.data import transforms  # pylint: disable=g-import-not-at-top
   from m2vla_jax.training import data_adapter  # pylint: disable=g-import-not-at-top
   tokenize = transforms.Tokenize(data_adapter.make_tokenizer(tokenizer), max_tokens)
@@ -108,6 +113,7 @@ def instruction_table(tasks: Sequence[str], tokenizer: str, max_tokens: int
   tokens, masks = zip(*(tokenize(ins.text) for ins in vocab))
   return {"tokens": np.stack(tokens).astype(np.int32), "token_mask": np.stack(masks).astype(bool),
           "block": np.array([ins.block for ins in vocab], np.int32),
+          "task": np.array([ins.task_id for ins in vocab], np.int32),
           "text": np.array([ins.text for ins in vocab])}
 
 
@@ -129,12 +135,13 @@ def random_scene(scene: scene_lib.Scene, rng: jax.Array, block: jax.Array
   return qpos.at[own].set(pos), goal
 
 
-def targets(scene: scene_lib.Scene, qpos: jax.Array, goal: jax.Array, block: jax.Array
-            ) -> jax.Array:
-  """float [len(TARGETS)] in metres x TARGET_SCALE."""
+def targets(scene: scene_lib.Scene, qpos: jax.Array, goal: jax.Array, block: jax.Array,
+            task: jax.Array) -> jax.Array:
+  """float [len(TARGETS)]: positions in metres x TARGET_SCALE, then the task one-hot."""
   blocks = tasks_lib.block_positions(scene, qpos)
-  return TARGET_SCALE * jnp.concatenate([blocks[block], goal[:2], qpos[scene_lib.HAND_QPOS],
-                                         blocks[:, :2].reshape(-1)])
+  positions = TARGET_SCALE * jnp.concatenate([blocks[block], goal[:2], qpos[scene_lib.HAND_QPOS],
+                                              blocks[:, :2].reshape(-1)])
+  return jnp.concatenate([positions, jax.nn.one_hot(task, len(tasks_lib.TASKS))])
 
 
 def sample_batch(scene: scene_lib.Scene, table: dict[str, jax.Array], rng: jax.Array, n: int,
@@ -145,16 +152,17 @@ def sample_batch(scene: scene_lib.Scene, table: dict[str, jax.Array], rng: jax.A
   k_ins, k_scene = jax.random.split(rng)
   ins = jax.random.randint(k_ins, (n,), 0, table["block"].shape[0])
   block = jnp.asarray(table["block"])[ins]
+  task = jnp.asarray(table["task"])[ins]
 
-  def one(key, b):
+  def one(key, b, t):
     qpos, goal = random_scene(scene, key, b)
     # Identity mocap quaternion: mjx.make_data leaves it zero and the pad would be invisible
     # (tasks.reset says why).
     data = data0.replace(qpos=qpos, mocap_pos=goal[None], mocap_quat=jnp.array([[1.0, 0, 0, 0]]))
     img = render_lib.render(scene, data, (camera,), image_size, image_size)["rgb"]
-    return img, targets(scene, qpos, goal, b)
+    return img, targets(scene, qpos, goal, b, t)
 
-  images, target = jax.vmap(one)(jax.random.split(k_scene, n), block)
+  images, target = jax.vmap(one)(jax.random.split(k_scene, n), block, task)
   return {"images": images, "image_mask": jnp.ones((n, 1), bool),
           "tokens": jnp.asarray(table["tokens"])[ins],
           "token_mask": jnp.asarray(table["token_mask"])[ins], "targets": target, "instruction": ins}
@@ -176,13 +184,17 @@ class GroundingProbe(nn.Module):
 
 
 def errors_cm(pred: jax.Array, target: jax.Array) -> dict[str, jax.Array]:
-  """Mean xy error (cm) of the named block, the goal, the hand and the colour-indexed blocks."""
+  """Mean xy error (cm) of the named block, the goal, the hand and the colour-indexed blocks;
+  task_accuracy: fraction whose largest task column is the instruction's task."""
   err = jnp.abs(pred - target) * (100.0 / TARGET_SCALE)
   idx = {name: i for i, name in enumerate(TARGETS)}
   pick = lambda names: jnp.mean(err[:, [idx[n] for n in names]])
+  task_cols = np.array([idx[n] for n in TASK_TARGETS])
+  task_accuracy = jnp.mean(jnp.argmax(pred[:, task_cols], -1) == jnp.argmax(target[:, task_cols], -1))
   return {"named_block_xy": pick(["named_x", "named_y"]), "named_block_z": pick(["named_z"]),
           "goal_xy": pick(["goal_x", "goal_y"]), "hand_xyz": pick(["hand_x", "hand_y", "hand_z"]),
-          "colour_blocks_xy": pick([f"{c}_{a}" for c in scene_lib.COLORS for a in "xy"])}
+          "colour_blocks_xy": pick([f"{c}_{a}" for c in scene_lib.COLORS for a in "xy"]),
+          "task_accuracy": task_accuracy}
 
 
 def pretrain(settings: Settings, out_path: str, *, log_every: int = 500, eval_size: int = 512
@@ -238,7 +250,8 @@ def pretrain(settings: Settings, out_path: str, *, log_every: int = 500, eval_si
       errs = {k: float(v) for k, v in evaluate(params).items()}
       history.append({"step": i + 1, "loss": loss, **errs, "wall_s": time.time() - t0})
       print(f"grounding step {i + 1}: loss {loss:.3f}, held-out error (cm) named block xy "
-            f"{errs['named_block_xy']:.2f}, goal {errs['goal_xy']:.2f}, hand {errs['hand_xyz']:.2f}",
+            f"{errs['named_block_xy']:.2f}, goal {errs['goal_xy']:.2f}, hand {errs['hand_xyz']:.2f}; "
+            f"task accuracy {errs['task_accuracy']:.3f}",
             flush=True)
   npz.save_npz(out_path, params["vlm"])
   report = {"settings": dataclasses.asdict(settings), "targets": list(TARGETS),

@@ -17,7 +17,7 @@ the trainer, modelled on `m2vla_jax.sim.workflow` (Meta-World):
 `python -m m2vla_jax.sim.mjx.workflow --config=configs/mjx.py --workdir=DIR`.
 
 `config.mjx` fields (configs/mjx.py): tasks, episodes_per_task, image_size, camera, demo_horizon,
-demo_seed, demo_noise, demo_layout_repeats, dataset_name (derived by `configs/mjx.py:
+demo_seed, demo_noise, demo_layout_repeats, demo_post_success_steps, dataset_name (derived by `configs/mjx.py:
 dataset_name`), and `eval`: episodes_per_task, horizon, execute_steps, seed, c_mujoco,
 demo_layouts (also roll out on the demonstrations' first initial layouts), out_subdir;
 `pretrain`: steps, batch_size, lr, seed; `dagger`: rounds, episodes_per_task, beta, beta_decay, seed.
@@ -159,7 +159,8 @@ def prepare_data(config: ml_collections.ConfigDict) -> tuple[str, dict[str, Any]
       data_dir, m.dataset_name, tasks=tuple(m.tasks), episodes_per_task=int(m.episodes_per_task),
       horizon=int(m.demo_horizon), seed=int(m.demo_seed), image_size=int(m.image_size),
       camera=m.camera, noise=float(m.demo_noise),
-      layout_repeats=int(m.demo_layout_repeats))
+      layout_repeats=int(m.demo_layout_repeats),
+      post_success_steps=int(m.get("demo_post_success_steps", 0)))
   brief = _brief(summary)
   brief["wall_s"] = time.time() - t0
   with open(os.path.join(path, _DEMO_STATS), "w") as f:
