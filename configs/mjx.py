@@ -5,7 +5,8 @@
 
 Short args: tasks ('+'-separated, default all three), steps, batch, episodes (demos per task),
 noise (std of the DART noise executed while recording demos; labels are the clean expert actions), repeats (consecutive demos sharing one
-initial layout), post (control steps recorded after a demo's first success), eval_episodes (per task, compiled and C), horizon (action chunk H), execute
+initial layout), post (control steps recorded after a demo's first success), cameras ('+'-separated
+rendered cameras: 'table' (default), 'table+wrist' adds the camera in the palm looking down), eval_episodes (per task, compiled and C), horizon (action chunk H), execute
 (actions executed per chunk), lr, width (head), queries (learnable query tokens), vlm (backbone
 variant: 'tiny', 'tiny_p8', 'tiny_p4' or 'mini_p8'), posemb (initial SigLIP position embedding:
 'normal' or 'sincos2d'), mol, msm,
@@ -27,7 +28,7 @@ MoL + MSM head), except:
     then frozen but for its query tokens (`freeze_vlm`, the paper's setting). Trained from random
     (`ground=0,freeze_vlm=False`) the policy never learned which block the colour word names;
     grounded but fine-tuned it unlearned it (RESULTS.md, runs 1-15);
-  * camera 'table' (the front view narrowed to the workspace, fovy 31): at 32 px a 4 cm block
+  * cameras 'table' (the front view narrowed to the workspace, fovy 31): at 32 px a 4 cm block
     covers ~4 px instead of ~2 px in 'front';
   * tokenizer 'words' (default): one id per word of the tasks' 25-word vocabulary
     (`data_adapter.WordVocabulary`), as Gemma's own tokenizer gives ' red' / ' green' / ' blue'
@@ -46,13 +47,13 @@ TOKENIZERS = ("words", "bytes")
 DEFAULT_DATA_DIR = os.path.join(os.path.expanduser("~"), ".cache", "m2vla_jax", "mjx_demos")
 
 
-def dataset_name(tasks, episodes_per_task: int, image_size: int, camera: str, horizon: int,
+def dataset_name(tasks, episodes_per_task: int, image_size: int, cameras, horizon: int,
                  seed: int, noise: float, layout_repeats: int, post_success_steps: int = 0) -> str:
   """Cache name: every setting that changes the recorded data, and the experts' version."""
   from m2vla_jax.sim.mjx import experts  # pylint: disable=g-import-not-at-top
   short = "-".join(t.split("_")[0] for t in tasks)
   post = f"_post{post_success_steps}" if post_success_steps else ""
-  return (f"mjx_{short}_{camera}_{image_size}px_n{episodes_per_task}_h{horizon}_s{seed}_"
+  return (f"mjx_{short}_{'-'.join(cameras)}_{image_size}px_n{episodes_per_task}_h{horizon}_s{seed}_"
           f"noise{noise:g}_rep{layout_repeats}{post}_e{experts.VERSION}").lower()
 
 
@@ -62,7 +63,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                             queries=4, vlm="tiny_p8", posemb="sincos2d", mol=True, msm=True, c_eval=True,
                             demo_layouts=True, augment=False, tasks="+".join(TASKS),
                             tokenizer="words", ground=3000, freeze_vlm=True, dagger=0,
-                            dagger_episodes=200, dagger_beta=0.5, post=10,
+                            dagger_episodes=200, dagger_beta=0.5, post=10, cameras="table",
                             data_dir=os.environ.get("M2VLA_MJX_DATA", DEFAULT_DATA_DIR))
   from m2vla_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from m2vla_jax.models import m2vla  # pylint: disable=g-import-not-at-top
@@ -75,7 +76,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.mjx.tasks = tuple(a.tasks.split("+"))
   c.mjx.episodes_per_task = a.episodes
   c.mjx.image_size = 32
-  c.mjx.camera = "table"
+  c.mjx.cameras = tuple(a.cameras.split("+"))
   c.mjx.demo_horizon = 120       # clean experts finish within 75 control steps, noisy within ~95
   c.mjx.demo_seed = 0
   c.mjx.demo_noise = a.noise
@@ -86,7 +87,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Steps recorded after the first success: place lets go in 1-2 control steps right before it,
   # so without them the demos hold almost no "let go" label (RESULTS.md, run 20).
   c.mjx.demo_post_success_steps = a.post
-  c.mjx.dataset_name = dataset_name(c.mjx.tasks, a.episodes, c.mjx.image_size, c.mjx.camera,
+  c.mjx.dataset_name = dataset_name(c.mjx.tasks, a.episodes, c.mjx.image_size, c.mjx.cameras,
                                     c.mjx.demo_horizon, c.mjx.demo_seed, c.mjx.demo_noise,
                                     c.mjx.demo_layout_repeats, c.mjx.demo_post_success_steps)
   c.mjx.eval = ml_collections.ConfigDict()
@@ -119,7 +120,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.vlm_overrides = ml_collections.ConfigDict({"max_text_tokens": max_tokens,
                                                      "num_queries": a.queries,
                                                      "posemb_init": a.posemb})
-  c.model.num_cameras = 1
+  c.model.num_cameras = len(c.mjx.cameras)
   c.model.state_dim = 4
   c.model.action_dim = 4
   c.model.horizon = a.horizon
@@ -146,7 +147,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   p = c.data.pipeline
   p.datasets = c.mjx.dataset_name
   p.data_dir = a.data_dir
-  p.cameras = ("primary",)
+  from m2vla_jax.sim.mjx import experts  # pylint: disable=g-import-not-at-top
+  p.cameras = tuple(slot for slot, _ in experts.camera_slots(c.mjx.cameras))
   p.image_size = (c.mjx.image_size, c.mjx.image_size)
   p.horizon = a.horizon
   p.max_tokens = max_tokens

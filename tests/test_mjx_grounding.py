@@ -27,7 +27,7 @@ WORDS = data_adapter.words_spec(i.text for t in tasks.TASKS for i in tasks.vocab
 
 def _settings(**kw):
   base = dict(vlm="tiny", vlm_overrides=(("max_text_tokens", 16), ("num_queries", 4)),
-              tokenizer=WORDS, max_tokens=16, tasks=tasks.TASKS, camera="table", image_size=32,
+              tokenizer=WORDS, max_tokens=16, tasks=tasks.TASKS, cameras=("table",), image_size=32,
               steps=2, batch_size=4, lr=1e-3, seed=0)
   return grounding.Settings(**{**base, **kw})
 
@@ -101,8 +101,12 @@ def test_sample_batch_shapes_and_named_columns():
   table = {k: jnp.asarray(v) for k, v in grounding.instruction_table(
       ("pick_lift", "place_on_target"), WORDS, 16).items() if k != "text"}
   assert set(np.asarray(table["task"]).tolist()) == {0, 2}
-  b = jax.jit(lambda r: grounding.sample_batch(scene, table, r, 6, "table", 32))(jax.random.key(0))
-  assert b["images"].shape == (6, 1, 32, 32, 3) and b["images"].dtype == jnp.uint8
+  b = jax.jit(lambda r: grounding.sample_batch(scene, table, r, 6, ("table", "wrist"), 32))(
+      jax.random.key(0))
+  assert b["images"].shape == (6, 2, 32, 32, 3) and b["images"].dtype == jnp.uint8
+  assert b["image_mask"].shape == (6, 2) and bool(b["image_mask"].all())
+  # two views of one scene: the wrist camera does not repeat the table camera's image
+  assert np.abs(np.asarray(b["images"][:, 0], int) - np.asarray(b["images"][:, 1], int)).mean() > 5
   assert b["targets"].shape == (6, len(grounding.TARGETS))
   assert b["tokens"].shape == (6, 16) and bool(b["token_mask"][:, 0].all())
   named = np.asarray(table["block"])[np.asarray(b["instruction"])]
@@ -165,7 +169,7 @@ def test_pretrain_writes_a_backbone_the_policy_loads_and_is_cached(tmp_path):
 
 def test_errors_name_the_field(tmp_path):
   with pytest.raises(ValueError, match="camera='top' is unknown"):
-    _settings(camera="top")
+    _settings(cameras=("table", "top"))
   with pytest.raises(ValueError, match="steps=0 must be >= 1"):
     _settings(steps=0)
   with pytest.raises(ValueError, match="takes 32px images but config.mjx.image_size=64"):

@@ -139,6 +139,24 @@ def test_demo_episodes_keep_post_success_steps_within_the_rollout():
   assert len(experts.demo_episodes(result, only_successful=False, post_success_steps=4)) == 3
   with pytest.raises(ValueError, match="post_success_steps=-1 must be >= 0"):
     experts.collect_demos("/nonexistent", "x", post_success_steps=-1)
+  with pytest.raises(ValueError, match=r"image_keys=\('image', 'wrist_image'\) name 2 cameras; "
+                                       r"the rollout rendered 1"):
+    experts.demo_episodes(result, image_keys=("image", "wrist_image"))
+  # two cameras: one observation key each, in the rollout's camera order
+  two = dict(result, frames=np.concatenate([result["frames"], 255 - result["frames"]], axis=2))
+  ep = experts.demo_episodes(two, image_keys=("image", "wrist_image"))[0]
+  np.testing.assert_array_equal(ep["observation"]["wrist_image"], 255 - ep["observation"]["image"])
+
+
+def test_camera_slots():
+  assert experts.camera_slots(("table",)) == (("primary", "image"),)
+  assert experts.camera_slots(("table", "wrist")) == (("primary", "image"), ("wrist", "wrist_image"))
+  assert experts.camera_slots(("front", "table")) == (("primary", "image"),
+                                                     ("secondary", "table_image"))
+  with pytest.raises(ValueError, match="at most one each"):
+    experts.camera_slots(("table", "front", "wrist", "table"))
+  with pytest.raises(ValueError, match="cameras is empty"):
+    experts.camera_slots(())
 
 
 @pytest.mark.slow

@@ -23,7 +23,7 @@ def test_config_is_consistent_and_short_args_apply():
   assert c.mjx.eval.episodes_per_task == 2 and c.mjx.eval.execute_steps == 4
   assert not c.mjx.eval.c_mujoco
   assert c.data.pipeline.datasets == c.mjx.dataset_name
-  assert "n3" in c.mjx.dataset_name and c.mjx.camera in c.mjx.dataset_name
+  assert "n3" in c.mjx.dataset_name and c.mjx.cameras == ("table",) and "_table_" in c.mjx.dataset_name
   assert tuple(c.data.pipeline.image_size) == (c.mjx.image_size,) * 2
   # one token per word (the colour is one token, as in Gemma's vocabulary): 16 tokens in both the
   # pipeline and the tiny VLM, every id inside the tiny Gemma's 128
@@ -40,6 +40,13 @@ def test_config_is_consistent_and_short_args_apply():
   # so is a different number of post-success steps (0 keeps the name of the older caches)
   assert c.mjx.demo_post_success_steps == 10 and "_post10_" in c.mjx.dataset_name
   assert "_post" not in _config("post=0").mjx.dataset_name
+  # a wrist camera: a second camera slot in the data, the model and the dataset name
+  w = _config("cameras=table+wrist")
+  assert w.mjx.cameras == ("table", "wrist") and "_table-wrist_" in w.mjx.dataset_name
+  assert tuple(w.data.pipeline.cameras) == ("primary", "wrist") and w.model.num_cameras == 2
+  assert workflow._check(w) is w.mjx  # pylint: disable=protected-access
+  assert dict(workflow.dataset_spec("x", w.mjx.cameras).cameras) == {
+      "primary": "image", "wrist": "wrist_image"}
 
 
 def test_config_errors_name_the_field():
@@ -58,6 +65,20 @@ def test_config_errors_name_the_field():
   c.mjx.tasks = ("pick_lift", "stack")
   with pytest.raises(ValueError, match="task='stack' is unknown"):
     workflow._check(c)  # pylint: disable=protected-access
+  c = _config()
+  c.unlock()
+  c.model.num_cameras = 2
+  with pytest.raises(ValueError, match=r"num_cameras=2 must be len\(config.mjx.cameras\)=1"):
+    workflow._check(c)  # pylint: disable=protected-access
+  c = _config()
+  c.unlock()
+  c.data.pipeline.cameras = ("primary", "wrist")
+  with pytest.raises(ValueError, match=r"pipeline.cameras=\('primary', 'wrist'\) must be the slots"):
+    workflow._check(c)  # pylint: disable=protected-access
+  with pytest.raises(ValueError, match="camera 'top' is unknown"):
+    _config("cameras=table+top")
+  with pytest.raises(ValueError, match="no camera twice"):
+    _config("cameras=table+table")
   c = _config()
   c.unlock()
   del c["mjx"]

@@ -19,7 +19,7 @@ demonstrations.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -42,8 +42,10 @@ def mixed_policy(learner_fn: Callable) -> Callable:
 
 
 def collect(learner_fn: Callable, learner_params: Any, env: rollout_lib.EnvParams, rng: jax.Array,
-            n_envs: int, horizon: int, beta: float) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-  """One round: (writer episodes labelled by the expert, rollout summary of the mixed policy)."""
+            n_envs: int, horizon: int, beta: float, image_keys: Sequence[str] = ("image",)
+            ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+  """One round: (writer episodes labelled by the expert, rollout summary of the mixed policy).
+  `image_keys`: each camera's observation key (experts.camera_slots)."""
   if not 0.0 <= beta <= 1.0:
     raise ValueError(f"DAgger beta={beta} must be in [0, 1] (probability of an expert action)")
   if env.execute_steps != 1 or not env.record:
@@ -54,7 +56,8 @@ def collect(learner_fn: Callable, learner_params: Any, env: rollout_lib.EnvParam
                                {"learner": learner_params, "beta": jnp.float32(beta)},
                                env, rng, n_envs, horizon)
   experts.relabel_with_expert(result)
-  return experts.demo_episodes(result, only_successful=False), rollout_lib.summarize(result)
+  return (experts.demo_episodes(result, only_successful=False, image_keys=image_keys),
+          rollout_lib.summarize(result))
 
 
 def round_name(demo_name: str, k: int) -> str:

@@ -163,6 +163,27 @@ def noisy_expert_policy(params: jax.Array, obs: dict[str, jax.Array], rng: jax.A
   return jnp.clip(clean.at[:, :3].add(noise), -1.0, 1.0)[:, None]
 
 
+def camera_slots(cameras: Sequence[str]) -> tuple[tuple[str, str], ...]:
+  """(pipeline camera slot, episode image key) per rendered camera, in order.
+
+  The first camera is the 'primary' slot ('image', as in the OXE datasets); the scene's 'wrist'
+  camera is the 'wrist' slot ('wrist_image'); one more camera may take the 'secondary' slot.
+  """
+  if not cameras:
+    raise ValueError("cameras is empty; name one or more of scene.CAMERAS")
+  for c in cameras:
+    if c not in scene_lib.CAMERAS:
+      raise ValueError(f"camera {c!r} is unknown; use some of {scene_lib.CAMERAS}")
+  slots = [("primary", "image")] + [("wrist", "wrist_image") if c == "wrist"
+                                    else ("secondary", f"{c}_image") for c in cameras[1:]]
+  names = [s for s, _ in slots]
+  if len(set(names)) != len(names) or len(set(cameras)) != len(cameras):
+    raise ValueError(f"cameras={tuple(cameras)} map to camera slots {names}: at most one each of "
+                     f"'primary' (the first camera), 'wrist' (the 'wrist' camera) and "
+                     f"'secondary' (any other), no camera twice")
+  return tuple(slots)
+
+
 def random_policy(params: Any, obs: dict[str, jax.Array], rng: jax.Array) -> jax.Array:
   """Uniform actions in [-1, 1], chunk float [N, 1, 4] (a success floor; run with execute_steps=1)."""
   del params
@@ -171,7 +192,8 @@ def random_policy(params: Any, obs: dict[str, jax.Array], rng: jax.Array) -> jax
 
 def collect_demos(out_dir: str, name: str, *, tasks: Sequence[str] = tasks_lib.TASKS,
                   episodes_per_task: int = 4, horizon: int = 60, seed: int = 0,
-                  image_size: int = 64, only_successful: bool = True, camera: str = "front",
+                  image_size: int = 64, only_successful: bool = True,
+                  cameras: Sequence[str] = ("front",),
                   image_encoding: str = "png", noise: float = 0.0, layout_repeats: int = 1,
                   post_success_steps: int = 0, env_kwargs: dict[str, Any] | None = None
                   ) -> tuple[str, dict[str, Any]]:
@@ -181,8 +203,9 @@ def collect_demos(out_dir: str, name: str, *, tasks: Sequence[str] = tasks_lib.T
   demos; within `horizon`). Those steps matter for place: the release takes one or two control
   steps before success, so without them an episode holds almost no "let go" label and cloned
   policies carried the block to the goal and never let go (RESULTS.md). Returns (dataset directory,
-  rollout summary). Observations: 'image' uint8 [T, S, S, 3] (`camera`), 'state' float32
-  [T, 4]; action float32 [T, 4]; language_instruction the episode's instruction.
+  rollout summary). Observations: one uint8 [T, S, S, 3] image per camera, keyed as
+  `camera_slots(cameras)` says ('image' for the first), 'state' float32 [T, 4]; action float32
+  [T, 4]; language_instruction the episode's instruction.
   `image_encoding` defaults to lossless PNG: the closed-loop policy sees the renderer's exact
   pixels, so training on JPEG-decoded pixels would add a train/test gap (at 32 px JPEG blurs a
   2-3 px block into its neighbours).
@@ -195,19 +218,20 @@ def collect_demos(out_dir: str, name: str, *, tasks: Sequence[str] = tasks_lib.T
   from m2vla_jax.sim.mjx import rollout as rollout_lib  # pylint: disable=g-import-not-at-top
   if episodes_per_task < 1:
     raise ValueError(f"episodes_per_task={episodes_per_task} must be >= 1")
+  keys = tuple(k for _, k in camera_slots(cameras))
   if post_success_steps < 0:
     raise ValueError(f"post_success_steps={post_success_steps} must be >= 0")
   if not 0.0 <= noise <= 1.0:
     raise ValueError(f"noise={noise} must be in [0, 1] (std of the hand action, in action units)")
   env = rollout_lib.EnvParams(tasks=tuple(tasks), execute_steps=1, image_size=image_size,
-                              cameras=(camera,), record=True, layout_repeats=layout_repeats,
+                              cameras=tuple(cameras), record=True, layout_repeats=layout_repeats,
                               **(env_kwargs or {}))
   n = episodes_per_task * len(tasks)
   result = rollout_lib.rollout(noisy_expert_policy, jnp.float32(noise), env, jax.random.key(seed),
                                n, horizon)
   # Labels: the expert's action in each recorded state (execute_steps=1: one state per step).
   relabel_with_expert(result)
-  episodes = demo_episodes(result, only_successful, post_success_steps)
+  episodes = demo_episodes(result, only_successful, post_success_steps, image_keys=keys)
   if not episodes:
     raise RuntimeError(f"no successful expert episode among {n}; nothing to write")
   path = writer.write_rlds_dataset(episodes, out_dir, name, progress=False,
@@ -226,12 +250,17 @@ def relabel_with_expert(result: dict[str, Any]) -> None:
 
 
 def demo_episodes(result: dict[str, Any], only_successful: bool = True,
-                  post_success_steps: int = 0) -> list[dict[str, Any]]:
+                  post_success_steps: int = 0, image_keys: Sequence[str] = ("image",)
+                  ) -> list[dict[str, Any]]:
   """Rollout output recorded with `EnvParams(record=True)` -> writer episodes, cut
-  `post_success_steps` steps after the first success (at the rollout's end if sooner)."""
+  `post_success_steps` steps after the first success (at the rollout's end if sooner).
+  `image_keys`: the observation key of each rendered camera, in EnvParams.cameras order."""
   frames = np.asarray(result["frames"])            # [T, N, C, S, S, 3]
   states = np.asarray(result["states"])            # [T, N, 4]
   actions = np.asarray(result["actions"])          # [T, N, 4]
+  if len(image_keys) != frames.shape[2]:
+    raise ValueError(f"image_keys={tuple(image_keys)} name {len(image_keys)} cameras; the rollout "
+                     f"rendered {frames.shape[2]}")
   episodes = []
   for i, ins in enumerate(result["instructions"]):
     ok = bool(result["success"][i])
@@ -240,7 +269,8 @@ def demo_episodes(result: dict[str, Any], only_successful: bool = True,
     t = (min(int(result["success_step"][i]) + 1 + post_success_steps, frames.shape[0]) if ok
          else frames.shape[0])
     episodes.append({
-        "observation": {"image": frames[:t, i, 0], "state": states[:t, i].astype(np.float32)},
+        "observation": {**{k: frames[:t, i, c] for c, k in enumerate(image_keys)},
+                        "state": states[:t, i].astype(np.float32)},
         "action": actions[:t, i].astype(np.float32),
         "language_instruction": ins,
         "episode_metadata": {"task": result["tasks"][i], "success": ok},

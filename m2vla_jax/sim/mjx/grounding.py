@@ -63,7 +63,7 @@ class Settings:
   tokenizer: str
   max_tokens: int
   tasks: tuple[str, ...]
-  camera: str
+  cameras: tuple[str, ...]
   image_size: int
   steps: int
   batch_size: int
@@ -73,8 +73,9 @@ class Settings:
   def __post_init__(self):
     for t in self.tasks:
       tasks_lib.check_task(t)
-    if self.camera not in scene_lib.CAMERAS:
-      raise ValueError(f"grounding camera={self.camera!r} is unknown; use one of {scene_lib.CAMERAS}")
+    for camera in self.cameras:
+      if camera not in scene_lib.CAMERAS:
+        raise ValueError(f"grounding camera={camera!r} is unknown; use some of {scene_lib.CAMERAS}")
     for field in ("steps", "batch_size", "image_size", "max_tokens"):
       if getattr(self, field) < 1:
         raise ValueError(f"config.mjx.pretrain / grounding: {field}={getattr(self, field)} must be >= 1")
@@ -88,7 +89,8 @@ class Settings:
   def cache_name(self) -> str:
     """File name that changes with every setting (the tokenizer through a digest: it is long)."""
     digest = hashlib.sha1(repr((dataclasses.astuple(self), TARGETS)).encode()).hexdigest()[:10]
-    return f"ground_{self.vlm}_{self.camera}_{self.image_size}px_s{self.steps}_b{self.batch_size}_{digest}"
+    cams = "-".join(self.cameras)
+    return f"ground_{self.vlm}_{cams}_{self.image_size}px_s{self.steps}_b{self.batch_size}_{digest}"
 
 
 def settings_from_config(config) -> Settings:
@@ -97,7 +99,7 @@ def settings_from_config(config) -> Settings:
   return Settings(vlm=str(config.model.vlm),
                   vlm_overrides=tuple(sorted(dict(config.model.vlm_overrides).items())),
                   tokenizer=str(config.data.tokenizer), max_tokens=int(config.data.pipeline.max_tokens),
-                  tasks=tuple(config.mjx.tasks), camera=str(config.mjx.camera),
+                  tasks=tuple(config.mjx.tasks), cameras=tuple(config.mjx.cameras),
                   image_size=int(config.mjx.image_size), steps=int(p.steps),
                   batch_size=int(p.batch_size), lr=float(p.lr), seed=int(p.seed))
 
@@ -145,8 +147,9 @@ def targets(scene: scene_lib.Scene, qpos: jax.Array, goal: jax.Array, block: jax
 
 
 def sample_batch(scene: scene_lib.Scene, table: dict[str, jax.Array], rng: jax.Array, n: int,
-                 camera: str, image_size: int) -> dict[str, jax.Array]:
-  """n random scenes: images uint8 [n, 1, S, S, 3], tokens, token_mask, targets, instruction id."""
+                 cameras: tuple[str, ...], image_size: int) -> dict[str, jax.Array]:
+  """n random scenes: images uint8 [n, C, S, S, 3] (C = len(cameras)), tokens, token_mask,
+  targets, instruction id."""
   from mujoco import mjx  # pylint: disable=g-import-not-at-top
   data0 = mjx.make_data(scene.mjx_model)
   k_ins, k_scene = jax.random.split(rng)
@@ -159,11 +162,11 @@ def sample_batch(scene: scene_lib.Scene, table: dict[str, jax.Array], rng: jax.A
     # Identity mocap quaternion: mjx.make_data leaves it zero and the pad would be invisible
     # (tasks.reset says why).
     data = data0.replace(qpos=qpos, mocap_pos=goal[None], mocap_quat=jnp.array([[1.0, 0, 0, 0]]))
-    img = render_lib.render(scene, data, (camera,), image_size, image_size)["rgb"]
+    img = render_lib.render(scene, data, cameras, image_size, image_size)["rgb"]
     return img, targets(scene, qpos, goal, b, t)
 
   images, target = jax.vmap(one)(jax.random.split(k_scene, n), block, task)
-  return {"images": images, "image_mask": jnp.ones((n, 1), bool),
+  return {"images": images, "image_mask": jnp.ones((n, len(cameras)), bool),
           "tokens": jnp.asarray(table["tokens"])[ins],
           "token_mask": jnp.asarray(table["token_mask"])[ins], "targets": target, "instruction": ins}
 
@@ -218,7 +221,7 @@ def pretrain(settings: Settings, out_path: str, *, log_every: int = 500, eval_si
   # One compiled scene sampler (rendering dominates compile time) serves init, training and the
   # held-out set.
   sample = jax.jit(lambda rng: sample_batch(scene, table, rng, settings.batch_size,
-                                             settings.camera, settings.image_size))
+                                             settings.cameras, settings.image_size))
   example = sample(k_init)
   params = model.init(k_init, example["images"], example["image_mask"], example["tokens"],
                       example["token_mask"])["params"]

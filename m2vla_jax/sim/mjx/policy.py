@@ -15,7 +15,7 @@ in training:
                                   `sim.policy_adapter.SimPolicyAdapter.unnormalize_actions`)
 
     trained = TrainedPolicy.from_workdir(workdir)
-    env = trained.env_params(tasks=..., execute_steps=2, camera='table')
+    env = trained.env_params(tasks=..., execute_steps=2, cameras=('table',))
     summary = rollout.evaluate(trained.policy_fn, trained.params, env, rng, n_envs, horizon)
 
 `policy_fn(params, obs, rng)` is one function object per TrainedPolicy (the rollout's compile
@@ -133,10 +133,11 @@ class TrainedPolicy:
       return jnp.clip(self.unnormalize_actions(actions), -1.0, 1.0)
     return policy_fn
 
-  def env_params(self, tasks: Sequence[str], camera: str, execute_steps: int,
+  def env_params(self, tasks: Sequence[str], cameras: str | Sequence[str], execute_steps: int,
                  instructions: Sequence[str] | None = None) -> rollout_lib.EnvParams:
-    """The rollout settings this policy needs (its image size, camera and tokenizer)."""
+    """The rollout settings this policy needs (its image size, cameras and tokenizer)."""
+    cameras = (cameras,) if isinstance(cameras, str) else tuple(cameras)
     return rollout_lib.EnvParams(
         tasks=tuple(tasks), instructions=None if instructions is None else tuple(instructions),
-        execute_steps=int(execute_steps), image_size=self.image_size, cameras=(camera,),
+        execute_steps=int(execute_steps), image_size=self.image_size, cameras=cameras,
         max_tokens=self.tokenizer.max_tokens, tokenizer=self.tokenizer)

@@ -16,7 +16,8 @@ the trainer, modelled on `m2vla_jax.sim.workflow` (Meta-World):
 `run(config, workdir)` does them in sequence and records wall-clock per phase. As a program:
 `python -m m2vla_jax.sim.mjx.workflow --config=configs/mjx.py --workdir=DIR`.
 
-`config.mjx` fields (configs/mjx.py): tasks, episodes_per_task, image_size, camera, demo_horizon,
+`config.mjx` fields (configs/mjx.py): tasks, episodes_per_task, image_size, cameras (rendered
+cameras; the first is the 'primary' slot, 'wrist' the 'wrist' slot), demo_horizon,
 demo_seed, demo_noise, demo_layout_repeats, demo_post_success_steps, dataset_name (derived by `configs/mjx.py:
 dataset_name`), and `eval`: episodes_per_task, horizon, execute_steps, seed, c_mujoco,
 demo_layouts (also roll out on the demonstrations' first initial layouts), out_subdir;
@@ -63,6 +64,14 @@ def _check(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if int(m[field]) < 1:
       raise ValueError(f"config.mjx.{field}={m[field]} must be >= 1")
   _check_layout_sharing(tuple(m.tasks), int(m.demo_layout_repeats))
+  from m2vla_jax.sim.mjx import experts  # pylint: disable=g-import-not-at-top
+  slots = tuple(s for s, _ in experts.camera_slots(tuple(m.cameras)))
+  if tuple(config.data.pipeline.cameras) != slots:
+    raise ValueError(f"config.data.pipeline.cameras={tuple(config.data.pipeline.cameras)} must be "
+                     f"the slots of config.mjx.cameras={tuple(m.cameras)}: {slots}")
+  if int(config.model.num_cameras) != len(slots):
+    raise ValueError(f"config.model.num_cameras={config.model.num_cameras} must be "
+                     f"len(config.mjx.cameras)={len(slots)}")
   _check_tokenizer(tuple(m.tasks), str(config.data.tokenizer), int(config.data.pipeline.max_tokens))
   for field in ("episodes_per_task", "horizon", "execute_steps"):
     if int(m.eval[field]) < 1:
@@ -119,14 +128,15 @@ def _check_layout_sharing(tasks: tuple[str, ...], repeats: int) -> None:
                      f"len(tasks) * 3 = {len(tasks) * 3}")
 
 
-def dataset_spec(name: str):
-  """The data-registry entry of the demos `prepare_data` writes (one camera, state, action).
+def dataset_spec(name: str, cameras: Sequence[str]):
+  """The data-registry entry of the demos `prepare_data` writes (`cameras`, state, action).
 
   The gripper action is declared continuous (like the Meta-World demos): normalization stays
   invertible, so the policy's output maps back to the simulator's action exactly.
   """
   from m2vla_jax.data.oxe import spec as oxe_spec  # pylint: disable=g-import-not-at-top
-  return oxe_spec.DatasetSpec(name, {"primary": "image"},
+  from m2vla_jax.sim.mjx import experts  # pylint: disable=g-import-not-at-top
+  return oxe_spec.DatasetSpec(name, dict(experts.camera_slots(tuple(cameras))),
                               state=(oxe_spec.Field("observation/state"),),
                               action=(oxe_spec.Field("action"),),
                               action_encoding=oxe_spec.ActionEncoding.EEF_DELTA)
@@ -149,7 +159,7 @@ def prepare_data(config: ml_collections.ConfigDict) -> tuple[str, dict[str, Any]
   data_dir = config.data.pipeline.data_dir
   if not data_dir:
     raise ValueError("config.data.pipeline.data_dir is empty; set the demo cache directory")
-  oxe.register(dataset_spec(m.dataset_name), overwrite=True)
+  oxe.register(dataset_spec(m.dataset_name, m.cameras), overwrite=True)
   path = cached_path(data_dir, m.dataset_name)
   if path is not None:
     print(f"using cached demonstrations {path}", flush=True)
@@ -158,7 +168,7 @@ def prepare_data(config: ml_collections.ConfigDict) -> tuple[str, dict[str, Any]
   path, summary = experts.collect_demos(
       data_dir, m.dataset_name, tasks=tuple(m.tasks), episodes_per_task=int(m.episodes_per_task),
       horizon=int(m.demo_horizon), seed=int(m.demo_seed), image_size=int(m.image_size),
-      camera=m.camera, noise=float(m.demo_noise),
+      cameras=tuple(m.cameras), noise=float(m.demo_noise),
       layout_repeats=int(m.demo_layout_repeats),
       post_success_steps=int(m.get("demo_post_success_steps", 0)))
   brief = _brief(summary)
@@ -248,7 +258,8 @@ def evaluate_run(config: ml_collections.ConfigDict, workdir: str, trained: Any =
     trained = policy_lib.TrainedPolicy.from_workdir(workdir)
   wall = {"load_policy": time.time() - t0}
   # record=True: the per-call privileged state gives the grounding measure (named_block_closest).
-  env = dataclasses.replace(trained.env_params(tuple(m.tasks), m.camera, int(e.execute_steps)),
+  env = dataclasses.replace(trained.env_params(tuple(m.tasks), tuple(m.cameras),
+                                               int(e.execute_steps)),
                             record=True)
   n = int(e.episodes_per_task) * len(m.tasks)
   horizon, rng = int(e.horizon), jax.random.key(int(e.seed))
@@ -284,7 +295,7 @@ def evaluate_run(config: ml_collections.ConfigDict, workdir: str, trained: Any =
       "episodes": n,
       "horizon": horizon,
       "execute_steps": int(e.execute_steps),
-      "camera": m.camera,
+      "cameras": list(m.cameras),
       "image_size": int(m.image_size),
       "seed": int(e.seed),
       "rollouts": {k: {"mean_success": r["mean_success"], "mean_ci95": list(r["mean_ci95"]),
@@ -337,6 +348,7 @@ def dagger_rounds(config: ml_collections.ConfigDict, workdir: str) -> list[dict[
   from m2vla_jax.data import oxe  # pylint: disable=g-import-not-at-top
   from m2vla_jax.data import writer  # pylint: disable=g-import-not-at-top
   from m2vla_jax.sim.mjx import dagger  # pylint: disable=g-import-not-at-top
+  from m2vla_jax.sim.mjx import experts  # pylint: disable=g-import-not-at-top
   from m2vla_jax.sim.mjx import policy as policy_lib  # pylint: disable=g-import-not-at-top
   from m2vla_jax.training import trainer  # pylint: disable=g-import-not-at-top
   m = _check(config)
@@ -348,15 +360,17 @@ def dagger_rounds(config: ml_collections.ConfigDict, workdir: str) -> list[dict[
   for k in range(1, int(d.rounds) + 1):
     t0 = time.time()
     name = dagger.round_name(m.dataset_name, k) + f"_{tag}"
-    oxe.register(dataset_spec(name), overwrite=True)
+    oxe.register(dataset_spec(name, m.cameras), overwrite=True)
     beta = float(d.beta) * float(d.get("beta_decay", 1.0)) ** (k - 1)
     if cached_path(data_dir, name) is None:
       trained = policy_lib.TrainedPolicy.from_workdir(prev)
-      env = dataclasses.replace(trained.env_params(tuple(m.tasks), m.camera, 1), record=True)
+      env = dataclasses.replace(trained.env_params(tuple(m.tasks), tuple(m.cameras), 1),
+                                record=True)
       episodes, rollout_summary = dagger.collect(
           trained.policy_fn, trained.params, env,
           jax.random.key(int(d.seed) + k), int(d.episodes_per_task) * len(m.tasks),
-          int(m.demo_horizon), beta)
+          int(m.demo_horizon), beta,
+          image_keys=tuple(key for _, key in experts.camera_slots(tuple(m.cameras))))
       writer.write_rlds_dataset(episodes, data_dir, name, progress=False, image_encoding="png",
                                 description=f"{name}: DAgger round {k} of {prev} (expert labels).")
       print(f"DAgger round {k} (beta {beta:.3f}): {len(episodes)} episodes, mixed-policy success "
