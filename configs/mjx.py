@@ -28,8 +28,10 @@ MoL + MSM head), except:
     then frozen but for its query tokens (`freeze_vlm`, the paper's setting). Trained from random
     (`ground=0,freeze_vlm=False`) the policy never learned which block the colour word names;
     grounded but fine-tuned it unlearned it (RESULTS.md, runs 1-15);
-  * cameras 'table' (the front view narrowed to the workspace, fovy 31): at 32 px a 4 cm block
-    covers ~4 px instead of ~2 px in 'front';
+  * camera 'table' (the front view narrowed to the workspace, fovy 31): at 32 px a 4 cm block
+    covers ~4 px instead of ~2 px in 'front'. Along its depth axis a pixel still spans 1.3-2.2
+    cm of table, where cloned policies misjudged the block (RESULTS.md, run 21);
+    `cameras=table+wrist` adds the palm camera looking down (a second image slot, 'wrist');
   * tokenizer 'words' (default): one id per word of the tasks' 25-word vocabulary
     (`data_adapter.WordVocabulary`), as Gemma's own tokenizer gives ' red' / ' green' / ' blue'
     one piece each; 16 tokens. 'bytes' is the UTF-8 byte tokenizer of configs/sim.py, 32 tokens
