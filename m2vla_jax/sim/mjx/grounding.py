@@ -7,13 +7,13 @@ never bound the colour word to a block, not even on its training episodes (RESUL
 This stage is their stand-in for that pretraining:
 
   * data: an endless stream of fresh random scenes, rendered inside the compiled step by the
-    rollouts' own ray caster (same camera, resolution and pixels as the policy sees), each with a
+    rollouts' own ray caster (same cameras, resolution and pixels as the policy sees), each with a
     random instruction of the task vocabulary, tokenized by the training tokenizer. Hand position
     and finger opening are random, and in some scenes the named block sits in the hand or on the
     goal square, the states demonstrations pass through;
-  * target (`TARGETS`, metres x 10): the named block's xyz, the goal's xy, the hand's xyz and
-    every colour's block xy, regressed (L1) from the VLM's query tokens (final states, through a
-    small MLP that is dropped afterwards);
+  * target (`TARGETS`): the named block's xyz, the goal's xy, the hand's xyz and every colour's
+    block xy (metres x 10), and the instruction's task one-hot, regressed (L1) from the VLM's
+    query tokens (final states, through a small MLP that is dropped afterwards);
   * output: a big_vision `.npz` of the VLM parameters ('params/img/...', 'params/llm/...',
     'params/queries') that the trainer loads with `config.init.checkpoint` (target prefix
     'vlm/'), and a JSON of the held-out errors in cm.
