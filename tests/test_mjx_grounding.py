@@ -62,8 +62,7 @@ def test_named_block_target_is_where_the_renderer_draws_that_block():
   keys = jax.random.split(jax.random.key(3), n)
   blocks = jnp.arange(n, dtype=jnp.int32) % scene_lib.NUM_BLOCKS
   qpos, goal = jax.jit(jax.vmap(lambda k, b: grounding.random_scene(scene, k, b)))(keys, blocks)
-  task = jnp.arange(n, dtype=jnp.int32) % 3
-  target = jax.vmap(lambda q, g, b, t: grounding.targets(scene, q, g, b, t))(qpos, goal, blocks, task)
+  target = jax.vmap(lambda q, g, b: grounding.targets(scene, q, g, b))(qpos, goal, blocks)
   from mujoco import mjx
   data0 = mjx.make_data(scene.mjx_model)
   seg = jax.jit(jax.vmap(lambda q, g: render_lib.render(
@@ -78,8 +77,6 @@ def test_named_block_target_is_where_the_renderer_draws_that_block():
     np.testing.assert_allclose(named, qpos[i, scene.block_qpos[b, :3]], atol=1e-6)
     np.testing.assert_allclose(target[i, 8 + 2 * b:10 + 2 * b], target[i, :2], atol=1e-6)
     np.testing.assert_allclose(target[i, 3:5] / grounding.TARGET_SCALE, goal[i, :2], atol=1e-6)
-    np.testing.assert_array_equal(target[i, len(grounding.POSITION_TARGETS):],
-                                  np.eye(3)[i % 3])   # the task one-hot
     hand = qpos[i, scene_lib.HAND_QPOS]
     in_hand += np.allclose(named, hand + [0, 0, 0.015], atol=1e-6)
     on_goal += np.allclose(named[:2], goal[i, :2], atol=1e-6)
@@ -111,24 +108,20 @@ def test_sample_batch_shapes_and_named_columns():
   assert b["tokens"].shape == (6, 16) and bool(b["token_mask"][:, 0].all())
   named = np.asarray(table["block"])[np.asarray(b["instruction"])]
   t = np.asarray(b["targets"])
-  task = np.asarray(table["task"])[np.asarray(b["instruction"])]
   for i, k in enumerate(named):
     np.testing.assert_allclose(t[i, 8 + 2 * k:10 + 2 * k], t[i, :2], atol=1e-6)
-    np.testing.assert_array_equal(t[i, -3:], np.eye(3)[task[i]])
 
 
-def test_errors_cm_scores_positions_in_cm_and_the_task_by_argmax():
+def test_errors_cm_scores_positions_in_cm():
   n = len(grounding.TARGETS)
   target = np.zeros((2, n), np.float32)
-  target[0, -3:] = [1, 0, 0]
-  target[1, -3:] = [0, 0, 1]
   pred = target.copy()
   pred[:, 0] += 0.001 * grounding.TARGET_SCALE      # named_x 1 mm off (metres x TARGET_SCALE)
-  pred[1, -3:] = [0.2, 0.7, 0.1]                      # second example: the wrong task
+  pred[1, 3] += 0.004 * grounding.TARGET_SCALE      # goal_x 4 mm off in the second example
   e = grounding.errors_cm(jnp.asarray(pred), jnp.asarray(target))
   np.testing.assert_allclose(float(e["named_block_xy"]), 0.05, rtol=1e-5)   # (0.1 + 0) / 2 cm
-  assert float(e["goal_xy"]) == 0.0
-  assert float(e["task_accuracy"]) == 0.5
+  np.testing.assert_allclose(float(e["goal_xy"]), 0.1, rtol=1e-5)           # 0.4 cm / 4 entries
+  assert float(e["hand_xyz"]) == 0.0
 
 
 def test_pretrain_writes_a_backbone_the_policy_loads_and_is_cached(tmp_path):

@@ -38,8 +38,8 @@ def test_config_is_consistent_and_short_args_apply():
   # a different demo count is a different cache entry
   assert _config("episodes=4").mjx.dataset_name != c.mjx.dataset_name
   # so is a different number of post-success steps (0 keeps the name of the older caches)
-  assert c.mjx.demo_post_success_steps == 10 and "_post10_" in c.mjx.dataset_name
-  assert "_post" not in _config("post=0").mjx.dataset_name
+  assert c.mjx.demo_post_success_steps == 0 and "_post" not in c.mjx.dataset_name
+  assert "_post10_" in _config("post=10").mjx.dataset_name
   # a wrist camera: a second camera slot in the data, the model and the dataset name
   w = _config("cameras=table+wrist")
   assert w.mjx.cameras == ("table", "wrist") and "_table-wrist_" in w.mjx.dataset_name
