@@ -104,8 +104,7 @@ def settings_from_config(config) -> Settings:
 
 def instruction_table(tasks: Sequence[str], tokenizer: str, max_tokens: int
                       ) -> dict[str, np.ndarray]:
-  """Every instruction of `tasks`: tokens int32 [I, T], token_mask bool [I, T], block int32 [I],
-  task int32 [I] (index into tasks.TASKS)."""
+  """Every instruction of `tasks`: tokens int32 [I, T], token_mask bool [I, T], block int32 [I]."""
   from m2vla_jax.data import transforms  # pylint: disable=g-import-not-at-top
   from m2vla_jax.training import data_adapter  # pylint: disable=g-import-not-at-top
   tokenize = transforms.Tokenize(data_adapter.make_tokenizer(tokenizer), max_tokens)
@@ -113,7 +112,6 @@ def instruction_table(tasks: Sequence[str], tokenizer: str, max_tokens: int
   tokens, masks = zip(*(tokenize(ins.text) for ins in vocab))
   return {"tokens": np.stack(tokens).astype(np.int32), "token_mask": np.stack(masks).astype(bool),
           "block": np.array([ins.block for ins in vocab], np.int32),
-          "task": np.array([ins.task_id for ins in vocab], np.int32),
           "text": np.array([ins.text for ins in vocab])}
 
 
