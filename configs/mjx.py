@@ -14,7 +14,8 @@ train_llm (also train the tiny Gemma layers), c_eval (also evaluate through C Mu
 demo_layouts (also evaluate on the demonstrations' initial layouts), augment (random resized crop +
 colour jitter of training images), tokenizer ('words' or 'bytes', below), ground (steps of grounding pretraining of the
 backbone before behaviour cloning, m2vla_jax.sim.mjx.grounding; 0 = none), freeze_vlm (keep the
-VLM frozen but its query tokens, the paper's setting; overrides train_llm), dagger (DAgger rounds
+VLM frozen but its query tokens, the paper's setting; overrides train_llm), freeze_queries (with
+freeze_vlm, also keep the grounding-pretrained query tokens as they are), dagger (DAgger rounds
 after behaviour cloning, m2vla_jax.sim.mjx.dagger; 0 = none), dagger_episodes (per task and round),
 dagger_beta (probability that the expert acts at a policy call in round 1; halved every
 round), data_dir
@@ -66,6 +67,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                             demo_layouts=True, augment=False, tasks="+".join(TASKS),
                             tokenizer="words", ground=10000, freeze_vlm=True, dagger=0,
                             dagger_episodes=200, dagger_beta=0.5, post=0, cameras="table",
+                            freeze_queries=False,
                             data_dir=os.environ.get("M2VLA_MJX_DATA", DEFAULT_DATA_DIR))
   from m2vla_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from m2vla_jax.models import m2vla  # pylint: disable=g-import-not-at-top
@@ -136,7 +138,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.head.mlp_dim = 2 * a.width
   c.model.memory.size = 2048
   c.model.frozen_dtype = "float32"    # bf16 matmuls are slow on CPU and the backbone is tiny
-  if a.freeze_vlm:    # the paper's setting: the (grounding-pretrained) VLM stays frozen
+  if a.freeze_vlm and a.freeze_queries:   # the grounded query tokens stay as pretrained too
+    rules = [("vlm/.*", False), (".*", True)]
+  elif a.freeze_vlm:  # the paper's setting: the (grounding-pretrained) VLM stays frozen
     rules = [("vlm/queries", True), ("vlm/.*", False), (".*", True)]
   elif a.train_llm:   # everything trains: a random backbone has nothing to preserve
     rules = [(".*", True)]

@@ -207,9 +207,28 @@ def test_recorded_privileged_state_relabels_to_the_executed_expert_actions(resul
   # collect_demos labels each recorded state with the expert's action in it; without noise that
   # must be exactly the action the rollout executed (execute_steps=1: one state per step).
   expert, _ = results
-  assert expert["privileged"].shape == (HORIZON, N_ENVS, 18)
+  assert expert["privileged"].shape == (HORIZON, N_ENVS, tasks.PRIVILEGED_DIM)
   labels = np.asarray(jax.vmap(jax.vmap(experts.expert_action))(expert["privileged"]))
   np.testing.assert_allclose(labels, expert["actions"], atol=1e-6)
+
+
+def test_privileged_unpack_reads_back_the_state_it_was_built_from():
+  scene = scene_lib.load()
+  keys = jax.random.split(jax.random.key(3), 4)
+  states = jax.vmap(lambda k, t, b: tasks.reset(scene, k, t, b))(
+      keys, jnp.array([0, 1, 2, 1]), jnp.array([2, 0, 1, 2]))
+  priv = np.asarray(jax.vmap(lambda s: tasks.privileged(scene, s))(states))
+  p = tasks.Privileged.unpack(priv)                   # numpy, leading batch axis kept
+  qpos = np.asarray(states.data.qpos)
+  np.testing.assert_array_equal(p.hand, qpos[:, scene_lib.HAND_QPOS])
+  np.testing.assert_allclose(
+      p.blocks, np.asarray(jax.vmap(lambda q: tasks.block_positions(scene, q))(states.data.qpos)))
+  np.testing.assert_array_equal(p.goal, np.asarray(states.data.mocap_pos)[:, 0])
+  np.testing.assert_array_equal(p.task_id, [0, 1, 2, 1])
+  np.testing.assert_array_equal(p.block_id, [2, 0, 1, 2])
+  assert p.blocks.shape == (4, scene_lib.NUM_BLOCKS, 3)
+  with pytest.raises(ValueError, match="privileged state has 17 columns, expected 18"):
+    tasks.Privileged.unpack(priv[:, :17])
 
 
 def test_noisy_expert_perturbs_only_the_hand_motion():

@@ -132,19 +132,16 @@ def _push(hand, q, block, goal):
 
 
 def expert_action(priv: jax.Array) -> jax.Array:
-  """float [18] privileged state (tasks.privileged) -> float [4] action in [-1, 1]."""
-  hand, q = priv[:3], priv[3]
-  blocks = priv[4:13].reshape(scene_lib.NUM_BLOCKS, 3)
-  goal = priv[13:16]
-  task_id, block_id = priv[16].astype(jnp.int32), priv[17].astype(jnp.int32)
-  block = blocks[block_id]
+  """float [PRIVILEGED_DIM] privileged state (tasks.privileged) -> float [4] action in [-1, 1]."""
+  p = tasks_lib.Privileged.unpack(priv)
+  hand, q, goal, block = p.hand, p.opening, p.goal, p.blocks[p.block_id]
   branches = [lambda: _pick(hand, q, block, goal), lambda: _push(hand, q, block, goal),
               lambda: _place(hand, q, block, goal)]
-  return jnp.stack([b() for b in branches])[task_id]
+  return jnp.stack([b() for b in branches])[p.task_id]
 
 
 def expert_policy(params: Any, obs: dict[str, jax.Array], rng: jax.Array) -> jax.Array:
-  """Rollout policy contract: obs['privileged'] float [N, 18] -> chunk float [N, 1, 4].
+  """Rollout policy contract: obs["privileged"] float [N, PRIVILEGED_DIM] -> chunk float [N, 1, 4].
 
   The expert is closed-loop, so run it with `execute_steps=1` (a chunk of one action).
   """

@@ -15,7 +15,7 @@ obs = {
   'state':       float32 [N, 4]    hand xyz, finger opening (raw units)
   'tokens':      int32   [N, T]    instruction tokens (EnvParams.tokenizer), right-padded
   'token_mask':  bool    [N, T]
-  'privileged':  float32 [N, 18]   tasks.privileged: for scripted/oracle policies only
+  'privileged':  float32 [N, 18]   tasks.privileged (fields: tasks.Privileged): for scripted/oracle policies only
 }
 ```
 Episodes do not stop at success (the batch stays rectangular); success is the first step whose
@@ -247,7 +247,7 @@ def _compiled(policy_fn: PolicyFn, env: EnvParams, n_envs: int, horizon: int):
            "final_qpos": states.data.qpos}
     if env.record:
       # per control step actions [T, N, 4]; per policy call state [R, N, 4], privileged
-      # [R, N, 18], images [R, N, C, ...]
+      # [R, N, PRIVILEGED_DIM], images [R, N, C, ...]
       out["actions"] = rec["actions"].reshape((n_calls * e,) + rec["actions"].shape[2:])[:horizon]
       out["states"] = rec["state"]
       out["privileged"] = rec["privileged"]
@@ -276,7 +276,7 @@ def rollout(policy_fn: PolicyFn, policy_params: Any, env_params: EnvParams, rng:
 
   Returns numpy arrays: success bool [N], success_step int32 [N] (-1 if never), returns float [N],
   nonfinite bool [N] (physics or actions went non-finite), final_qpos [N, nq]; with
-  `record`: actions [T, N, 4], states [R, N, 4], privileged [R, N, 18], frames uint8
+  `record`: actions [T, N, 4], states [R, N, 4], privileged [R, N, PRIVILEGED_DIM], frames uint8
   [R, N, C, S, S, 3] (R policy calls);
   plus host lists tasks, instructions (per env) and the env params, horizon.
   """
@@ -315,7 +315,7 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
                                 for k, v in per_ins.items()}
   if "privileged" in result:   # recorded rollouts: did the hand go to the block it was told to?
     closest = closest_block(result["privileged"])
-    named = np.asarray(result["privileged"])[0, :, 17].astype(int)
+    named = tasks_lib.Privileged.unpack(np.asarray(result["privileged"])[0]).block_id
     went = closest == named
     for i, e in enumerate(episodes):
       e["closest_block"] = int(closest[i])
@@ -328,15 +328,14 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def closest_block(privileged: np.ndarray) -> np.ndarray:
-  """int [N]: the block the hand came closest to (xy) over an episode; privileged [R, N, 18].
+  """int [N]: the block the hand came closest to (xy) over an episode; privileged [R, N, PRIVILEGED_DIM].
 
   A grounding measure that does not need success: with 3 blocks, a policy that ignores the colour
   word picks the named block about 1/3 of the time.
   """
-  p = np.asarray(privileged)
-  hand = p[..., None, 0:2]                                        # [R, N, 1, 2]
-  blocks = p[..., 4:13].reshape(p.shape[:2] + (scene_lib.NUM_BLOCKS, 3))[..., :2]
-  return np.linalg.norm(hand - blocks, axis=-1).min(0).argmin(-1)
+  p = tasks_lib.Privileged.unpack(np.asarray(privileged))
+  hand = p.hand[..., None, :2]                                    # [R, N, 1, 2]
+  return np.linalg.norm(hand - p.blocks[..., :2], axis=-1).min(0).argmin(-1)
 
 
 def evaluate(policy_fn: PolicyFn, policy_params: Any, env_params: EnvParams, rng: jax.Array,

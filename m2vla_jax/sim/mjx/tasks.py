@@ -15,7 +15,7 @@ Tasks (three blocks: red, green, blue; one white goal square; positions and yaws
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -131,8 +131,34 @@ def finger_opening(qpos: jax.Array) -> jax.Array:
   return qpos[scene_lib.FINGER_QPOS].mean()
 
 
+PRIVILEGED_DIM = 4 + 3 * scene_lib.NUM_BLOCKS + 3 + 2
+
+
+class Privileged(NamedTuple):
+  """The fields of a `privileged` vector (float [..., PRIVILEGED_DIM]), leading axes kept."""
+  hand: Any        # [..., 3]
+  opening: Any     # [...]
+  blocks: Any      # [..., NUM_BLOCKS, 3] block centres
+  goal: Any        # [..., 3]
+  task_id: Any     # int32 [...]
+  block_id: Any    # int32 [...] the named block
+
+  @classmethod
+  def unpack(cls, priv: Any) -> "Privileged":
+    """Works on numpy and JAX arrays: the one place that knows the vector's column order."""
+    if priv.shape[-1] != PRIVILEGED_DIM:
+      raise ValueError(f"privileged state has {priv.shape[-1]} columns, expected {PRIVILEGED_DIM}")
+    nb = scene_lib.NUM_BLOCKS
+    return cls(hand=priv[..., 0:3], opening=priv[..., 3],
+               blocks=priv[..., 4:4 + 3 * nb].reshape(priv.shape[:-1] + (nb, 3)),
+               goal=priv[..., 4 + 3 * nb:7 + 3 * nb],
+               task_id=priv[..., 7 + 3 * nb].astype(np.int32),
+               block_id=priv[..., 8 + 3 * nb].astype(np.int32))
+
+
 def privileged(scene: scene_lib.Scene, state: EnvState) -> jax.Array:
-  """float [18]: hand xyz, finger opening, 3 block centres, goal xyz, task id, block id."""
+  """float [PRIVILEGED_DIM]: hand xyz, finger opening, block centres, goal xyz, task id, block id
+  (read it back with `Privileged.unpack`)."""
   qpos = state.data.qpos
   return jnp.concatenate([qpos[scene_lib.HAND_QPOS], finger_opening(qpos)[None],
                           block_positions(scene, qpos).reshape(-1), state.data.mocap_pos[0],
