@@ -69,10 +69,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                             dagger_episodes=200, dagger_beta=0.5, post=0, cameras="table",
                             freeze_queries=False,
                             data_dir=os.environ.get("M2VLA_MJX_DATA", DEFAULT_DATA_DIR))
-  from m2vla_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  from m2vla_jax.models import m2vla  # pylint: disable=g-import-not-at-top
   c = config_base.base_config()
-  c.total_steps = a.steps
   c.batch_size = a.batch
   c.policy = "m2vla"
 
@@ -121,23 +118,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     max_tokens = 16                  # the longest instruction is 12 words + BOS
   else:
     tokenizer, max_tokens = "bytes_mod:128", 32
-  c.model = m2vla.get_config()
-  c.model.vlm = a.vlm     # 'tiny' (4 image tokens), 'tiny_p8' (16), 'tiny_p4' (64), 'mini_p8
-  c.model.vlm_overrides = ml_collections.ConfigDict({"max_text_tokens": max_tokens,
-                                                     "num_queries": a.queries,
-                                                     "posemb_init": a.posemb})
-  c.model.num_cameras = len(c.mjx.cameras)
-  c.model.state_dim = 4
-  c.model.action_dim = 4
-  c.model.horizon = a.horizon
-  c.model.mol = a.mol
-  c.model.msm = a.msm
-  c.model.head.width = a.width
-  c.model.head.num_heads = 4
-  c.model.head.head_dim = a.width // 4
-  c.model.head.mlp_dim = 2 * a.width
-  c.model.memory.size = 2048
-  c.model.frozen_dtype = "float32"    # bf16 matmuls are slow on CPU and the backbone is tiny
   if a.freeze_vlm and a.freeze_queries:   # the grounded query tokens stay as pretrained too
     rules = [("vlm/.*", False), (".*", True)]
   elif a.freeze_vlm:  # the paper's setting: the (grounding-pretrained) VLM stays frozen
@@ -146,27 +126,26 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     rules = [(".*", True)]
   else:               # configs/sim.py: Gemma frozen; SigLIP, queries and head train
     rules = [("vlm/queries", True), ("vlm/img/.*", True), ("vlm/.*", False), (".*", True)]
-  c.model.trainable = rules
+  # vlm: 'tiny' (4 image tokens), 'tiny_p8' (16), 'tiny_p4' (64), 'mini_p8'
+  c.model = config_base.small_sim_model(vlm=a.vlm, num_cameras=len(c.mjx.cameras),
+                                        horizon=a.horizon, mol=a.mol, msm=a.msm, width=a.width,
+                                        trainable=rules)
+  c.model.vlm_overrides = ml_collections.ConfigDict({"max_text_tokens": max_tokens,
+                                                     "num_queries": a.queries,
+                                                     "posemb_init": a.posemb})
   c.trainable = list(rules)
   c.frozen_dtype = "float32"
 
-  c.data.kind = "rlds"
-  c.data.pipeline = pipeline.get_config()
-  p = c.data.pipeline
-  p.datasets = c.mjx.dataset_name
-  p.data_dir = a.data_dir
   from m2vla_jax.sim.mjx import experts  # pylint: disable=g-import-not-at-top
-  p.cameras = tuple(slot for slot, _ in experts.camera_slots(c.mjx.cameras))
-  p.image_size = (c.mjx.image_size, c.mjx.image_size)
-  p.horizon = a.horizon
-  p.max_tokens = max_tokens
-  p.shuffle_buffer = 1024
+  c.data.kind = "rlds"
+  c.data.pipeline = config_base.small_sim_pipeline(
+      datasets=c.mjx.dataset_name, data_dir=a.data_dir,
+      cameras=tuple(slot for slot, _ in experts.camera_slots(c.mjx.cameras)),
+      image_size=c.mjx.image_size, horizon=a.horizon, max_tokens=max_tokens)
+  p = c.data.pipeline
   # Random resized crop (area 0.8-1, aspect 0.9-1.1) + brightness/contrast/saturation jitter (no hue
   # change, so the colour words stay true); evaluation sees the full frame.
   p.augment = a.augment
-  p.progress = False
-  p.num_threads = 1
-  p.prefetch = 4
   c.data.tokenizer = tokenizer
   c.data.val_split = "train"
 
@@ -181,15 +160,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.init.source_prefix = "params/"
     c.init.target_prefix = "vlm/"
 
-  c.optimizer.lr = a.lr
-  c.optimizer.warmup_steps = min(100, max(a.steps // 10, 1))
-  c.optimizer.weight_decay = 1e-4
-  c.mesh.data = -1
-  c.checkpoint.every = max(a.steps, 1)
-  c.checkpoint.keep = 1
-  c.checkpoint.async_save = False
-  c.log_every = 100
-  c.eval_every = 0
-  c.progress_bar = False
+  config_base.single_checkpoint_schedule(c, steps=a.steps, lr=a.lr,
+                                         warmup_steps=min(100, max(a.steps // 10, 1)))
   c.lock()
   return c

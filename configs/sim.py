@@ -33,10 +33,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   a = config_base.parse_arg(arg, steps=3000, batch=64, episodes=15, eval_episodes=20, mol=True,
                             msm=True, horizon=8, execute=2, train_img=True, lr=1e-3, width=64,
                             data_dir=os.environ.get("M2VLA_SIM_DATA", workflow.DEFAULT_DATA_DIR))
-  from m2vla_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  from m2vla_jax.models import m2vla  # pylint: disable=g-import-not-at-top
   c = config_base.base_config()
-  c.total_steps = a.steps
   c.batch_size = a.batch
   c.policy = "m2vla"
 
@@ -63,55 +60,24 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.sim.eval.variants = ("seen", "paraphrased", "held_out_tasks")
   c.sim.eval.out_subdir = "sim_eval"
 
-  c.model = m2vla.get_config()
-  c.model.vlm = "tiny"
-  c.model.num_cameras = 1
-  c.model.state_dim = 4
-  c.model.action_dim = 4
-  c.model.horizon = a.horizon
-  c.model.mol = a.mol
-  c.model.msm = a.msm
-  c.model.head.width = a.width
-  c.model.head.num_heads = 4
-  c.model.head.head_dim = a.width // 4
-  c.model.head.mlp_dim = 2 * a.width
-  c.model.memory.size = 2048
-  c.model.frozen_dtype = "float32"    # bf16 matmuls are slow on CPU and the backbone is tiny
   rules = [("vlm/queries", True)]
   if a.train_img:
     rules.append(("vlm/img/.*", True))
   rules += [("vlm/.*", False), (".*", True)]
-  c.model.trainable = rules
+  c.model = config_base.small_sim_model(vlm="tiny", num_cameras=1, horizon=a.horizon, mol=a.mol,
+                                        msm=a.msm, width=a.width, trainable=rules)
   c.trainable = list(rules)
   c.frozen_dtype = "float32"
 
   c.data.kind = "rlds"
-  c.data.pipeline = pipeline.get_config()
-  p = c.data.pipeline
-  p.datasets = c.sim.dataset_name
-  p.data_dir = a.data_dir
-  p.cameras = ("primary",)
-  p.image_size = (c.sim.image_size, c.sim.image_size)
-  p.horizon = a.horizon
   # The tiny VLM accepts 16 text tokens (raise model.vlm_overrides.max_text_tokens together with
-  # this), so byte tokens keep the first 15 characters of an instruction; the measured results use 16.
-  p.max_tokens = 16
-  p.shuffle_buffer = 1024
-  p.progress = False
-  p.num_threads = 1
-  p.prefetch = 4
+  # max_tokens), so byte tokens keep the first 15 characters of an instruction; the measured
+  # results use 16.
+  c.data.pipeline = config_base.small_sim_pipeline(
+      datasets=c.sim.dataset_name, data_dir=a.data_dir, cameras=("primary",),
+      image_size=c.sim.image_size, horizon=a.horizon, max_tokens=16)
   c.data.tokenizer = "bytes_mod:128"   # UTF-8 bytes folded into the tiny Gemma's 128 ids
   c.data.val_split = "train"
-
-  c.optimizer.lr = a.lr
-  c.optimizer.warmup_steps = 100
-  c.optimizer.weight_decay = 1e-4
-  c.mesh.data = -1
-  c.checkpoint.every = max(a.steps, 1)
-  c.checkpoint.keep = 1
-  c.checkpoint.async_save = False
-  c.log_every = 100
-  c.eval_every = 0
-  c.progress_bar = False
+  config_base.single_checkpoint_schedule(c, steps=a.steps, lr=a.lr, warmup_steps=100)
   c.lock()
   return c

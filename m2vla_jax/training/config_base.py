@@ -91,3 +91,64 @@ def base_config() -> ml_collections.ConfigDict:
   c.progress_bar = True
   c.required_fields = []            # dotted names that must be set (checked by trainer.validate_config)
   return c
+
+
+# The CPU-sized simulation configs (configs/sim.py: Meta-World, configs/mjx.py: the MJX suite)
+# share the model head, the pipeline settings and the one-checkpoint schedule below; each file
+# keeps only what differs (backbone, cameras, tokenizer, what trains).
+
+def small_sim_model(*, vlm: str, num_cameras: int, horizon: int, mol: bool, msm: bool,
+                    width: int, trainable: list[tuple[str, bool]]) -> ml_collections.ConfigDict:
+  """M²-VLA with a small head for 4-d hand-motion control (hand xyz + gripper, state and action)."""
+  from m2vla_jax.models import m2vla  # pylint: disable=g-import-not-at-top
+  m = m2vla.get_config()
+  m.vlm = vlm
+  m.num_cameras = num_cameras
+  m.state_dim = 4
+  m.action_dim = 4
+  m.horizon = horizon
+  m.mol = mol
+  m.msm = msm
+  m.head.width = width
+  m.head.num_heads = 4
+  m.head.head_dim = width // 4
+  m.head.mlp_dim = 2 * width
+  m.memory.size = 2048
+  m.frozen_dtype = "float32"    # bf16 matmuls are slow on CPU and the backbones are tiny
+  m.trainable = list(trainable)
+  return m
+
+
+def small_sim_pipeline(*, datasets: str, data_dir: str, cameras: tuple[str, ...], image_size: int,
+                       horizon: int, max_tokens: int) -> ml_collections.ConfigDict:
+  """The RLDS pipeline for locally recorded demos: one reader thread, a small shuffle buffer."""
+  from m2vla_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  p = pipeline.get_config()
+  p.datasets = datasets
+  p.data_dir = data_dir
+  p.cameras = tuple(cameras)
+  p.image_size = (image_size, image_size)
+  p.horizon = horizon
+  p.max_tokens = max_tokens
+  p.shuffle_buffer = 1024
+  p.progress = False
+  p.num_threads = 1
+  p.prefetch = 4
+  return p
+
+
+def single_checkpoint_schedule(c: ml_collections.ConfigDict, *, steps: int, lr: float,
+                               warmup_steps: int) -> None:
+  """In place: AdamW at `lr`, one synchronous checkpoint at the end (the workflows evaluate that),
+  loss every 100 steps, no in-training validation, no progress bar (logs go to files)."""
+  c.total_steps = steps
+  c.optimizer.lr = lr
+  c.optimizer.warmup_steps = warmup_steps
+  c.optimizer.weight_decay = 1e-4
+  c.mesh.data = -1
+  c.checkpoint.every = max(steps, 1)
+  c.checkpoint.keep = 1
+  c.checkpoint.async_save = False
+  c.log_every = 100
+  c.eval_every = 0
+  c.progress_bar = False
