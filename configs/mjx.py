@@ -111,10 +111,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     raise ValueError(f"configs/mjx.py: tokenizer={a.tokenizer!r}; use one of {TOKENIZERS}")
   if a.tokenizer == "words":
     # Every word of all three tasks' vocabularies, whichever tasks train: ids stay comparable.
-    from m2vla_jax.sim.mjx import tasks as tasks_lib  # pylint: disable=g-import-not-at-top
-    from m2vla_jax.training import data_adapter  # pylint: disable=g-import-not-at-top
-    tokenizer = data_adapter.words_spec(
-        ins.text for t in tasks_lib.TASKS for ins in tasks_lib.vocabulary(t))
+    from m2vla_jax.sim.mjx import rollout  # pylint: disable=g-import-not-at-top
+    tokenizer = rollout.task_words_spec()
     max_tokens = 16                  # the longest instruction is 12 words + BOS
   else:
     tokenizer, max_tokens = "bytes_mod:128", 32

@@ -212,6 +212,20 @@ def test_recorded_privileged_state_relabels_to_the_executed_expert_actions(resul
   np.testing.assert_allclose(labels, expert["actions"], atol=1e-6)
 
 
+def test_default_tokenizer_is_the_training_tokenizer_of_configs_mjx():
+  # Expert rollouts and the trained policy must see the same ids for the same instruction.
+  from m2vla_jax.training import config_base  # pylint: disable=g-import-not-at-top
+  from m2vla_jax.training import data_adapter  # pylint: disable=g-import-not-at-top
+  config = config_base.load_config_file(
+      os.path.join(os.path.dirname(__file__), "..", "configs", "mjx.py")).get_config("tokenizer=words")
+  training = data_adapter.make_tokenizer(config.data.tokenizer)
+  for task in tasks.TASKS:
+    for ins in tasks.vocabulary(task):
+      assert rl.word_tokenizer(ins.text) == training.encode(ins.text)
+  with pytest.raises(ValueError, match=r"words \['purple'\] are not in the tokenizer's word list"):
+    rl.word_tokenizer("pick up the purple block")
+
+
 def test_privileged_unpack_reads_back_the_state_it_was_built_from():
   scene = scene_lib.load()
   keys = jax.random.split(jax.random.key(3), 4)

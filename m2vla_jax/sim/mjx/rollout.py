@@ -29,7 +29,6 @@ import json
 import logging
 import math
 import os
-import re
 from typing import Any, Callable, Sequence
 
 import jax
@@ -41,30 +40,28 @@ from m2vla_jax.sim import evaluate_metaworld
 from m2vla_jax.sim.mjx import render as render_lib
 from m2vla_jax.sim.mjx import scene as scene_lib
 from m2vla_jax.sim.mjx import tasks as tasks_lib
+from m2vla_jax.training import data_adapter
 
 log = logging.getLogger(__name__)
 
 PolicyFn = Callable[[Any, dict[str, jax.Array], jax.Array], jax.Array]
 
 
-def _words(text: str) -> list[str]:
-  return re.findall(r"[a-z]+", text.lower())
+def task_words_spec() -> str:
+  """The 'words:...' tokenizer spec of every word of every task's instructions: configs/mjx.py
+  trains with it, and it is the rollouts' default tokenizer (`word_tokenizer`)."""
+  return data_adapter.words_spec(ins.text for t in tasks_lib.TASKS for ins in tasks_lib.vocabulary(t))
 
 
 @functools.lru_cache(maxsize=None)
-def _word_vocab() -> dict[str, int]:
-  words = sorted({w for t in tasks_lib.TASKS for ins in tasks_lib.vocabulary(t)
-                  for w in _words(ins.text)})
-  return {w: i + 1 for i, w in enumerate(words)}   # 0 is padding
+def _task_vocabulary() -> data_adapter.WordVocabulary:
+  return data_adapter.make_tokenizer(task_words_spec())
 
 
 def word_tokenizer(text: str) -> list[int]:
-  """Default tokenizer: word ids over the tasks' vocabulary (pass a backbone tokenizer instead)."""
-  vocab = _word_vocab()
-  unknown = [w for w in _words(text) if w not in vocab]
-  if unknown:
-    raise ValueError(f"word_tokenizer: words {unknown} are outside the task vocabulary")
-  return [vocab[w] for w in _words(text)]
+  """Default tokenizer: BOS + one id per word of the tasks' vocabulary (pass a backbone tokenizer
+  instead); a word outside it is an error."""
+  return _task_vocabulary().encode(text)
 
 
 @dataclasses.dataclass(frozen=True)
