@@ -160,7 +160,7 @@ def test_pretrain_writes_a_backbone_the_policy_loads_and_is_cached(tmp_path):
 
 
 def test_errors_name_the_field(tmp_path):
-  with pytest.raises(ValueError, match="camera='top' is unknown"):
+  with pytest.raises(ValueError, match=r"grounding cameras \(config.mjx.cameras\)=\('table', 'top'\): camera 'top' is unknown"):
     _settings(cameras=("table", "top"))
   with pytest.raises(ValueError, match="steps=0 must be >= 1"):
     _settings(steps=0)

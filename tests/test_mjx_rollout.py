@@ -182,7 +182,7 @@ def test_invalid_inputs_fail_before_compilation():
     rl.rollout(experts.expert_policy, None, ENV, jax.random.key(0), 0, 10)
   with pytest.raises(ValueError, match="execute_steps=0"):
     rl.EnvParams(execute_steps=0)
-  with pytest.raises(ValueError, match="cameras"):
+  with pytest.raises(ValueError, match=r"EnvParams.cameras=\('side',\): camera 'side' is unknown"):
     rl.EnvParams(cameras=("side",))
 
 

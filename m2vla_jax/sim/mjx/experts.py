@@ -168,9 +168,7 @@ def camera_slots(cameras: Sequence[str]) -> tuple[tuple[str, str], ...]:
   """
   if not cameras:
     raise ValueError("cameras is empty; name one or more of scene.CAMERAS")
-  for c in cameras:
-    if c not in scene_lib.CAMERAS:
-      raise ValueError(f"camera {c!r} is unknown; use some of {scene_lib.CAMERAS}")
+  scene_lib.check_cameras(cameras, "cameras")
   slots = [("primary", "image")] + [("wrist", "wrist_image") if c == "wrist"
                                     else ("secondary", f"{c}_image") for c in cameras[1:]]
   names = [s for s, _ in slots]

@@ -71,9 +71,7 @@ class Settings:
   def __post_init__(self):
     for t in self.tasks:
       tasks_lib.check_task(t)
-    for camera in self.cameras:
-      if camera not in scene_lib.CAMERAS:
-        raise ValueError(f"grounding camera={camera!r} is unknown; use some of {scene_lib.CAMERAS}")
+    scene_lib.check_cameras(self.cameras, "grounding cameras (config.mjx.cameras)")
     for field in ("steps", "batch_size", "image_size", "max_tokens"):
       if getattr(self, field) < 1:
         raise ValueError(f"config.mjx.pretrain / grounding: {field}={getattr(self, field)} must be >= 1")

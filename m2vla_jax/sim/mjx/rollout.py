@@ -120,9 +120,7 @@ class EnvParams:
     for field in ("execute_steps", "image_size", "max_tokens", "layout_repeats"):
       if getattr(self, field) < 1:
         raise ValueError(f"EnvParams.{field}={getattr(self, field)} must be >= 1")
-    for c in self.cameras:
-      if c not in scene_lib.CAMERAS:
-        raise ValueError(f"EnvParams.cameras: {c!r} is unknown; use some of {scene_lib.CAMERAS}")
+    scene_lib.check_cameras(self.cameras, "EnvParams.cameras")
     if self.num_cameras is not None and self.num_cameras < len(self.cameras):
       raise ValueError(f"EnvParams.num_cameras={self.num_cameras} < len(cameras)="
                        f"{len(self.cameras)}")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +38,14 @@ WORKSPACE_HI = np.array([0.25, 0.25, 0.25], np.float32)
 HAND_QPOS = slice(0, 3)
 FINGER_QPOS = slice(3, 5)
 CAMERAS = ("front", "wrist", "table")
+
+
+def check_cameras(cameras: Sequence[str], field: str) -> None:
+  """A clear error naming `field` (the setting the caller reads) for an unknown camera name."""
+  unknown = [c for c in cameras if c not in CAMERAS]
+  if unknown:
+    raise ValueError(f"{field}={tuple(cameras)}: camera {unknown[0]!r} is unknown; use some of "
+                     f"{CAMERAS}")
 
 # Why these settings (jax 0.10.2, mujoco-mjx 3.3.0, XLA CPU):
 # * jacobian="sparse" and solver="CG": a dense mass matrix is factorised with
