@@ -6,7 +6,8 @@
 Short args: tasks ('+'-separated, default all three), steps, batch, episodes (demos per task),
 noise (std of the DART noise executed while recording demos; labels are the clean expert actions), repeats (consecutive demos sharing one
 initial layout), post (control steps recorded after a demo's first success), cameras ('+'-separated
-rendered cameras: 'table' (default), 'table+wrist' adds the camera in the palm looking down), eval_episodes (per task, compiled and C), horizon (action chunk H), execute
+rendered cameras: 'table' (default), 'table+wrist' adds the camera in the palm looking down), image
+(camera resolution in pixels, default 32; the backbone's image tower is sized to it), eval_episodes (per task, compiled and C), horizon (action chunk H), execute
 (actions executed per chunk), lr, width (head), queries (learnable query tokens), vlm (backbone
 variant: 'tiny', 'tiny_p8', 'tiny_p4' or 'mini_p8'), posemb (initial SigLIP position embedding:
 'normal' or 'sincos2d'), mol, msm,
@@ -67,7 +68,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                             demo_layouts=True, augment=False, tasks="+".join(TASKS),
                             tokenizer="words", ground=10000, freeze_vlm=True, dagger=0,
                             dagger_episodes=200, dagger_beta=0.5, post=0, cameras="table",
-                            freeze_queries=False,
+                            freeze_queries=False, image=32,
                             data_dir=os.environ.get("M2VLA_MJX_DATA", DEFAULT_DATA_DIR))
   c = config_base.base_config()
   c.batch_size = a.batch
@@ -76,7 +77,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.mjx = ml_collections.ConfigDict()
   c.mjx.tasks = tuple(a.tasks.split("+"))
   c.mjx.episodes_per_task = a.episodes
-  c.mjx.image_size = 32
+  c.mjx.image_size = a.image
   c.mjx.cameras = tuple(a.cameras.split("+"))
   c.mjx.demo_horizon = 120       # clean experts finish within 75 control steps, noisy within ~95
   c.mjx.demo_seed = 0
@@ -128,9 +129,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model = config_base.small_sim_model(vlm=a.vlm, num_cameras=len(c.mjx.cameras),
                                         horizon=a.horizon, mol=a.mol, msm=a.msm, width=a.width,
                                         trainable=rules)
-  c.model.vlm_overrides = ml_collections.ConfigDict({"max_text_tokens": max_tokens,
-                                                     "num_queries": a.queries,
-                                                     "posemb_init": a.posemb})
+  overrides = {"max_text_tokens": max_tokens, "num_queries": a.queries, "posemb_init": a.posemb}
+  if a.image != 32:   # the tiny variants' own size; only a change is written, so cache names stay
+    overrides["image_size"] = a.image
+  c.model.vlm_overrides = ml_collections.ConfigDict(overrides)
   c.trainable = list(rules)
   c.frozen_dtype = "float32"
 

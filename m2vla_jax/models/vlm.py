@@ -109,14 +109,14 @@ def get_config(name: str, **overrides) -> VLMConfig:
 
   `overrides` may set VLMConfig fields (num_queries, max_text_tokens), the tower fields `dtype`,
   `remat_policy` and `scan_unroll`, which apply to both towers, the Gemma field `attn_impl` and the
-  SigLIP field `posemb_init`.
+  SigLIP fields `posemb_init` and `image_size` (a multiple of the patch size).
   """
   if name not in _VARIANTS:
     raise ValueError(f"unknown VLM config {name!r}; known: {sorted(_VARIANTS)}")
   img_variant, llm_variant, fields = _VARIANTS[name]
   tower_keys = {"dtype", "remat_policy", "scan_unroll"}
   llm_keys = {"attn_impl"}
-  img_keys = {"posemb_init"}
+  img_keys = {"posemb_init", "image_size"}
   tower = {k: v for k, v in overrides.items() if k in tower_keys}
   llm_only = {k: v for k, v in overrides.items() if k in llm_keys}
   img_only = {k: v for k, v in overrides.items() if k in img_keys}
