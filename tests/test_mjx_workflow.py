@@ -6,6 +6,7 @@ import os
 
 import pytest
 
+from m2vla_jax.models import vlm as vlm_lib
 from m2vla_jax.sim.mjx import workflow
 from m2vla_jax.training import config_base
 from m2vla_jax.training import data_adapter
@@ -47,6 +48,15 @@ def test_config_is_consistent_and_short_args_apply():
   assert workflow._check(w) is w.mjx  # pylint: disable=protected-access
   assert dict(workflow.dataset_spec("x", w.mjx.cameras).cameras) == {
       "primary": "image", "wrist": "wrist_image"}
+  # another resolution: data, pipeline and the image tower follow; 32 px writes no override
+  assert "image_size" not in c.model.vlm_overrides
+  h = _config("image=64,vlm=tiny")
+  assert "_64px_" in h.mjx.dataset_name and tuple(h.data.pipeline.image_size) == (64, 64)
+  tower = vlm_lib.get_config(h.model.vlm, **h.model.vlm_overrides).img
+  assert (tower.image_size, tower.num_patches) == (64, 16)
+  assert "_64px_" in h.init.checkpoint and workflow._check(h) is h.mjx  # pylint: disable=protected-access
+  # freeze_queries: nothing of the VLM trains
+  assert _config("freeze_queries=True").trainable == [("vlm/.*", False), (".*", True)]
 
 
 def test_config_errors_name_the_field():
