@@ -5,7 +5,8 @@
 
 Short args: tasks ('+'-separated, default all three), steps, batch, episodes (demos per task),
 noise (std of the DART noise executed while recording demos; labels are the clean expert actions), repeats (consecutive demos sharing one
-initial layout), post (control steps recorded after a demo's first success), cameras ('+'-separated
+initial layout), post (control steps recorded after a demo's first success), post_tasks ('+'-separated tasks whose
+demos keep those steps; default all), cameras ('+'-separated
 rendered cameras: 'table' (default), 'table+wrist' adds the camera in the palm looking down), image
 (camera resolution in pixels, default 32; the backbone's image tower is sized to it), eval_episodes (per task, compiled and C), horizon (action chunk H), execute
 (actions executed per chunk), lr, width (head), queries (learnable query tokens), vlm (backbone
@@ -52,11 +53,14 @@ DEFAULT_DATA_DIR = os.path.join(os.path.expanduser("~"), ".cache", "m2vla_jax", 
 
 
 def dataset_name(tasks, episodes_per_task: int, image_size: int, cameras, horizon: int,
-                 seed: int, noise: float, layout_repeats: int, post_success_steps: int = 0) -> str:
+                 seed: int, noise: float, layout_repeats: int, post_success_steps: int = 0,
+                 post_success_tasks=None) -> str:
   """Cache name: every setting that changes the recorded data, and the experts' version."""
   from m2vla_jax.sim.mjx import experts  # pylint: disable=g-import-not-at-top
   short = "-".join(t.split("_")[0] for t in tasks)
   post = f"_post{post_success_steps}" if post_success_steps else ""
+  if post and post_success_tasks is not None and set(post_success_tasks) != set(tasks):
+    post += "-" + "-".join(t.split("_")[0] for t in tasks if t in post_success_tasks)
   return (f"mjx_{short}_{'-'.join(cameras)}_{image_size}px_n{episodes_per_task}_h{horizon}_s{seed}_"
           f"noise{noise:g}_rep{layout_repeats}{post}_e{experts.VERSION}").lower()
 
@@ -68,7 +72,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                             demo_layouts=True, augment=False, tasks="+".join(TASKS),
                             tokenizer="words", ground=10000, freeze_vlm=True, dagger=0,
                             dagger_episodes=200, dagger_beta=0.5, post=0, cameras="table",
-                            freeze_queries=False, image=32,
+                            freeze_queries=False, image=32, post_tasks="",
                             data_dir=os.environ.get("M2VLA_MJX_DATA", DEFAULT_DATA_DIR))
   c = config_base.base_config()
   c.batch_size = a.batch
@@ -91,9 +95,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # successes (RESULTS.md, runs 22-23), but only measured beside a change that broke push, so the
   # default stays that of the best run (21).
   c.mjx.demo_post_success_steps = a.post
+  # ... and only for these tasks: on push, post=10 halved the successes (run 25).
+  c.mjx.demo_post_success_tasks = tuple(a.post_tasks.split("+")) if a.post_tasks else c.mjx.tasks
   c.mjx.dataset_name = dataset_name(c.mjx.tasks, a.episodes, c.mjx.image_size, c.mjx.cameras,
                                     c.mjx.demo_horizon, c.mjx.demo_seed, c.mjx.demo_noise,
-                                    c.mjx.demo_layout_repeats, c.mjx.demo_post_success_steps)
+                                    c.mjx.demo_layout_repeats, c.mjx.demo_post_success_steps,
+                                    c.mjx.demo_post_success_tasks)
   c.mjx.eval = ml_collections.ConfigDict()
   c.mjx.eval.episodes_per_task = a.eval_episodes
   c.mjx.eval.horizon = 150       # control steps (3 s); the clean experts need <= 75

@@ -137,6 +137,13 @@ def test_demo_episodes_keep_post_success_steps_within_the_rollout():
   assert [len(e["action"]) for e in long] == [7, 10]    # 3 + 4; 9 + 4 capped at the horizon
   np.testing.assert_array_equal(long[0]["observation"]["image"][:, 0, 0, 0], np.arange(7) * n)
   assert len(experts.demo_episodes(result, only_successful=False, post_success_steps=4)) == 3
+  # only the listed tasks keep them
+  mixed = dict(result, tasks=["pick_lift", "place_on_target", "pick_lift"])
+  only_place = experts.demo_episodes(mixed, post_success_steps=4, post_success_tasks=("place_on_target",))
+  assert [len(e["action"]) for e in only_place] == [3, 10]
+  with pytest.raises(ValueError, match="post_success_tasks names 'push_to_target', which is not among"):
+    experts.collect_demos("/nonexistent", "x", tasks=("pick_lift",), post_success_steps=1,
+                          post_success_tasks=("push_to_target",))
   with pytest.raises(ValueError, match="post_success_steps=-1 must be >= 0"):
     experts.collect_demos("/nonexistent", "x", post_success_steps=-1)
   with pytest.raises(ValueError, match=r"image_keys=\('image', 'wrist_image'\) name 2 cameras; "

@@ -41,6 +41,12 @@ def test_config_is_consistent_and_short_args_apply():
   # so is a different number of post-success steps (0 keeps the name of the older caches)
   assert c.mjx.demo_post_success_steps == 0 and "_post" not in c.mjx.dataset_name
   assert "_post10_" in _config("post=10").mjx.dataset_name
+  # ... and which tasks keep them (all: the older name)
+  pl = _config("post=10,post_tasks=place_on_target")
+  assert "_post10-place_" in pl.mjx.dataset_name and pl.mjx.demo_post_success_tasks == ("place_on_target",)
+  assert workflow._check(pl) is pl.mjx  # pylint: disable=protected-access
+  with pytest.raises(ValueError, match=r"demo_post_success_tasks names \['place_on_target'\], not among"):
+    workflow._check(_config("tasks=pick_lift,post=10,post_tasks=place_on_target"))  # pylint: disable=protected-access
   # a wrist camera: a second camera slot in the data, the model and the dataset name
   w = _config("cameras=table+wrist")
   assert w.mjx.cameras == ("table", "wrist") and "_table-wrist_" in w.mjx.dataset_name

@@ -190,14 +190,16 @@ def collect_demos(out_dir: str, name: str, *, tasks: Sequence[str] = tasks_lib.T
                   image_size: int = 64, only_successful: bool = True,
                   cameras: Sequence[str] = ("front",),
                   image_encoding: str = "png", noise: float = 0.0, layout_repeats: int = 1,
-                  post_success_steps: int = 0, env_kwargs: dict[str, Any] | None = None
-                  ) -> tuple[str, dict[str, Any]]:
+                  post_success_steps: int = 0, post_success_tasks: Sequence[str] | None = None,
+                  env_kwargs: dict[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
   """Runs the expert in the compiled rollout and writes the episodes as an RLDS dataset.
 
   Episodes end `post_success_steps` control steps after their first success (like the Meta-World
   demos; within `horizon`). Those steps matter for place: the release takes one or two control
   steps before success, so without them an episode holds almost no "let go" label and cloned
-  policies carried the block to the goal and never let go (RESULTS.md). Returns (dataset directory,
+  policies carried the block to the goal and never let go (RESULTS.md). `post_success_tasks`
+  (None: all) limits them to some tasks: on push they cost half its successes (RESULTS.md, run 25).
+  Returns (dataset directory,
   rollout summary). Observations: one uint8 [T, S, S, 3] image per camera, keyed as
   `camera_slots(cameras)` says ('image' for the first), 'state' float32 [T, 4]; action float32
   [T, 4]; language_instruction the episode's instruction.
@@ -216,6 +218,9 @@ def collect_demos(out_dir: str, name: str, *, tasks: Sequence[str] = tasks_lib.T
   keys = tuple(k for _, k in camera_slots(cameras))
   if post_success_steps < 0:
     raise ValueError(f"post_success_steps={post_success_steps} must be >= 0")
+  for t in post_success_tasks or ():
+    if t not in tasks:
+      raise ValueError(f"post_success_tasks names {t!r}, which is not among tasks={tuple(tasks)}")
   if not 0.0 <= noise <= 1.0:
     raise ValueError(f"noise={noise} must be in [0, 1] (std of the hand action, in action units)")
   env = rollout_lib.EnvParams(tasks=tuple(tasks), execute_steps=1, image_size=image_size,
@@ -226,7 +231,8 @@ def collect_demos(out_dir: str, name: str, *, tasks: Sequence[str] = tasks_lib.T
                                n, horizon)
   # Labels: the expert's action in each recorded state (execute_steps=1: one state per step).
   relabel_with_expert(result)
-  episodes = demo_episodes(result, only_successful, post_success_steps, image_keys=keys)
+  episodes = demo_episodes(result, only_successful, post_success_steps, image_keys=keys,
+                           post_success_tasks=post_success_tasks)
   if not episodes:
     raise RuntimeError(f"no successful expert episode among {n}; nothing to write")
   path = writer.write_rlds_dataset(episodes, out_dir, name, progress=False,
@@ -245,10 +251,11 @@ def relabel_with_expert(result: dict[str, Any]) -> None:
 
 
 def demo_episodes(result: dict[str, Any], only_successful: bool = True,
-                  post_success_steps: int = 0, image_keys: Sequence[str] = ("image",)
-                  ) -> list[dict[str, Any]]:
+                  post_success_steps: int = 0, image_keys: Sequence[str] = ("image",),
+                  post_success_tasks: Sequence[str] | None = None) -> list[dict[str, Any]]:
   """Rollout output recorded with `EnvParams(record=True)` -> writer episodes, cut
-  `post_success_steps` steps after the first success (at the rollout's end if sooner).
+  `post_success_steps` steps after the first success (at the rollout's end if sooner); episodes
+  of tasks outside `post_success_tasks` (None: all tasks) are cut at the first success.
   `image_keys`: the observation key of each rendered camera, in EnvParams.cameras order."""
   frames = np.asarray(result["frames"])            # [T, N, C, S, S, 3]
   states = np.asarray(result["states"])            # [T, N, 4]
@@ -261,8 +268,9 @@ def demo_episodes(result: dict[str, Any], only_successful: bool = True,
     ok = bool(result["success"][i])
     if only_successful and not ok:
       continue
-    t = (min(int(result["success_step"][i]) + 1 + post_success_steps, frames.shape[0]) if ok
-         else frames.shape[0])
+    post = (post_success_steps if post_success_tasks is None
+            or result["tasks"][i] in post_success_tasks else 0)
+    t = min(int(result["success_step"][i]) + 1 + post, frames.shape[0]) if ok else frames.shape[0]
     episodes.append({
         "observation": {**{k: frames[:t, i, c] for c, k in enumerate(image_keys)},
                         "state": states[:t, i].astype(np.float32)},

@@ -18,7 +18,7 @@ the trainer, modelled on `m2vla_jax.sim.workflow` (Meta-World):
 
 `config.mjx` fields (configs/mjx.py): tasks, episodes_per_task, image_size, cameras (rendered
 cameras; the first is the 'primary' slot, 'wrist' the 'wrist' slot), demo_horizon,
-demo_seed, demo_noise, demo_layout_repeats, demo_post_success_steps, dataset_name (derived by `configs/mjx.py:
+demo_seed, demo_noise, demo_layout_repeats, demo_post_success_steps, demo_post_success_tasks, dataset_name (derived by `configs/mjx.py:
 dataset_name`), and `eval`: episodes_per_task, horizon, execute_steps, seed, c_mujoco,
 demo_layouts (also roll out on the demonstrations' first initial layouts), out_subdir;
 `pretrain`: steps, batch_size, lr, seed; `dagger`: rounds, episodes_per_task, beta, beta_decay, seed.
@@ -64,6 +64,10 @@ def _check(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if int(m[field]) < 1:
       raise ValueError(f"config.mjx.{field}={m[field]} must be >= 1")
   _check_layout_sharing(tuple(m.tasks), int(m.demo_layout_repeats))
+  extra = sorted(set(m.get("demo_post_success_tasks", ())) - set(m.tasks))
+  if extra:
+    raise ValueError(f"config.mjx.demo_post_success_tasks names {extra}, not among "
+                     f"config.mjx.tasks={tuple(m.tasks)}; drop them or add the tasks")
   from m2vla_jax.sim.mjx import experts  # pylint: disable=g-import-not-at-top
   slots = tuple(s for s, _ in experts.camera_slots(tuple(m.cameras)))
   if tuple(config.data.pipeline.cameras) != slots:
@@ -170,7 +174,8 @@ def prepare_data(config: ml_collections.ConfigDict) -> tuple[str, dict[str, Any]
       horizon=int(m.demo_horizon), seed=int(m.demo_seed), image_size=int(m.image_size),
       cameras=tuple(m.cameras), noise=float(m.demo_noise),
       layout_repeats=int(m.demo_layout_repeats),
-      post_success_steps=int(m.get("demo_post_success_steps", 0)))
+      post_success_steps=int(m.get("demo_post_success_steps", 0)),
+      post_success_tasks=tuple(m.get("demo_post_success_tasks", m.tasks)))
   brief = _brief(summary)
   brief["wall_s"] = time.time() - t0
   with open(os.path.join(path, _DEMO_STATS), "w") as f:
