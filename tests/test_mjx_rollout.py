@@ -288,3 +288,10 @@ def test_dagger_round_with_beta_one_records_the_expert_rollout(results):
     assert ep["observation"]["image"].shape[1:] == (32, 32, 3)
     # cut at the expert's first success, like the demonstrations
     assert len(ep["action"]) == int(expert["success_step"][i]) + 1
+  # ... or kept going after it for the tasks the demonstrations keep post-success steps of
+  # (same compiled program: only the cut differs)
+  kept, _ = dagger.collect(learner, jnp.zeros(4), ENV, jax.random.key(0), N_ENVS, HORIZON,
+                           beta=1.0, post_success_steps=3, post_success_tasks=("place_on_target",))
+  for i, ep in enumerate(kept):
+    post = 3 if ep["episode_metadata"]["task"] == "place_on_target" else 0
+    assert len(ep["action"]) == min(int(expert["success_step"][i]) + 1 + post, HORIZON)

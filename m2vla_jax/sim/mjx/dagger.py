@@ -9,7 +9,8 @@ so any visited state can be labelled. One DAgger round:
   1. roll out the trained policy in the compiled MJX program, each policy call handing control
      to the expert with probability `beta` (so episodes also reach the later phases of a task);
   2. label every visited state with the expert's clean action (`experts.expert_action`);
-  3. write those episodes (cut at first success, failures kept whole: they hold the recoveries)
+  3. write those episodes (cut at first success, or as many steps after it as the demonstrations
+     keep; failures kept whole: they hold the recoveries)
      as an RLDS dataset, and train the next policy on demonstrations + every round so far, all
      normalized with the demonstrations' statistics (`pipeline.shared_statistics`).
 
@@ -42,10 +43,12 @@ def mixed_policy(learner_fn: Callable) -> Callable:
 
 
 def collect(learner_fn: Callable, learner_params: Any, env: rollout_lib.EnvParams, rng: jax.Array,
-            n_envs: int, horizon: int, beta: float, image_keys: Sequence[str] = ("image",)
+            n_envs: int, horizon: int, beta: float, image_keys: Sequence[str] = ("image",),
+            post_success_steps: int = 0, post_success_tasks: Sequence[str] | None = None
             ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
   """One round: (writer episodes labelled by the expert, rollout summary of the mixed policy).
-  `image_keys`: each camera's observation key (experts.camera_slots)."""
+  `image_keys`: each camera's observation key (experts.camera_slots); `post_success_*`: steps kept
+  after a success, as the demonstrations were cut (experts.demo_episodes)."""
   if not 0.0 <= beta <= 1.0:
     raise ValueError(f"DAgger beta={beta} must be in [0, 1] (probability of an expert action)")
   if env.execute_steps != 1 or not env.record:
@@ -56,7 +59,9 @@ def collect(learner_fn: Callable, learner_params: Any, env: rollout_lib.EnvParam
                                {"learner": learner_params, "beta": jnp.float32(beta)},
                                env, rng, n_envs, horizon)
   experts.relabel_with_expert(result)
-  return (experts.demo_episodes(result, only_successful=False, image_keys=image_keys),
+  return (experts.demo_episodes(result, only_successful=False, image_keys=image_keys,
+                                post_success_steps=post_success_steps,
+                                post_success_tasks=post_success_tasks),
           rollout_lib.summarize(result))
 
 

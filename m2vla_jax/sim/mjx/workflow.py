@@ -375,7 +375,9 @@ def dagger_rounds(config: ml_collections.ConfigDict, workdir: str) -> list[dict[
           trained.policy_fn, trained.params, env,
           jax.random.key(int(d.seed) + k), int(d.episodes_per_task) * len(m.tasks),
           int(m.demo_horizon), beta,
-          image_keys=tuple(key for _, key in experts.camera_slots(tuple(m.cameras))))
+          image_keys=tuple(key for _, key in experts.camera_slots(tuple(m.cameras))),
+          post_success_steps=int(m.get("demo_post_success_steps", 0)),
+          post_success_tasks=tuple(m.get("demo_post_success_tasks", m.tasks)))
       writer.write_rlds_dataset(episodes, data_dir, name, progress=False, image_encoding="png",
                                 description=f"{name}: DAgger round {k} of {prev} (expert labels).")
       print(f"DAgger round {k} (beta {beta:.3f}): {len(episodes)} episodes, mixed-policy success "
