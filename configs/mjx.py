@@ -5,8 +5,9 @@
 
 Short args: tasks ('+'-separated, default all three), steps, batch, episodes (demos per task),
 noise (std of the DART noise executed while recording demos; labels are the clean expert actions), repeats (consecutive demos sharing one
-initial layout), post (control steps recorded after a demo's first success), post_tasks ('+'-separated tasks whose
-demos keep those steps; default all), cameras ('+'-separated
+initial layout), post (control steps recorded after a demo's first success, default 10), post_tasks ('+'-separated
+tasks whose demos keep those steps; default place_on_target, '' = all tasks; tasks not trained are
+dropped), cameras ('+'-separated
 rendered cameras: 'table' (default), 'table+wrist' adds the camera in the palm looking down), image
 (camera resolution in pixels, default 32; the backbone's image tower is sized to it), eval_episodes (per task, compiled and C), horizon (action chunk H), execute
 (actions executed per chunk), lr, width (head), queries (learnable query tokens), vlm (backbone
@@ -58,9 +59,10 @@ def dataset_name(tasks, episodes_per_task: int, image_size: int, cameras, horizo
   """Cache name: every setting that changes the recorded data, and the experts' version."""
   from m2vla_jax.sim.mjx import experts  # pylint: disable=g-import-not-at-top
   short = "-".join(t.split("_")[0] for t in tasks)
-  post = f"_post{post_success_steps}" if post_success_steps else ""
-  if post and post_success_tasks is not None and set(post_success_tasks) != set(tasks):
-    post += "-" + "-".join(t.split("_")[0] for t in tasks if t in post_success_tasks)
+  post_tasks = [t for t in tasks if post_success_tasks is None or t in post_success_tasks]
+  post = f"_post{post_success_steps}" if post_success_steps and post_tasks else ""
+  if post and len(post_tasks) < len(tasks):      # every task keeps them: the older caches' name
+    post += "-" + "-".join(t.split("_")[0] for t in post_tasks)
   return (f"mjx_{short}_{'-'.join(cameras)}_{image_size}px_n{episodes_per_task}_h{horizon}_s{seed}_"
           f"noise{noise:g}_rep{layout_repeats}{post}_e{experts.VERSION}").lower()
 
@@ -71,8 +73,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                             queries=4, vlm="tiny_p8", posemb="sincos2d", mol=True, msm=True, c_eval=True,
                             demo_layouts=True, augment=False, tasks="+".join(TASKS),
                             tokenizer="words", ground=10000, freeze_vlm=True, dagger=0,
-                            dagger_episodes=200, dagger_beta=0.5, post=0, cameras="table",
-                            freeze_queries=False, image=32, post_tasks="",
+                            dagger_episodes=200, dagger_beta=0.5, post=10, cameras="table",
+                            freeze_queries=False, image=32, post_tasks="place_on_target",
                             data_dir=os.environ.get("M2VLA_MJX_DATA", DEFAULT_DATA_DIR))
   c = config_base.base_config()
   c.batch_size = a.batch
@@ -90,13 +92,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # layout the policy fitted the demos from the image alone and ignored the colour word
   # (RESULTS.md); 3 tasks x 3 colours consecutive envs share one reset key.
   c.mjx.demo_layout_repeats = a.repeats
-  # Steps recorded after the first success: place lets go in 1-2 control steps right before it,
-  # so without them the demos hold almost no "let go" label. post=10 gave place its first
-  # successes (RESULTS.md, runs 22-23), but only measured beside a change that broke push, so the
-  # default stays that of the best run (21).
+  # Steps recorded after the first success, for place only: place lets go in 1-2 control steps
+  # right before its success, so cut demos hold almost no "let go" label and cloned policies
+  # carried the block to the goal and never let go (place 0/50). Kept for every task, they
+  # halved push's successes (RESULTS.md, run 25: push 27 -> 9/50); for place only, place went
+  # from 0 to 17/50 and push and pick stayed (run 27, 0.473; today's defaults).
   c.mjx.demo_post_success_steps = a.post
-  # ... and only for these tasks: on push, post=10 halved the successes (run 25).
-  c.mjx.demo_post_success_tasks = tuple(a.post_tasks.split("+")) if a.post_tasks else c.mjx.tasks
+  post_tasks = tuple(a.post_tasks.split("+")) if a.post_tasks else c.mjx.tasks
+  unknown = [t for t in post_tasks if t not in TASKS]
+  if unknown:
+    raise ValueError(f"configs/mjx.py: post_tasks names {unknown}; use '+'-separated names of {TASKS}")
+  # tasks that are not trained (e.g. tasks=pick_lift) are dropped: place-only post steps by default
+  c.mjx.demo_post_success_tasks = tuple(t for t in c.mjx.tasks if t in post_tasks)
   c.mjx.dataset_name = dataset_name(c.mjx.tasks, a.episodes, c.mjx.image_size, c.mjx.cameras,
                                     c.mjx.demo_horizon, c.mjx.demo_seed, c.mjx.demo_noise,
                                     c.mjx.demo_layout_repeats, c.mjx.demo_post_success_steps,

@@ -38,15 +38,24 @@ def test_config_is_consistent_and_short_args_apply():
   assert workflow._check(c) is c.mjx  # pylint: disable=protected-access
   # a different demo count is a different cache entry
   assert _config("episodes=4").mjx.dataset_name != c.mjx.dataset_name
-  # so is a different number of post-success steps (0 keeps the name of the older caches)
-  assert c.mjx.demo_post_success_steps == 0 and "_post" not in c.mjx.dataset_name
-  assert "_post10_" in _config("post=10").mjx.dataset_name
-  # ... and which tasks keep them (all: the older name)
-  pl = _config("post=10,post_tasks=place_on_target")
-  assert "_post10-place_" in pl.mjx.dataset_name and pl.mjx.demo_post_success_tasks == ("place_on_target",)
-  assert workflow._check(pl) is pl.mjx  # pylint: disable=protected-access
+  # so is a different number of post-success steps, and which tasks keep them: by default 10,
+  # place only; every task keeps the name of the older caches, 0 steps (or no trained task
+  # among post_tasks) no post part at all
+  assert c.mjx.demo_post_success_steps == 10 and c.mjx.demo_post_success_tasks == ("place_on_target",)
+  assert "_post10-place_" in c.mjx.dataset_name
+  assert "_post10_" in _config("post_tasks=").mjx.dataset_name
+  assert "_post" not in _config("post=0").mjx.dataset_name
+  pick = _config("tasks=pick_lift")
+  assert pick.mjx.demo_post_success_tasks == () and "_post" not in pick.mjx.dataset_name
+  assert workflow._check(pick) is pick.mjx  # pylint: disable=protected-access
+  assert "_post5-pick-place_" in _config("post=5,post_tasks=place_on_target+pick_lift").mjx.dataset_name
+  with pytest.raises(ValueError, match=r"post_tasks names \['place'\]; use '\+'-separated names"):
+    _config("post_tasks=place")
+  hand_edited = _config()
+  with hand_edited.unlocked():
+    hand_edited.mjx.tasks = ("pick_lift",)
   with pytest.raises(ValueError, match=r"demo_post_success_tasks names \['place_on_target'\], not among"):
-    workflow._check(_config("tasks=pick_lift,post=10,post_tasks=place_on_target"))  # pylint: disable=protected-access
+    workflow._check(hand_edited)  # pylint: disable=protected-access
   # a wrist camera: a second camera slot in the data, the model and the dataset name
   w = _config("cameras=table+wrist")
   assert w.mjx.cameras == ("table", "wrist") and "_table-wrist_" in w.mjx.dataset_name
