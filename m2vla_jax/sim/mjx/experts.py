@@ -199,8 +199,7 @@ def collect_demos(out_dir: str, name: str, *, tasks: Sequence[str] = tasks_lib.T
   steps before success, so without them an episode holds almost no "let go" label and cloned
   policies carried the block to the goal and never let go (RESULTS.md). `post_success_tasks`
   (None: all) limits them to some tasks: on push they cost half its successes (RESULTS.md, run 25).
-  Returns (dataset directory,
-  rollout summary). Observations: one uint8 [T, S, S, 3] image per camera, keyed as
+  Returns (dataset directory, rollout summary). Observations: one uint8 [T, S, S, 3] image per camera, keyed as
   `camera_slots(cameras)` says ('image' for the first), 'state' float32 [T, 4]; action float32
   [T, 4]; language_instruction the episode's instruction.
   `image_encoding` defaults to lossless PNG: the closed-loop policy sees the renderer's exact

@@ -15,7 +15,7 @@ obs = {
   'state':       float32 [N, 4]    hand xyz, finger opening (raw units)
   'tokens':      int32   [N, T]    instruction tokens (EnvParams.tokenizer), right-padded
   'token_mask':  bool    [N, T]
-  'privileged':  float32 [N, 18]   tasks.privileged (fields: tasks.Privileged): for scripted/oracle policies only
+  'privileged':  float32 [N, 18]   tasks.privileged (tasks.Privileged): scripted/oracle policies only
 }
 ```
 Episodes do not stop at success (the batch stays rectangular); success is the first step whose
