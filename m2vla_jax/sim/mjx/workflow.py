@@ -361,6 +361,9 @@ def dagger_rounds(config: ml_collections.ConfigDict, workdir: str) -> list[dict[
   data_dir = config.data.pipeline.data_dir
   # Rollouts of this run's own policies: the datasets carry the run directory's digest.
   tag = hashlib.sha1(os.path.abspath(workdir).encode()).hexdigest()[:8]
+  # The rounds train on the demonstrations too: registered here as well, so rounds can be run on
+  # a finished run directory without `prepare_data` in the same process.
+  oxe.register(dataset_spec(m.dataset_name, m.cameras), overwrite=True)
   summaries, names, prev = [], [], workdir
   for k in range(1, int(d.rounds) + 1):
     t0 = time.time()
