@@ -203,10 +203,11 @@ def test_mixture_assignment_and_tokens():
                                         "pick up the red block"]
   assert [e.block for e in eps[::2]] == [0, 2, 0]
   tokens, mask = env.tokenize([e.text for e in eps])
-  assert mask.sum(1).tolist() == [len(e.text.split()) for e in eps]
-  assert (tokens[~mask] == 0).all() and (tokens[mask] > 0).all()
-  # same words -> same ids; the instruction decides the block
-  assert tokens[0, 3] != tokens[2, 1] or eps[0].block == eps[2].block
+  assert mask.sum(1).tolist() == [1 + len(e.text.split()) for e in eps]     # BOS + one per word
+  assert (tokens[~mask] == 0).all() and (tokens[mask] > 0).all() and (tokens[:, 0] == 1).all()
+  # same words -> same ids ('the'); the colour word, which decides the block, differs
+  # ("pick up the red block" vs "lift the blue block")
+  assert tokens[0, 3] == tokens[2, 2] and tokens[0, 4] != tokens[2, 3]
 
 
 @pytest.mark.slow
