@@ -4,25 +4,25 @@
     python -m m2vla_jax.sim.mjx.workflow --config=configs/mjx.py:steps=20,episodes=2,eval_episodes=2,ground=20 ...
 
 Short args: tasks ('+'-separated, default all three), steps (behaviour cloning, default 20,000:
-twice run 27's 10,000 raised success from 0.473 to 0.633, RESULTS.md run 30), batch, episodes (demos per task),
-noise (std of the DART noise executed while recording demos; labels are the clean expert actions), repeats (consecutive demos sharing one
-initial layout), post (control steps recorded after a demo's first success, default 10), post_tasks ('+'-separated
-tasks whose demos keep those steps; default place_on_target, '' = all tasks; tasks not trained are
-dropped), cameras ('+'-separated
-rendered cameras: 'table' (default), 'table+wrist' adds the camera in the palm looking down), image
-(camera resolution in pixels, default 32; the backbone's image tower is sized to it), eval_episodes (per task, compiled and C), horizon (action chunk H), execute
+twice run 27's 10,000 raised success from 0.473 to 0.633, RESULTS.md run 30), batch, episodes
+(demos per task), noise (std of the DART noise executed while recording demos; labels are the
+clean expert actions), repeats (consecutive demos sharing one initial layout), post (control
+steps recorded after a demo's first success, default 10), post_tasks ('+'-separated tasks whose
+demos keep those steps; default place_on_target, '' = all tasks; tasks not trained are dropped),
+cameras ('+'-separated rendered cameras: 'table' (default), 'table+wrist' adds the camera in the
+palm looking down), image (camera resolution in pixels, default 32; the backbone's image tower is
+sized to it), eval_episodes (per task, compiled and C), horizon (action chunk H), execute
 (actions executed per chunk), lr, width (head), queries (learnable query tokens), vlm (backbone
 variant: 'tiny', 'tiny_p8', 'tiny_p4' or 'mini_p8'), posemb (initial SigLIP position embedding:
-'normal' or 'sincos2d'), mol, msm,
-train_llm (also train the tiny Gemma layers), c_eval (also evaluate through C MuJoCo),
-demo_layouts (also evaluate on the demonstrations' initial layouts), augment (random resized crop +
-colour jitter of training images), tokenizer ('words' or 'bytes', below), ground (steps of grounding pretraining of the
-backbone before behaviour cloning, m2vla_jax.sim.mjx.grounding; 0 = none), freeze_vlm (keep the
-VLM frozen but its query tokens, the paper's setting; overrides train_llm), freeze_queries (with
-freeze_vlm, also keep the grounding-pretrained query tokens as they are), dagger (DAgger rounds
-after behaviour cloning, m2vla_jax.sim.mjx.dagger; 0 = none), dagger_episodes (per task and round),
-dagger_beta (probability that the expert acts at a policy call in round 1; halved every
-round), data_dir
+'normal' or 'sincos2d'), mol, msm, train_llm (also train the tiny Gemma layers), c_eval (also
+evaluate through C MuJoCo), demo_layouts (also evaluate on the demonstrations' initial layouts),
+augment (random resized crop + colour jitter of training images), tokenizer ('words' or 'bytes',
+below), ground (steps of grounding pretraining of the backbone before behaviour cloning,
+m2vla_jax.sim.mjx.grounding; 0 = none), freeze_vlm (keep the VLM frozen but its query tokens, the
+paper's setting; overrides train_llm), freeze_queries (with freeze_vlm, also keep the
+grounding-pretrained query tokens as they are), dagger (DAgger rounds after behaviour cloning,
+m2vla_jax.sim.mjx.dagger; 0 = none), dagger_episodes (per task and round), dagger_beta
+(probability that the expert acts at a policy call in round 1; halved every round), data_dir
 (demo cache).
 
 The `mjx` section is read by `m2vla_jax.sim.mjx.workflow` (prepare demos -> train -> evaluate
