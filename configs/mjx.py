@@ -3,8 +3,8 @@
     python -m m2vla_jax.sim.mjx.workflow --config=configs/mjx.py --workdir=/tmp/mjx_run
     python -m m2vla_jax.sim.mjx.workflow --config=configs/mjx.py:steps=20,episodes=2,eval_episodes=2,ground=20 ...
 
-Short args: tasks ('+'-separated, default all three), steps (behaviour cloning, default 20,000:
-twice run 27's 10,000 raised success from 0.473 to 0.633, RESULTS.md run 30), batch, episodes
+Short args: tasks ('+'-separated, default all three), steps (behaviour cloning, default 40,000:
+10,000 / 20,000 / 40,000 scored 0.473 / 0.633 / 0.813, RESULTS.md runs 27, 30, 31), batch, episodes
 (demos per task), noise (std of the DART noise executed while recording demos; labels are the
 clean expert actions), repeats (consecutive demos sharing one initial layout), post (control
 steps recorded after a demo's first success, default 10), post_tasks ('+'-separated tasks whose
@@ -69,7 +69,7 @@ def dataset_name(tasks, episodes_per_task: int, image_size: int, cameras, horizo
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  a = config_base.parse_arg(arg, steps=20000, batch=64, episodes=600, repeats=9, eval_episodes=50,
+  a = config_base.parse_arg(arg, steps=40000, batch=64, episodes=600, repeats=9, eval_episodes=50,
                             horizon=8, execute=2, lr=1e-3, width=64, noise=0.3, train_llm=True,
                             queries=4, vlm="tiny_p8", posemb="sincos2d", mol=True, msm=True, c_eval=True,
                             demo_layouts=True, augment=False, tasks="+".join(TASKS),
