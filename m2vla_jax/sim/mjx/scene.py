@@ -39,14 +39,6 @@ HAND_QPOS = slice(0, 3)
 FINGER_QPOS = slice(3, 5)
 CAMERAS = ("front", "wrist", "table")
 
-
-def check_cameras(cameras: Sequence[str], field: str) -> None:
-  """A clear error naming `field` (the setting the caller reads) for an unknown camera name."""
-  unknown = [c for c in cameras if c not in CAMERAS]
-  if unknown:
-    raise ValueError(f"{field}={tuple(cameras)}: camera {unknown[0]!r} is unknown; use some of "
-                     f"{CAMERAS}")
-
 # Why these settings (jax 0.10.2, mujoco-mjx 3.3.0, XLA CPU):
 # * jacobian="sparse" and solver="CG": a dense mass matrix is factorised with
 #   `jax.scipy.linalg.cho_factor` (LAPACK spotrf), and Newton factorises its Hessian the same
@@ -65,6 +57,14 @@ def check_cameras(cameras: Sequence[str], field: str) -> None:
 PHYSICS_OPTIONS = dict(timestep=0.005, iterations=20, ls_iterations=10, solver="CG",
                        jacobian="sparse", integrator="Euler", cone="pyramidal")
 SUBSTEPS = 4             # physics steps per control step: 20 ms control period
+
+
+def check_cameras(cameras: Sequence[str], field: str) -> None:
+  """A clear error naming `field` (the setting the caller reads) for an unknown camera name."""
+  unknown = [c for c in cameras if c not in CAMERAS]
+  if unknown:
+    raise ValueError(f"{field}={tuple(cameras)}: camera {unknown[0]!r} is unknown; use some of "
+                     f"{CAMERAS}")
 
 
 def _mjcf() -> str:

@@ -18,8 +18,8 @@ the trainer, modelled on `m2vla_jax.sim.workflow` (Meta-World):
 
 `config.mjx` fields (configs/mjx.py): tasks, episodes_per_task, image_size, cameras (rendered
 cameras; the first is the 'primary' slot, 'wrist' the 'wrist' slot), demo_horizon,
-demo_seed, demo_noise, demo_layout_repeats, demo_post_success_steps, demo_post_success_tasks, dataset_name (derived by `configs/mjx.py:
-dataset_name`), and `eval`: episodes_per_task, horizon, execute_steps, seed, c_mujoco,
+demo_seed, demo_noise, demo_layout_repeats, demo_post_success_steps, demo_post_success_tasks,
+dataset_name (derived by `configs/mjx.py:dataset_name`), and `eval`: episodes_per_task, horizon, execute_steps, seed, c_mujoco,
 demo_layouts (also roll out on the demonstrations' first initial layouts), out_subdir;
 `pretrain`: steps, batch_size, lr, seed; `dagger`: rounds, episodes_per_task, beta, beta_decay, seed.
 
@@ -84,6 +84,12 @@ def _check(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     raise ValueError(f"config.mjx.eval.execute_steps={m.eval.execute_steps} exceeds the action "
                      f"chunk config.model.horizon={config.model.horizon}")
   return m
+
+
+def _post_success(m: ml_collections.ConfigDict) -> dict[str, Any]:
+  """How demonstrations (and DAgger rounds, cut the same way) keep steps after a success."""
+  return {"post_success_steps": int(m.get("demo_post_success_steps", 0)),
+          "post_success_tasks": tuple(m.get("demo_post_success_tasks", m.tasks))}
 
 
 def _check_tokenizer(tasks: tuple[str, ...], spec: str, max_tokens: int) -> None:
@@ -174,8 +180,7 @@ def prepare_data(config: ml_collections.ConfigDict) -> tuple[str, dict[str, Any]
       horizon=int(m.demo_horizon), seed=int(m.demo_seed), image_size=int(m.image_size),
       cameras=tuple(m.cameras), noise=float(m.demo_noise),
       layout_repeats=int(m.demo_layout_repeats),
-      post_success_steps=int(m.get("demo_post_success_steps", 0)),
-      post_success_tasks=tuple(m.get("demo_post_success_tasks", m.tasks)))
+      **_post_success(m))
   brief = _brief(summary)
   brief["wall_s"] = time.time() - t0
   with open(os.path.join(path, _DEMO_STATS), "w") as f:
@@ -379,8 +384,7 @@ def dagger_rounds(config: ml_collections.ConfigDict, workdir: str) -> list[dict[
           jax.random.key(int(d.seed) + k), int(d.episodes_per_task) * len(m.tasks),
           int(m.demo_horizon), beta,
           image_keys=tuple(key for _, key in experts.camera_slots(tuple(m.cameras))),
-          post_success_steps=int(m.get("demo_post_success_steps", 0)),
-          post_success_tasks=tuple(m.get("demo_post_success_tasks", m.tasks)))
+          **_post_success(m))
       writer.write_rlds_dataset(episodes, data_dir, name, progress=False, image_encoding="png",
                                 description=f"{name}: DAgger round {k} of {prev} (expert labels).")
       print(f"DAgger round {k} (beta {beta:.3f}): {len(episodes)} episodes, mixed-policy success "
