@@ -11,7 +11,6 @@ import os
 os.environ.setdefault("MUJOCO_GL", "egl")
 
 import math  # noqa: E402
-import os
 
 import tensorflow_datasets as tfds  # noqa: E402
 import jax  # noqa: E402
@@ -84,8 +83,18 @@ def test_summary_matches_numpy_and_wilson(results):
 def test_grounding_measure_sees_the_expert_go_to_the_named_block(results):
   expert, rand = results
   s = rl.summarize(expert)
-  assert s["named_block_closest"] == 1.0, [e["closest_block"] for e in s["episode_records"]]
-  assert all(e["named_block_closest"] == 1.0 for e in s["per_task"].values())
+  # The expert always heads for the named block, but pushing it the hand can pass a neighbour
+  # within a millimetre of its closest approach to the named one (1.5 mm measured in one push
+  # episode): the argmin then flips with the machine's last float bits. So: the measure counts the
+  # named block in nearly every episode, and wherever it does not, the named block was a near tie
+  # (within a quarter block, 1 cm), not a wrong target. A policy ignoring the colour word scores ~1/3.
+  closest = [e["closest_block"] for e in s["episode_records"]]
+  assert s["named_block_closest"] >= 10 / N_ENVS, closest
+  assert all(e["named_block_closest"] >= 0.5 for e in s["per_task"].values()), closest
+  p = tasks.Privileged.unpack(np.asarray(expert["privileged"]))
+  min_dist = np.linalg.norm(p.hand[..., None, :2] - p.blocks[..., :2], axis=-1).min(0)  # [N, 3]
+  named = min_dist[np.arange(N_ENVS), p.block_id[0]]
+  assert (named - min_dist.min(-1) <= scene_lib.BLOCK_HALF / 2).all(), (named, min_dist)
   # Brute force on random trajectories: the block (moving or not) with the smallest xy distance
   # to the hand over all recorded calls.
   p = np.random.default_rng(0).uniform(-0.2, 0.2, (5, 7, 18))
@@ -217,7 +226,11 @@ def test_recorded_privileged_state_relabels_to_the_executed_expert_actions(resul
   expert, _ = results
   assert expert["privileged"].shape == (HORIZON, N_ENVS, tasks.PRIVILEGED_DIM)
   labels = np.asarray(jax.vmap(jax.vmap(experts.expert_action))(expert["privileged"]))
-  np.testing.assert_allclose(labels, expert["actions"], atol=1e-6)
+  # Two programs (the rollout's scan body and this vmap) fuse the expert's arithmetic differently;
+  # its proportional gains amplify last-bit differences of the state to ~3e-6 in a few elements
+  # (measured on AVX-512 and AVX2 code). Labels taken one step off differ by more than 1e-4 in 31%
+  # of the elements (up to 2.0), so 1e-4 still pins the relabelling.
+  np.testing.assert_allclose(labels, expert["actions"], atol=1e-4)
 
 
 def test_default_tokenizer_is_the_training_tokenizer_of_configs_mjx():
