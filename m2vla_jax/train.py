@@ -34,12 +34,14 @@ def main(argv):
   config = _CONFIG.value
   if config is None:
     raise app.UsageError("--config is required")
+  # Before validation: it reads the device and process counts, and jax.distributed must be set up
+  # before anything touches the backend.
+  sharding.maybe_initialize_distributed(_DISTRIBUTED.value)
   try:
     trainer.validate_config(config)
   except trainer.ConfigError as e:
     print(f"Config error: {e}", file=sys.stderr)
     sys.exit(1)
-  sharding.maybe_initialize_distributed(_DISTRIBUTED.value)
   if "sim" in config:
     # A simulation config owns its data and its evaluation: demonstrations are generated (or found in
     # the cache) before training and the trained policy is scored closed-loop after it.

@@ -15,6 +15,7 @@ import pytest
 from m2vla_jax.training import checkpoints as ckpt_lib
 from m2vla_jax.training import train_state
 from m2vla_jax.training import trainer
+import conftest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DEBUG = str(REPO / "configs" / "debug.py")
@@ -62,7 +63,7 @@ def _assert_bitwise_equal(a, b):
 
 
 def _cli(workdir, *args, env_extra=None):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+  env = dict(os.environ, XLA_FLAGS=conftest.xla_flags_with_devices(8), JAX_PLATFORMS="cpu",
              PYTHONPATH=str(REPO), JAX_COMPILATION_CACHE_DIR=CACHE_DIR,
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
   env.update(env_extra or {})

@@ -125,8 +125,10 @@ def pipeline_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
   return base
 
 
-def make_data(config: ml_collections.ConfigDict, split: str, batch_size: int, seed: int) -> PipelineData:
-  del batch_size, seed  # The pipeline splits the global batch per host and shards by host itself.
+def make_data(config: ml_collections.ConfigDict, split: str, batch_size: int, seed: int,
+              process_index: int = 0, process_count: int = 1) -> PipelineData:
+  # The pipeline splits the global batch per host and shards by host itself (jax.process_*).
+  del batch_size, seed, process_index, process_count
   from m2vla_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   split_name = config.data.get("val_split", "val") if split == "val" else split
   pcfg = pipeline_config(config)

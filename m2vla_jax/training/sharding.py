@@ -44,7 +44,29 @@ def maybe_initialize_distributed(flag: str = "auto") -> None:
       or int(os.environ.get("SLURM_NTASKS", "1")) > 1)
   if flag == "yes" or multi_host_env:
     logging.info("Initialising jax.distributed (flag=%s, multi-host env=%s)", flag, multi_host_env)
-    jax.distributed.initialize()
+    jax.distributed.initialize(**_explicit_process_env())
+
+
+def _explicit_process_env() -> dict[str, int]:
+  """num_processes / process_id from JAX_NUM_PROCESSES / JAX_PROCESS_ID, when both are set.
+
+  jax reads only the coordinator address from the environment and detects the rest on TPU, SLURM,
+  MPI and Kubernetes. Elsewhere (several processes on one machine, a bare VM fleet) these two
+  variables beside JAX_COORDINATOR_ADDRESS name the job; on CPU the collectives go over gloo.
+  """
+  names = ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+  values = {n: os.environ.get(n) for n in names}
+  if not any(values.values()):
+    return {}
+  if not all(values.values()):
+    raise ValueError(f"set both {names[0]} and {names[1]} (got {values}), or neither.")
+  try:
+    count, index = int(values[names[0]]), int(values[names[1]])
+  except ValueError:
+    raise ValueError(f"{names[0]} and {names[1]} must be integers, got {values}.") from None
+  if not 0 <= index < count:
+    raise ValueError(f"JAX_PROCESS_ID={index} must be in [0, JAX_NUM_PROCESSES={count}).")
+  return {"num_processes": count, "process_id": index}
 
 
 def make_mesh(mesh_config: Mapping[str, int], devices: Sequence[Any] | None = None) -> Mesh:

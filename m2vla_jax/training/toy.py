@@ -151,12 +151,15 @@ class SyntheticData:
     config: the toy model config (shapes).
     batch_size: per-host batch size.
     seed: data seed; `split` in {'train', 'val'} selects a disjoint stream.
+    process_index, process_count: this host's rows of the global batch. Every host draws the same
+      global batch and keeps its slice, so N hosts see exactly the rows one host would.
   """
 
   def __init__(self, config: Mapping[str, Any], batch_size: int, seed: int = 0, split: str = "train",
                num_batches: int | None = None, nan_at_batch: int = -1, slow_after_batch: int = -1,
-               slow_seconds: float = 0.0):
+               slow_seconds: float = 0.0, process_index: int = 0, process_count: int = 1):
     self.c = config
+    self.process_index, self.process_count = process_index, process_count
     # Fault injection for trainer tests: NaN actions in one batch; slow batches (a preemption window).
     self.nan_at_batch, self.slow_after_batch, self.slow_seconds = nan_at_batch, slow_after_batch, slow_seconds
     self.batch_size = batch_size
@@ -168,7 +171,7 @@ class SyntheticData:
     self.w_img = w.normal(size=(3, config["horizon"] * config["action_dim"])) * 0.5
 
   def make_batch(self, index: int) -> dict:
-    c, b = self.c, self.batch_size
+    c, b = self.c, self.batch_size * self.process_count
     rng = np.random.default_rng([self.seed, index])
     images = rng.integers(0, 256, size=(b, c["num_cameras"], c["image_size"], c["image_size"], 3),
                           dtype=np.uint8)
@@ -178,7 +181,7 @@ class SyntheticData:
     img_feat = images[:, 0].astype(np.float32).mean(axis=(1, 2)) / 255.0 - 0.5
     actions = np.tanh(state @ self.w_state + img_feat @ self.w_img)
     actions = actions.reshape(b, c["horizon"], c["action_dim"]).astype(np.float32)
-    return {
+    batch = {
         "observation": {
             "images": images,
             "image_mask": np.ones((b, c["num_cameras"]), bool),
@@ -190,6 +193,8 @@ class SyntheticData:
         "action_mask": np.ones((b, c["horizon"]), bool),
         "frame_id": (index * b + np.arange(b)).astype(np.int32),
     }
+    rows = slice(self.process_index * self.batch_size, (self.process_index + 1) * self.batch_size)
+    return jax.tree_util.tree_map(lambda x: x[rows], batch)
 
   def __iter__(self) -> Iterator[dict]:
     return self
@@ -227,10 +232,12 @@ class SyntheticData:
             "frame_id_ranges": {"synthetic": [0, 2**31 - 1]}}
 
 
-def make_data(config: ml_collections.ConfigDict, split: str, batch_size: int, seed: int):
+def make_data(config: ml_collections.ConfigDict, split: str, batch_size: int, seed: int,
+              process_index: int = 0, process_count: int = 1):
   """Data factory used by configs: `config.data.kind = 'synthetic'`."""
   d = config.data
   return SyntheticData(config.model, batch_size=batch_size, seed=seed, split=split,
+                       process_index=process_index, process_count=process_count,
                        num_batches=None if split == "train" else d.get("val_batches", 4),
                        nan_at_batch=d.get("nan_at_batch", -1) if split == "train" else -1,
                        slow_after_batch=d.get("slow_after_batch", -1) if split == "train" else -1,

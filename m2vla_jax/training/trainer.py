@@ -176,10 +176,15 @@ def build_policy(config: ml_collections.ConfigDict, mesh: Any = None) -> Any:
 
 
 def build_data(config: ml_collections.ConfigDict, split: str) -> Iterator:
-  """Per-host iterator of numpy batches (batch_size / num_hosts rows) with get_state / set_state."""
+  """Per-host iterator of numpy batches (batch_size / num_hosts rows) with get_state / set_state.
+
+  A factory gets this host's index and count and returns its rows of the global batch; the global
+  batch does not depend on how many hosts share it.
+  """
   factory = _import(config.data.kind, DATA, "config.data.kind")
   return factory(config, split=split, batch_size=config.batch_size // jax.process_count(),
-                 seed=config.seed + 7919 * jax.process_index())
+                 seed=config.seed, process_index=jax.process_index(),
+                 process_count=jax.process_count())
 
 
 def _shardings(abstract: ts_lib.TrainState, mesh, config) -> ts_lib.TrainState:
@@ -345,6 +350,12 @@ class _Stop:
     self._old = None
 
   def __enter__(self):
+    if jax.process_count() > 1:
+      # jax.distributed's preemption notifier owns SIGTERM: it tells every process, and the loop
+      # asks it (checkpointer.reached_preemption) so all hosts stop at the same step. A Python
+      # handler here would replace it, and the signalled host would leave the others hanging in
+      # the next collective.
+      return self
     def handler(signum, frame):
       del frame
       logging.warning("Received signal %d: finishing the current step, saving, exiting.", signum)
