@@ -37,9 +37,12 @@ def reference():
     eps = []
     for ep in tfds.as_numpy(builder.as_dataset(split=split, decoders=skip, shuffle_files=False)):
       steps = list(ep["steps"])
+      state = np.stack([s["observation"]["state"] for s in steps]).astype(np.float64)
       eps.append({
           "action": np.stack([s["action"] for s in steps]).astype(np.float64),
-          "state": np.stack([s["observation"]["state"] for s in steps]).astype(np.float64),
+          # The OXE 8-dim POS_EULER layout (octo's state_obs_keys ["EEF_state", None, "gripper_state"]):
+          # xyz + rpy, a zero pad, the gripper.
+          "state": np.concatenate([state[:, :6], np.zeros((len(steps), 1)), state[:, -1:]], 1),
           "jpeg0": [s["observation"]["image_0"] for s in steps],
           "jpeg1": [s["observation"]["image_1"] for s in steps],
           "text": [s["language_instruction"].decode() for s in steps],
@@ -102,7 +105,7 @@ def test_chunk_pad_masks_at_every_episode_end(loaded, tmp_path):
   ds = loaded["train"]
   c = _config(tmp_path, horizon=4, normalization="none")
   stats = statistics.compute_statistics(ds, progress=False)
-  src = pipeline.FrameSource(ds, stats, c, frame_offset=0, action_dim=7, state_dim=7)
+  src = pipeline.FrameSource(ds, stats, c, frame_offset=0, action_dim=7, state_dim=8)
   assert len(src) == 250
   for i in range(len(src)):
     f = src[i]
@@ -125,7 +128,7 @@ def test_batches_follow_the_contract(loaded, tmp_path):
   spec = {
       ("observation", "images"): ((16, 2, 32, 40, 3), np.uint8),
       ("observation", "image_mask"): ((16, 2), np.bool_),
-      ("observation", "state"): ((16, 7), np.float32),
+      ("observation", "state"): ((16, 8), np.float32),
       ("observation", "tokens"): ((16, 24), np.int32),
       ("observation", "token_mask"): ((16, 24), np.bool_),
       ("actions",): ((16, 5, 7), np.float32),
@@ -160,12 +163,14 @@ def test_normalized_values_equal_numpy_formula(loaded, tmp_path):
     raw_s = np.concatenate([e["state"] for e in loaded["val"].episodes]).astype(np.float64)
     stats = it.info.statistics["bridge_dataset"]
     for key, raw, got, mask in (("action", raw_a, b["actions"][:, 0], [0] * 6 + [1]),
-                                ("state", raw_s, b["observation"]["state"], [0] * 7)):
+                                ("state", raw_s, b["observation"]["state"], [0] * 6 + [1, 0])):
+      # Masked: the action's gripper and the state's zero pad (dim 6), never normalized.
       s = {k: np.asarray(v) for k, v in stats[key].items()}
-      if mode == "zscore":
-        ref = (raw - s["mean"]) / s["std"]
-      else:
-        ref = np.clip(2 * (raw - s["q01"]) / (s["q99"] - s["q01"]) - 1, -1, 1)
+      with np.errstate(divide="ignore", invalid="ignore"):  # the pad's 0 / 0, replaced below
+        if mode == "zscore":
+          ref = (raw - s["mean"]) / s["std"]
+        else:
+          ref = np.clip(2 * (raw - s["q01"]) / (s["q99"] - s["q01"]) - 1, -1, 1)
       ref = np.where(np.asarray(mask, bool), raw, ref)
       np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)   # float32 output
 

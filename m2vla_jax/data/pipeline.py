@@ -58,7 +58,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.image_size = (224, 224)      # (H, W) after resize
   c.horizon = 4                  # action chunk length H
   c.normalization = "bounds"     # 'bounds' (q01..q99 -> [-1, 1], clipped), 'zscore' or 'none'
-  c.zero_variance = "passthrough"  # dim with spread < norm_eps: 'passthrough' (warn) or 'error'
+  c.zero_variance = "passthrough"  # constant dim (spread < norm_eps): 'passthrough' (warn) or 'error'
+  c.near_constant = "passthrough"  # dim constant but for rare outliers (spread < norm_eps < max - min;
+                                 # listed in statistics['near_constant']): 'passthrough' (warn; the
+                                 # outliers stay unnormalized) or 'error'
   c.norm_eps = 1e-6
   c.action_dim = 0               # A; 0 = widest dataset of the mixture (others zero-padded)
   c.state_dim = 0                # S; 0 = widest dataset of the mixture
@@ -74,7 +77,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.brightness = 0.2             # color jitter strengths: factor in [1 - s, 1 + s]
   c.contrast = 0.2
   c.saturation = 0.2
-  c.skip_bad_episodes = False    # skip (count, report) bad episodes instead of raising DataError
+  c.skip_bad_episodes = False    # skip bad episodes instead of raising DataError; they are logged,
+                                 # counted in statistics['num_skipped_episodes'] and PipelineInfo.skipped
   c.stats_dir = ""               # statistics cache; '' = statistics.default_cache_dir(data_dir)
   c.shared_statistics = ""       # a dataset of the mixture whose statistics normalize every dataset
                                  # ('' = each its own): for datasets of one robot and action space,
@@ -110,10 +114,12 @@ class FrameSource:
                action_dim: int, state_dim: int):
     self.name = ds.name
     self.horizon = int(config.horizon)
-    mode, eps, zv = config.normalization, float(config.norm_eps), config.zero_variance
-    a_norm = stats_lib.normalizer(stats, "action", mode, mask=np.asarray(stats["action_gripper_mask"]),
-                                  eps=eps, zero_variance=zv)
-    s_norm = stats_lib.normalizer(stats, "state", mode, eps=eps, zero_variance=zv)
+    mode, eps = config.normalization, float(config.norm_eps)
+    degenerate = dict(zero_variance=config.zero_variance,
+                      near_constant=config.get("near_constant", "passthrough"))
+    state_mask, action_mask = stats_lib.skip_masks(stats)   # gripper and padding dims
+    a_norm = stats_lib.normalizer(stats, "action", mode, mask=action_mask, eps=eps, **degenerate)
+    s_norm = stats_lib.normalizer(stats, "state", mode, mask=state_mask, eps=eps, **degenerate)
     self.actions, self.states, self.images, self.instructions = [], [], [], []
     lengths = []
     for e in ds.episodes:
@@ -278,6 +284,16 @@ def load_mixture(config, split: str, statistics: Mapping[str, Mapping] | None = 
     if len(stats[name]["action"]["mean"]) != ds.action_dim:
       raise DataError(f"dataset {name!r}: statistics have {len(stats[name]['action']['mean'])} action "
                       f"dims, the data {ds.action_dim}; they belong to another entry/version.")
+    if len(stats[name]["state"]["mean"]) != ds.state_dim:
+      raise DataError(f"dataset {name!r}: statistics have {len(stats[name]['state']['mean'])} state "
+                      f"dims, the data {ds.state_dim}; they belong to another entry/version (e.g. "
+                      "written before the 8-dim OXE state layouts): recompute them.")
+    report = stats_lib.summary(stats[name])
+    if ds.skipped or stats[name].get("near_constant", {}).get("action") or \
+        stats[name].get("near_constant", {}).get("state"):
+      log.warning("%s", report)
+    else:
+      log.info("%s", report)
   if shared:
     ref = loaded[names.index(shared)]
     for name, ds in zip(names, loaded):

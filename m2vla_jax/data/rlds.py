@@ -8,9 +8,13 @@ registry entry standardizes them (`oxe.spec.standardize_episode`), and the episo
 (`episode_metadata/file_path`, ...) rides along.
 
 Everything is checked here, where data enters: the dataset directory, the entry's keys against the
-feature spec, image shapes (JPEG/PNG headers, without decoding), non-finite values and empty episodes.
-Bad episodes raise `DataError` naming dataset, episode and field, or with `skip_bad_episodes=True` are
-skipped and listed in `LoadedDataset.skipped`.
+feature spec, each record (a truncated or corrupt shard, a feature missing from one episode or holding
+the wrong number or kind of values: the record is inspected to name the feature), image shapes
+(JPEG/PNG headers, without decoding), non-finite values, instruction text and empty episodes. Every
+failure is a `DataError` naming dataset, episode (its file, and the shard) and field, never a bare
+library error; with `skip_bad_episodes=True` bad episodes are skipped, logged and listed in
+`LoadedDataset.skipped` (the statistics report their count). A shard that stops being readable loses
+the rest of its episodes: each is listed (the split's shard lengths say how many).
 """
 from __future__ import annotations
 
@@ -26,7 +30,7 @@ from etils import epath
 from PIL import Image
 
 from m2vla_jax.data.errors import DataError, where
-from m2vla_jax.data.oxe.spec import DatasetSpec, gripper_mask, standardize_episode
+from m2vla_jax.data.oxe.spec import DatasetSpec, gripper_mask, padding_mask, standardize_episode
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +50,8 @@ class LoadedDataset:
   gripper_mask: np.ndarray         # bool [A]
   image_shapes: dict[str, tuple[int, int]]   # slot -> (H, W)
   skipped: list[tuple[int, str]]   # (episode index, reason)
+  action_padding_mask: np.ndarray | None = None   # bool [A]: constant (padding) dims; None = none
+  state_padding_mask: np.ndarray | None = None    # bool [S]
 
   @property
   def name(self) -> str:
@@ -140,6 +146,9 @@ class RawReader:
     self.split = split
     self.version = str(info.version)
     self.num_episodes = info.splits[split].num_examples
+    if "steps" not in info.features:
+      raise DataError(f"{where(spec.name, field='steps')}: {self.path} is not an RLDS dataset (features "
+                      f"{sorted(info.features.keys())}); RLDS episodes hold a 'steps' Dataset feature.")
     step_feat = info.features["steps"].feature
     self.step_keys = set(_flatten(step_feat.get_serialized_info()))
     self.image_features = _image_keys(step_feat)
@@ -154,30 +163,121 @@ class RawReader:
     feat = self.image_features.get(key)
     return None if feat is None else tuple(feat.shape)
 
-  def _records(self) -> Iterator[bytes]:
+  def _shards(self) -> list[tuple[str, int | None]]:
+    """(file, number of episodes or None if unrecorded) per shard, in split order."""
+    split = self.builder.info.splits[self.split]
+    files = [os.fspath(p) for p in split.filepaths]
+    lengths = list(getattr(split, "shard_lengths", None) or [])
+    return list(zip(files, lengths if len(lengths) == len(files) else [None] * len(files)))
+
+  def _records(self) -> Iterator[tuple[int, str, bytes | DataError]]:
+    """(episode index, shard file, serialized record or the DataError that replaces it), in file order.
+
+    A shard that stops being readable (truncated or corrupt record, or fewer records than the split
+    info says) yields one DataError per episode it loses, then reading goes on with the next shard.
+    """
     import tensorflow as tf
     import tensorflow_datasets as tfds
+    shards = self._shards()
+    start = 0
     if self.file_format == tfds.core.FileFormat.ARRAY_RECORD:
       from array_record.python import array_record_data_source
-      files = [os.fspath(p) for p in self.builder.info.splits[self.split].filepaths]
-      source = array_record_data_source.ArrayRecordDataSource(files)
+      try:
+        source = array_record_data_source.ArrayRecordDataSource([f for f, _ in shards])
+      except Exception as e:  # missing or unreadable shard files
+        raise DataError(f"{where(self.spec.name)}: cannot open the array_record shards of split "
+                        f"{self.split!r} in {self.path}: {type(e).__name__}: {e}") from e
+      ends = np.cumsum([n or 0 for _, n in shards])
       for i in range(len(source)):
-        yield source[i]
-    else:
-      files = [os.fspath(p) for p in self.builder.info.splits[self.split].filepaths]
-      for rec in tf.data.TFRecordDataset(files):
-        yield rec.numpy()
+        shard = shards[min(int(np.searchsorted(ends, i, side="right")), len(shards) - 1)][0]
+        try:
+          rec = source[i]
+        except Exception as e:  # a corrupt chunk: this record only (random access goes on)
+          rec = DataError(f"{where(self.spec.name, i)} [shard {shard}]: unreadable record "
+                          f"({type(e).__name__}: {e}); re-download the shard or set "
+                          "skip_bad_episodes=True.")
+        yield i, shard, rec
+      return
+    for shard, n in shards:
+      i, error = start, None
+      try:
+        for rec in tf.data.TFRecordDataset(shard):
+          yield i, shard, rec.numpy()
+          i += 1
+      except tf.errors.OpError as e:  # DataLossError: truncated / corrupt record; NotFoundError
+        error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+      if error is None and n is not None and i < start + n:
+        error = f"the shard holds {i - start} records, the split info says {n}"
+      if error is not None:
+        lost = range(i, start + n) if (n is not None and start + n > i) else range(i, i + 1)
+        for j in lost:
+          yield j, shard, DataError(
+              f"{where(self.spec.name, j)} [shard {shard}]: unreadable, the shard is damaged from "
+              f"episode {i} on ({error}); {len(lost)} episode(s) of this shard lost. Re-download the "
+              "shard or set skip_bad_episodes=True.")
+      start = start + n if n is not None else i + (error is not None)
 
-  def episodes(self) -> Iterator[tuple[int, dict[str, np.ndarray], dict[str, Any]]]:
-    """(index, flat step arrays, flat episode metadata) per episode, in file order."""
+  def diagnose(self, raw: bytes) -> tuple[str | None, str]:
+    """(field, what is wrong) for a record TFDS cannot deserialize: the first feature missing or holding
+    the wrong kind or number of values; (None, '') if the record looks well formed."""
+    import tensorflow as tf
+    try:
+      ex = tf.train.Example.FromString(raw)
+    except Exception as e:
+      return None, f"not a tf.train.Example ({type(e).__name__})"
+    feats = ex.features.feature
+    def expect(info):   # the tf.train.Feature list TFDS writes for a serialized TensorInfo
+      d = info.dtype
+      name = getattr(d, "name", str(d))
+      if name in ("string", "object", "bytes", "str"):
+        return "bytes_list"
+      kind = np.dtype(d.as_numpy_dtype if hasattr(d, "as_numpy_dtype") else d).kind
+      return "float_list" if kind == "f" else "int64_list"
+    def values(f):
+      kind = f.WhichOneof("kind")
+      return kind, (len(getattr(f, kind).value) if kind else 0)
+    top = _flatten(self.builder.info.features.get_serialized_info())
+    steps_info = {f"steps/{k}": v for k, v in _flatten(
+        self.builder.info.features["steps"].feature.get_serialized_info()).items()}
+    t = values(feats["steps/is_first"])[1] if "steps/is_first" in feats else None
+    for key, info in {**{k: v for k, v in top.items() if not k.startswith("steps/")},
+                      **steps_info}.items():
+      field = key[len("steps/"):] if key.startswith("steps/") else key
+      if key not in feats:
+        return field, "missing from this episode's record"
+      kind, count = values(feats[key])
+      want = expect(info)
+      per_step = int(np.prod([d for d in info.shape if d is not None])) if info.shape else 1
+      n_steps = t if key.startswith("steps/") else 1
+      if count and kind != want:
+        return field, f"holds a {kind}, the feature spec needs a {want} ({info.dtype})"
+      if n_steps is not None and None not in (info.shape or ()) and count != n_steps * per_step:
+        return field, (f"holds {count} values, the feature spec needs {n_steps} step(s) x "
+                       f"{tuple(info.shape)} = {n_steps * per_step}")
+    return None, ""
+
+  def episodes(self) -> Iterator[tuple[int, dict | None, dict[str, Any], DataError | None]]:
+    """(index, flat step arrays, flat episode metadata, None) per episode in file order, or
+    (index, None, metadata, DataError) for an episode that cannot be read."""
     features = self.builder.info.features
-    for i, raw in enumerate(self._records()):
-      ex = features.deserialize_example_np(raw, decoders=self.decoders)
+    for i, shard, raw in self._records():
+      if isinstance(raw, DataError):
+        yield i, None, {}, raw
+        continue
+      try:
+        ex = features.deserialize_example_np(raw, decoders=self.decoders)
+      except Exception as e:  # TFDS raises TypeError / ValueError / tf errors, often naming nothing
+        field, problem = self.diagnose(raw)
+        fp = _file_path_of(raw)
+        msg = (f"{where(self.spec.name, i, field, file_path=fp)} [shard {shard}]: "
+               f"{problem or 'cannot be deserialized'} ({type(e).__name__}: {str(e)[:300]}); fix the "
+               "episode or set skip_bad_episodes=True.")
+        yield i, None, {"file_path": fp}, DataError(msg)
+        continue
       steps_src = ex["steps"]
       steps = [_flatten(steps_src[j]) for j in range(len(steps_src))]
-      keys = self.step_keys
       flat = {}
-      for k in keys:
+      for k in self.step_keys:
         vals = [s[k] for s in steps]
         if k in self.image_features or (vals and isinstance(vals[0], (bytes, str))):
           arr = np.empty(len(vals), object)
@@ -186,7 +286,17 @@ class RawReader:
           arr = np.asarray(vals)
         flat[k] = arr
       meta = _flatten(ex.get("episode_metadata", {}))
-      yield i, flat, meta
+      yield i, flat, meta, None
+
+
+def _file_path_of(raw: bytes) -> str | None:
+  """episode_metadata/file_path straight from a serialized record (for records TFDS cannot read)."""
+  try:
+    import tensorflow as tf
+    f = tf.train.Example.FromString(raw).features.feature.get("episode_metadata/file_path")
+    return f.bytes_list.value[0].decode("utf-8", "replace") if f and f.bytes_list.value else None
+  except Exception:  # the record is already known to be bad; the message just has no file
+    return None
 
 
 def image_size(data: Any) -> tuple[tuple[int, int], str]:
@@ -201,44 +311,30 @@ def load_dataset(data_dir: str, spec: DatasetSpec, split: str, *, skip_bad_episo
                  progress: bool = True) -> LoadedDataset:
   """Reads and standardizes every episode of `split` (progress bar); see module docstring."""
   reader = RawReader(data_dir, spec, split)
-  episodes, skipped, widths_seen = [], [], None
+  episodes, skipped, widths_seen, state_widths_seen = [], [], None, None
   shapes: dict[str, tuple[int, int]] = {}
   for slot, key in spec.cameras.items():
     declared = reader.declared_shape(f"observation/{key}")
     if declared and declared[0] is not None and declared[1] is not None:
       shapes[slot] = (int(declared[0]), int(declared[1]))
-  state_dim = None
   it = reader.episodes()
   if progress:
     it = tqdm.tqdm(it, total=reader.num_episodes, desc=f"read {spec.name}/{split}", leave=False)
-  for i, steps, meta in it:
+  for i, steps, meta, error in it:
     fp = meta.get("file_path")
-    fp = fp.decode() if isinstance(fp, bytes) else fp
+    fp = fp.decode("utf-8", "replace") if isinstance(fp, bytes) else fp
     try:
-      ep = standardize_episode(spec, steps, i, fp)
-      for slot, frames in ep["images"].items():
-        field = f"observation/{spec.cameras[slot]}"
-        for t, frame in enumerate(frames):
-          try:
-            hw, mode = image_size(frame)
-          except Exception as e:
-            raise DataError(f"{where(spec.name, i, field, t, fp)}: undecodable image: {e}") from e
-          if mode != "RGB":
-            raise DataError(f"{where(spec.name, i, field, t, fp)}: image mode {mode}, expected RGB.")
-          expected = shapes.setdefault(slot, tuple(hw))
-          if tuple(hw) != expected:
-            raise DataError(f"{where(spec.name, i, field, t, fp)}: image shape {tuple(hw) + (3,)}, "
-                            f"expected {expected + (3,)} (declared or first episode's).")
+      if error is not None:
+        raise error
+      ep = _checked_episode(spec, steps, i, fp, shapes)
       if widths_seen is None:
-        widths_seen = ep["action_widths"]
+        widths_seen, state_widths_seen = ep["action_widths"], ep["state_widths"]
       elif ep["action_widths"] != widths_seen:
         raise DataError(f"{where(spec.name, i, 'action', file_path=fp)}: field widths "
                         f"{ep['action_widths']} differ from earlier episodes' {widths_seen}.")
-      if state_dim is None:
-        state_dim = ep["state"].shape[1]
-      elif ep["state"].shape[1] != state_dim:
-        raise DataError(f"{where(spec.name, i, 'state', file_path=fp)}: width {ep['state'].shape[1]} "
-                        f"differs from earlier episodes' {state_dim}.")
+      elif ep["state_widths"] != state_widths_seen:
+        raise DataError(f"{where(spec.name, i, 'state', file_path=fp)}: field widths "
+                        f"{ep['state_widths']} differ from earlier episodes' {state_widths_seen}.")
     except DataError as e:
       if not skip_bad_episodes:
         raise
@@ -247,15 +343,37 @@ def load_dataset(data_dir: str, spec: DatasetSpec, split: str, *, skip_bad_episo
       continue
     ep["episode_index"] = i
     ep["file_path"] = fp
-    del ep["action_widths"]
+    del ep["action_widths"], ep["state_widths"]
     episodes.append(ep)
   if not episodes:
     reasons = "; ".join(r for _, r in skipped[:3])
     raise DataError(f"{where(spec.name)}: split {split!r} of {reader.path} has no usable episode "
                     f"({len(skipped)} skipped{': ' + reasons if reasons else ''}).")
   if skipped:
-    log.warning("%s/%s: skipped %d of %d episodes", spec.name, split, len(skipped),
-                len(skipped) + len(episodes))
+    log.warning("%s/%s: skipped %d of %d episodes (skip_bad_episodes=True; listed in the statistics)",
+                spec.name, split, len(skipped), len(skipped) + len(episodes))
   return LoadedDataset(spec=spec, path=os.fspath(reader.path), version=reader.version, split=split,
                        episodes=episodes, gripper_mask=gripper_mask(spec, widths_seen),
-                       image_shapes=shapes, skipped=skipped)
+                       image_shapes=shapes, skipped=skipped,
+                       action_padding_mask=padding_mask(spec.action, widths_seen),
+                       state_padding_mask=padding_mask(spec.state, state_widths_seen))
+
+
+def _checked_episode(spec: DatasetSpec, steps, i: int, fp: str | None,
+                     shapes: dict[str, tuple[int, int]]) -> dict:
+  """The standardized episode with its image headers checked (RGB, one shape per camera slot)."""
+  ep = standardize_episode(spec, steps, i, fp)
+  for slot, frames in ep["images"].items():
+    field = f"observation/{spec.cameras[slot]}"
+    for t, frame in enumerate(frames):
+      try:
+        hw, mode = image_size(frame)
+      except Exception as e:
+        raise DataError(f"{where(spec.name, i, field, t, fp)}: undecodable image: {e}") from e
+      if mode != "RGB":
+        raise DataError(f"{where(spec.name, i, field, t, fp)}: image mode {mode}, expected RGB.")
+      expected = shapes.setdefault(slot, tuple(hw))
+      if tuple(hw) != expected:
+        raise DataError(f"{where(spec.name, i, field, t, fp)}: image shape {tuple(hw) + (3,)}, "
+                        f"expected {expected + (3,)} (declared or first episode's).")
+  return ep

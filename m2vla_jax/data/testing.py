@@ -1,8 +1,9 @@
-"""Test helpers for the data package: a tiny tokenizer, toy episodes and the shared-data locator."""
+"""Test helpers for the data package: a tiny tokenizer, toy episodes, a writer for arbitrary RLDS feature
+layouts (published OXE specs, zlib-encoded tensors) and the shared-data locator."""
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -50,3 +51,32 @@ def toy_episodes(num: int, lengths: Sequence[int] | int = 6, *, image_hw: tuple[
         "language_instruction": f"{task} {i % 3}",
     })
   return eps
+
+
+def write_tfds_episodes(out_dir: str, name: str, step_features: Mapping[str, Any],
+                        episodes: Sequence[Mapping[str, Any]], *, version: str = "0.1.0",
+                        split: str = "train") -> str:
+  """Writes `episodes` with exactly the given step features (a nested dict of `tfds.features`, e.g. a
+  published OXE layout with nested action dicts or zlib-encoded tensors, which `writer.py` does not
+  produce) as `<out_dir>/<name>/<version>`; returns that directory.
+
+  Each episode is {'steps': nested dict of per-step arrays [T, ...] matching step_features,
+  'file_path': str (optional, episode_metadata/file_path)}.
+  """
+  import tensorflow_datasets as tfds
+  features = tfds.features.FeaturesDict({
+      "steps": tfds.features.Dataset(dict(step_features)),
+      "episode_metadata": {"file_path": tfds.features.Text()},
+  })
+
+  def examples():
+    for i, ep in enumerate(episodes):
+      yield i, {"steps": ep["steps"],
+                "episode_metadata": {"file_path": ep.get("file_path", f"{name}/{split}/episode_{i}")}}
+
+  os.makedirs(out_dir, exist_ok=True)
+  tfds.dataset_builders.store_as_tfds_dataset(
+      name=name, version=version, features=features, split_datasets={split: examples()},
+      data_dir=out_dir, description=f"{name}: test episodes in a given feature layout.",
+      disable_shuffling=True)
+  return os.path.join(out_dir, name, version)

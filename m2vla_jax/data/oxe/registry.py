@@ -4,6 +4,19 @@ Adding a dataset is one `_register(DatasetSpec(...))` call. Keys are the raw RLD
 published datasets (facts from octo's and openvla's OXE configs; instructions those projects found
 uninformative are dropped, `instruction_key=None`). Camera slots: 'primary' (third-person),
 'secondary' (second third-person view), 'wrist'.
+
+Layouts, so that a mixture lines dimensions up across datasets (octo's `state_obs_keys` before its
+May 2024 release, commit cab7f94, and openvla's `configs.py`: "always 8-dim"; `pad()` is octo's `None`):
+  state  [8]: POS_EULER  xyz (3) + roll-pitch-yaw (3) + pad (1) + gripper (1)
+              POS_QUAT   xyz (3) + quaternion (4) + gripper (1)
+              JOINT      joints (7, padded if fewer) + gripper (1); NONE: 8 pads
+  action [7]: deltas (6, zeros where a dataset has none) + absolute gripper (1 = open, 0 = closed)
+`tests/test_oxe_layouts.py` pins every entry (`BUILTIN`) against a tiny episode written in its
+published feature layout. Deliberate differences from octo: bridge_dataset keeps its commanded
+movement deltas (octo relabels them with state differences and drops the last step); inverted grippers
+are clipped to [0, 1] before inverting (octo skips the clip for hydra, dlr_edan and fanuc, whose
+published values are 0/1); droid and dobbe get the POS_EULER pad (openvla concatenates their 7 dims
+without it); dobbe's only camera is the 'wrist' slot (openvla calls it primary).
 """
 from __future__ import annotations
 
@@ -37,16 +50,25 @@ def get_spec(name: str) -> DatasetSpec:
 
 F = Field
 G = Gripper
+
+
+def pad(n: int = 1) -> Field:
+  """n zero columns: padding (octo's `None` state key; its `zeros_like` action dims). Padding dims are
+  marked in the statistics and never normalized."""
+  return F(None, size=n)
+
+
 _RT1_ACTION = (F("action/world_vector"), F("action/rotation_delta"),
                F("action/gripper_closedness_action", gripper=G.RELATIVE))
 _NL = "observation/natural_language_instruction"
 
 _register(DatasetSpec(  # Berkeley's own BridgeData v2 release (the octo debug sample)
     "bridge_dataset", {"primary": "image_0", "secondary": "image_1"},
-    state=(F("observation/state"),),
+    state=(F("observation/state", 0, 6), pad(), F("observation/state", -1, None)),
     action=(F("action", 0, 6), F("action", 6, 7, gripper=G.BINARIZE))))
 _register(DatasetSpec(  # the OXE copy of bridge
-    "bridge", {"primary": "image"}, state=(F("observation/state"),),
+    "bridge", {"primary": "image"},
+    state=(F("observation/state", 0, 6), pad(), F("observation/state", -1, None)),
     action=(F("action/world_vector"), F("action/rotation_delta"),
             F("action/open_gripper", gripper=G.OPEN_1)),
     instruction_key=_NL))
@@ -61,24 +83,24 @@ _register(DatasetSpec(
     action=_RT1_ACTION, instruction_key=None))
 _register(DatasetSpec(
     "taco_play", {"primary": "rgb_static", "wrist": "rgb_gripper"},
-    state=(F("observation/robot_obs", 0, 6), F("observation/robot_obs", 7, 8)),
+    state=(F("observation/robot_obs", 0, 6), pad(), F("observation/robot_obs", 7, 8)),
     action=(F("action/rel_actions_world", 0, 6),
             F("action/rel_actions_world", 6, 7, gripper=G.CLIP_OPEN_1)),
     instruction_key=_NL))
 _register(DatasetSpec(
     "jaco_play", {"primary": "image", "wrist": "image_wrist"},
-    state=(F("observation/end_effector_cartesian_pos", 0, 6),
+    state=(F("observation/end_effector_cartesian_pos", 0, 6), pad(),
            F("observation/end_effector_cartesian_pos", -1, None)),
-    action=(F("action/world_vector"), F(None, size=3),
+    action=(F("action/world_vector"), pad(3),
             F("action/gripper_closedness_action", gripper=G.RELATIVE)),
     instruction_key=_NL))
 _register(DatasetSpec(
     "berkeley_cable_routing", {"primary": "image", "secondary": "top_image", "wrist": "wrist45_image"},
-    state=(F("observation/robot_state"),),
+    state=(F("observation/robot_state"), pad()),
     action=(F("action/world_vector"), F("action/rotation_delta"), F(None, size=1, gripper=G.OPEN_1)),
     instruction_key=None))
 _register(DatasetSpec(
-    "roboturk", {"primary": "front_rgb"}, state=(),
+    "roboturk", {"primary": "front_rgb"}, state=(pad(8),),
     action=(F("action/world_vector"), F("action/rotation_delta"),
             F("action/gripper_closedness_action", gripper=G.CLOSED_1)),
     instruction_key=None))
@@ -89,29 +111,30 @@ _register(DatasetSpec(
             F("action/gripper_closedness_action", gripper=G.CLOSED_1)),
     instruction_key=None))
 _register(DatasetSpec(
-    "toto", {"primary": "image"}, state=(F("observation/state"),),
+    "toto", {"primary": "image"}, state=(F("observation/state"), pad()),
     action=(F("action/world_vector"), F("action/rotation_delta"),
             F("action/open_gripper", gripper=G.OPEN_1)),
     action_encoding=ActionEncoding.EEF_DELTA, instruction_key=None))
 _register(DatasetSpec(  # 2-D pusher: xy delta, no rotation, gripper always open
-    "language_table", {"primary": "rgb"}, state=(F("observation/effector_translation"),),
-    action=(F("action"), F(None, size=4), F(None, size=1, value=1.0, gripper=G.OPEN_1)),
+    "language_table", {"primary": "rgb"}, state=(F("observation/effector_translation"), pad(6)),
+    action=(F("action"), pad(4), F(None, size=1, value=1.0, gripper=G.OPEN_1)),
     instruction_key="observation/instruction", instruction_format="codepoints"))
 _register(DatasetSpec(
     "stanford_hydra_dataset_converted_externally_to_rlds", {"primary": "image", "wrist": "wrist_image"},
-    state=(F("observation/state", 0, 3), F("observation/state", 7, 10), F("observation/state", -3, -2)),
+    state=(F("observation/state", 0, 3), F("observation/state", 7, 10), pad(),
+           F("observation/state", -3, -2)),
     action=(F("action", 0, 6), F("action", -1, None, gripper=G.CLOSED_1)),
     instruction_key=None))
-for _name in ("austin_buds_dataset_converted_externally_to_rlds",
-              "austin_sailor_dataset_converted_externally_to_rlds",
-              "austin_sirius_dataset_converted_externally_to_rlds"):
+for _name, _state in (("austin_buds_dataset_converted_externally_to_rlds", F("observation/state", 0, 8)),
+                      ("austin_sailor_dataset_converted_externally_to_rlds", F("observation/state")),
+                      ("austin_sirius_dataset_converted_externally_to_rlds", F("observation/state"))):
   _register(DatasetSpec(
-      _name, {"primary": "image", "wrist": "wrist_image"}, state=(F("observation/state", 0, 8),),
+      _name, {"primary": "image", "wrist": "wrist_image"}, state=(_state,),
       action=(F("action", 0, 6), F("action", -1, None, gripper=G.CLOSED_1)), instruction_key=None))
 _register(DatasetSpec(
     "nyu_franka_play_dataset_converted_externally_to_rlds",
     {"primary": "image", "secondary": "image_additional_view"},
-    state=(F("observation/state", -6, None),),
+    state=(F("observation/state", -6, None), pad(2)),
     action=(F("action", -8, -2), F("action", -2, -1, gripper=G.CLIP_OPEN_1)), instruction_key=None))
 _register(DatasetSpec(
     "furniture_bench_dataset_converted_externally_to_rlds", {"primary": "image", "wrist": "wrist_image"},
@@ -120,34 +143,37 @@ _register(DatasetSpec(
             F("action", -1, None, gripper=G.CLOSED_1))))
 _register(DatasetSpec(
     "ucsd_kitchen_dataset_converted_externally_to_rlds", {"primary": "image"},
-    state=(F("observation/state", 0, 7),),
+    state=(F("observation/state", 0, 7), pad()),
     action=(F("action", 0, 6), F("action", 6, 7, gripper=G.OPEN_1))))
 _register(DatasetSpec(  # stores no gripper action: the (inverted) gripper state stands in
     "berkeley_fanuc_manipulation", {"primary": "image", "wrist": "wrist_image"},
-    state=(F("observation/state", 0, 7),),
+    state=(F("observation/state", 0, 6), pad(), F("observation/state", 6, 7)),
     action=(F("action"), F("observation/state", 6, 7, gripper=G.CLOSED_1)),
     action_encoding=ActionEncoding.EEF_DELTA))
 _register(DatasetSpec(
     "cmu_stretch", {"primary": "image"},
-    state=(F("observation/state", 0, 3), F(None, size=3), F("observation/state", -1, None)),
+    state=(F("observation/state", 0, 3), pad(3), pad(), F("observation/state", -1, None)),
     action=(F("action", 0, 6), F("action", 6, 7, gripper=G.OPEN_1))))
 _register(DatasetSpec(
     "dlr_edan_shared_control_converted_externally_to_rlds", {"primary": "image"},
-    state=(F("observation/state"),),
+    state=(F("observation/state"), pad()),
     action=(F("action", 0, 6), F("action", -1, None, gripper=G.CLOSED_1))))
 _register(DatasetSpec(
     "fmb_dataset", {"primary": "image_side_1", "secondary": "image_side_2", "wrist": "image_wrist_1"},
     state=(F("observation/eef_pose"), F("observation/state_gripper_pose")),
     action=(F("action", 0, 6), F("action", 6, 7, gripper=G.OPEN_1))))
 _register(DatasetSpec(
-    "dobbe", {"wrist": "wrist_image"}, state=(F("observation/state"),),
+    "dobbe", {"wrist": "wrist_image"},
+    state=(F("observation/state", 0, 6), pad(), F("observation/state", -1, None)),
     action=(F("action", 0, 6), F("action", 6, 7, gripper=G.OPEN_1))))
 _register(DatasetSpec(
     "droid", {"primary": "exterior_image_1_left", "secondary": "exterior_image_2_left",
               "wrist": "wrist_image_left"},
-    state=(F("observation/cartesian_position"), F("observation/gripper_position")),
+    state=(F("observation/cartesian_position"), pad(), F("observation/gripper_position")),
     action=(F("action_dict/cartesian_velocity"),
             F("action_dict/gripper_position", gripper=G.CLOSED_1))))
+
+BUILTIN: frozenset[str] = frozenset(DATASETS)   # the OXE entries above (not user `register` calls)
 
 # Mixtures: dataset name -> relative sampling weight (normalized by the pipeline; see
 # `config.balance_by_size` for weighting by dataset size as octo does).
