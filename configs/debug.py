@@ -26,11 +26,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model = toy.default_config()
   elif a.model == "m2vla":
     if a.data != "rlds":
-      raise ValueError("configs/debug.py: model=m2vla reads the bridge sample; add data=rlds")
+      raise config_base.ConfigError("model=m2vla reads the bridge sample; add data=rlds")
     from m2vla_jax.models import m2vla  # pylint: disable=g-import-not-at-top
     c.model = m2vla.get_config()
     c.model.vlm = "tiny"            # SigLIP tiny/16 (32x32 images) + 2-layer Gemma, 4 queries
-    c.model.state_dim = 7
+    c.model.state_dim = 8             # bridge standardized state: octo's 8-dim layout
     c.model.horizon = 4
     c.model.action_dim = 7
     c.model.head.width = 32
@@ -39,7 +39,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.head.mlp_dim = 64
     c.model.memory.size = 64
   else:
-    raise ValueError(f"configs/debug.py: model={a.model!r}; use toy or m2vla")
+    raise config_base.ConfigError(f"config argument model={a.model!r}: use model=toy or model=m2vla")
   if a.data == "rlds":
     from m2vla_jax.data import pipeline  # pylint: disable=g-import-not-at-top
     c.data.pipeline = pipeline.get_config()

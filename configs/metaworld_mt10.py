@@ -17,7 +17,12 @@ from m2vla_jax.training import config_base
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   defaults = "steps=20000,batch=256,episodes=50,eval_episodes=50,width=256"
   # parse_arg takes each key once: later keys in `arg` would repeat these, so merge by key.
-  merged = dict(kv.split("=", 1) for kv in (defaults + ("," + arg if arg else "")).split(",") if kv)
+  merged = {}
+  for kv in filter(None, (defaults + ("," + arg if arg else "")).split(",")):
+    if "=" not in kv:
+      raise config_base.ConfigError(f"config argument {kv!r} is not key=value (keys: those of configs/sim.py)")
+    key, value = kv.split("=", 1)
+    merged[key] = value
   sim = config_base.load_config_file("sim.py", relative_to=__file__)
   c = sim.get_config(",".join(f"{k}={v}" for k, v in merged.items()))
   with c.unlocked():

@@ -102,7 +102,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   post_tasks = tuple(a.post_tasks.split("+")) if a.post_tasks else c.mjx.tasks
   unknown = [t for t in post_tasks if t not in TASKS]
   if unknown:
-    raise ValueError(f"configs/mjx.py: post_tasks names {unknown}; use '+'-separated names of {TASKS}")
+    raise config_base.ConfigError(f"config argument post_tasks names {unknown}; use '+'-separated names "
+                                  f"of {TASKS}")
   # tasks that are not trained (e.g. tasks=pick_lift) are dropped: place-only post steps by default
   c.mjx.demo_post_success_tasks = tuple(t for t in c.mjx.tasks if t in post_tasks)
   c.mjx.dataset_name = dataset_name(c.mjx.tasks, a.episodes, c.mjx.image_size, c.mjx.cameras,
@@ -124,7 +125,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                                 beta=a.dagger_beta, beta_decay=0.5, seed=2000))
 
   if a.tokenizer not in TOKENIZERS:
-    raise ValueError(f"configs/mjx.py: tokenizer={a.tokenizer!r}; use one of {TOKENIZERS}")
+    raise config_base.ConfigError(f"config argument tokenizer={a.tokenizer!r}; use one of {TOKENIZERS}")
   if a.tokenizer == "words":
     # Every word of all three tasks' vocabularies, whichever tasks train: ids stay comparable.
     from m2vla_jax.sim.mjx import rollout  # pylint: disable=g-import-not-at-top

@@ -2,8 +2,12 @@
 
 Overrides: `--config.batch_size=256`, `--config.optimizer.lr=3e-4`. The config is locked, so an unknown
 key fails in flag parsing and an ill-typed value fails ConfigDict's type check; `validate_config` then
-checks ranges and required fields, all before any device work. Exit status: 0 when training finished or
-was preempted (SIGTERM, after saving), 1 on a non-finite loss or a config error.
+checks ranges, required fields, the mesh against the devices, the global batch against the data-parallel
+devices, the input paths and the workdir, all before any data loading or model init. A config mistake (a
+bad short argument such as `configs/sim.py:stepz=3`, an unknown override key, a `ConfigError` or `DataError`
+from validation) is printed as one line, `error: <message naming the field and the fix>`, without a
+traceback. Exit status: 0 when training finished or was preempted (SIGTERM, after saving), 1 on a
+non-finite loss or a config error.
 """
 import difflib
 import os
@@ -15,6 +19,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from m2vla_jax.data import errors as data_errors
 from m2vla_jax.training import config_base
 from m2vla_jax.training import sharding
 from m2vla_jax.training import trainer
@@ -24,6 +29,14 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory, local or gs://.", required=True)
 _DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "yes", "no"],
                                  "jax.distributed.initialize(): auto-detect multi-host, force, or never.")
+# The mistakes a user fixes in the command line or the config file: reported as one line, no traceback.
+_USER_ERRORS = (config_base.ConfigError, data_errors.DataError)
+
+
+def _exit_with_error(message: str) -> None:
+  """Prints `error: <message>` as one line on stderr and exits with status 1."""
+  print("error: " + " ".join(str(message).splitlines()), file=sys.stderr, flush=True)
+  sys.exit(1)
 
 
 def main(argv):
@@ -37,17 +50,21 @@ def main(argv):
   # Before validation: it reads the device and process counts, and jax.distributed must be set up
   # before anything touches the backend.
   sharding.maybe_initialize_distributed(_DISTRIBUTED.value)
+  # A simulation config records its demonstrations into data_dir below, so its paths are checked after.
   try:
-    trainer.validate_config(config)
-  except trainer.ConfigError as e:
-    print(f"Config error: {e}", file=sys.stderr)
-    sys.exit(1)
+    trainer.validate_config(config, workdir=_WORKDIR.value, check_paths="sim" not in config)
+  except _USER_ERRORS as e:
+    _exit_with_error(str(e))
   if "sim" in config:
     # A simulation config owns its data and its evaluation: demonstrations are generated (or found in
     # the cache) before training and the trained policy is scored closed-loop after it.
     os.environ.setdefault("MUJOCO_GL", "egl")  # offscreen rendering on a machine without a screen
     from m2vla_jax.sim import workflow  # pylint: disable=g-import-not-at-top
     workflow.prepare_data(config)
+    try:
+      trainer.validate_config(config, check_paths=True)
+    except _USER_ERRORS as e:
+      _exit_with_error(str(e))
   try:
     result = trainer.train(config, _WORKDIR.value)
   except trainer.NonFiniteLossError as e:
@@ -61,18 +78,32 @@ def main(argv):
     print(f"closed-loop report: {_WORKDIR.value}/{config.sim.eval.out_subdir}/summary.md", flush=True)
 
 
-def check_overrides(argv: list[str]) -> None:
-  """Exits with a message naming the key when a `--config.<key>` override names no config field.
+def _config_arg(argv: list[str]) -> str | None:
+  """The value of --config (as `--config=X` or `--config X`), or None."""
+  for i, a in enumerate(argv):
+    if a.startswith("--config="):
+      return a.split("=", 1)[1]
+    if a == "--config" and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
 
-  config_flags would also refuse it, but with an AttributeError that names only the last path component.
+
+def check_overrides(argv: list[str]) -> None:
+  """Exits with one `error:` line when the config's short arguments are bad or a `--config.<key>`
+  override names no config field.
+
+  config_flags would also refuse both, but inside a multi-line "Flags parsing error" with the config
+  file's traceback, or with an AttributeError that names only the last path component.
   """
-  config_arg = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+  config_arg = _config_arg(argv)
   if config_arg is None:
     return
   path, _, arg = config_arg.partition(":")
   try:
     module = config_base.load_config_file(path)
     config = module.get_config(arg or None) if arg else module.get_config()
+  except config_base.ConfigError as e:
+    _exit_with_error(f"--config={config_arg}: {e}")
   except Exception:  # Let config_flags report a config file that does not load.
     return
   for a in argv:
@@ -85,9 +116,8 @@ def check_overrides(argv: list[str]) -> None:
       if part not in keys:
         close = difflib.get_close_matches(part, keys, n=3)
         hint = f"; did you mean {', '.join('config.' + '.'.join(walked + [c]) for c in close)}?" if close else ""
-        print(f"Config error: unknown config key config.{key} (no field {part!r} in "
-              f"config{'.' if walked else ''}{'.'.join(walked)}){hint}", file=sys.stderr)
-        sys.exit(1)
+        _exit_with_error(f"unknown config key config.{key} (no field {part!r} in "
+                         f"config{'.' if walked else ''}{'.'.join(walked)}){hint}")
       node, walked = node[part], walked + [part]
 
 

@@ -3,9 +3,12 @@
 `base_config()` is the one source of truth for trainer fields and their types; config files
 (configs/*.py) override what differs and return a locked ConfigDict, so a misspelt `--config.<key>`
 override fails in flag parsing and an ill-typed one fails ConfigDict's type check, both before any work.
+A bad short argument (`configs/sim.py:stepz=3`, `steps=abc`) raises `ConfigError`, the one exception type for
+config mistakes (the trainer's `validate_config` raises it too); the entry point prints it as one line.
 """
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import os
 import types
@@ -30,29 +33,44 @@ def load_config_file(path: str, *, relative_to: str | None = None) -> types.Modu
   return module
 
 
+class ConfigError(ValueError):
+  """A config field or short argument is missing, ill-typed or out of range; the message names it."""
+
+
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
-  """'res=224,freeze=True' -> ConfigDict, values typed like their defaults; unknown keys are errors."""
+  """'res=224,freeze=True' -> ConfigDict, values typed like their defaults.
+
+  Raises:
+    ConfigError: an item is not key=value, names no known key, or its value does not parse as the
+      default's type; the message names the argument and lists the known keys.
+  """
   out = ml_collections.ConfigDict(defaults)
   if not arg:
     return out
+  known = ", ".join(sorted(defaults))
   for item in arg.split(","):
     if not item:
       continue
     if "=" not in item:
-      raise ValueError(f"config argument {item!r} is not key=value (known keys: {sorted(defaults)})")
+      raise ConfigError(f"config argument {item!r} is not key=value (known keys: {known})")
     key, value = item.split("=", 1)
     if key not in defaults:
-      raise ValueError(f"unknown config argument {key!r}; known: {sorted(defaults)}")
+      close = difflib.get_close_matches(key, list(defaults), n=1)
+      hint = f" (did you mean {close[0]!r}?)" if close else ""
+      raise ConfigError(f"unknown config argument {key!r}{hint}; known: {known}")
     kind = type(defaults[key])
+    example = f"e.g. {key}={defaults[key]} (the default)"
     if kind is bool:
       if value.lower() not in ("true", "false", "1", "0"):
-        raise ValueError(f"config argument {key}={value!r} must be a bool")
+        raise ConfigError(f"config argument {key}={value!r} must be a bool (True/False), {example}")
       out[key] = value.lower() in ("true", "1")
     else:
       try:
         out[key] = kind(value)
-      except ValueError as e:
-        raise ValueError(f"config argument {key}={value!r} must be a {kind.__name__}") from e
+      except ValueError:
+        article = "an" if kind.__name__[0] in "aeiou" else "a"
+        raise ConfigError(f"config argument {key}={value!r} must be {article} {kind.__name__}, "
+                          f"{example}") from None
   return out
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import inspect
+import math
+import os
 import signal
 import time
 from typing import Any, Iterator, Mapping, Optional
@@ -24,6 +26,7 @@ import ml_collections
 import numpy as np
 
 from m2vla_jax.training import checkpoints as ckpt_lib
+from m2vla_jax.training import config_base
 from m2vla_jax.training import metrics_writer
 from m2vla_jax.training import optimizer as optimizer_lib
 from m2vla_jax.training import sharding as sharding_lib
@@ -44,8 +47,9 @@ class NonFiniteLossError(RuntimeError):
   """Training produced a NaN/Inf loss or gradient norm; the message names the step."""
 
 
-class ConfigError(ValueError):
-  """A config field is missing, ill-typed or out of range; the message names the field."""
+# A config field is missing, ill-typed or out of range; the message names the field. Defined beside the
+# short-argument parser (config files raise it too) and re-exported here for the trainer's callers.
+ConfigError = config_base.ConfigError
 
 
 def _import(name: str, registry: Mapping[str, str], field: str) -> Any:
@@ -64,8 +68,23 @@ def _require(cond: bool, field: str, msg: str) -> None:
     raise ConfigError(f"config.{field}: {msg}")
 
 
-def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Checks every field the trainer reads before any work starts; errors name the field."""
+def validate_config(config: ml_collections.ConfigDict, *, workdir: Optional[str] = None,
+                    check_paths: bool = False) -> None:
+  """Checks every field the trainer reads before any work starts; errors name the field and the fix.
+
+  Reads only the config and the device / process counts (the mesh must fit `jax.device_count()` and
+  the global batch must split over its data-parallel devices), so it runs in well under a second.
+
+  Args:
+    config: a training config.
+    workdir: if given, the run directory must be creatable: not a file, nor under one.
+    check_paths: also require the local inputs the config names (init checkpoint, GGUF, tokenizer
+      model, pipeline data_dir) to exist. Off by default because a workflow may create them after
+      validation (the sim workflows record demos into data_dir before training).
+
+  Raises:
+    ConfigError: naming the first bad field.
+  """
   def get(path):
     node = config
     for part in path.split("."):
@@ -126,6 +145,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _require(bs % accum == 0, "batch_size", f"{bs} is not divisible by config.grad_accum_steps={accum}")
   _require(bs % jax.process_count() == 0, "batch_size",
            f"{bs} is not divisible by the number of hosts ({jax.process_count()})")
+  sizes = _mesh_sizes(mesh, jax.device_count())
+  dp = math.prod(sizes[a] for a in sharding_lib.BATCH_AXES)
+  _require(bs % dp == 0, "batch_size",
+           f"{bs} is not divisible by the {dp} data-parallel devices (mesh data={sizes['data']} x "
+           f"fsdp={sizes['fsdp']} on {jax.device_count()} devices); use a multiple of {dp}, e.g. "
+           f"--config.batch_size={max(dp, bs // dp * dp)}")
   if "model" in config and "trainable" in config.model:
     # The model stops gradients by its own rules, the trainer splits by config.trainable: they must agree.
     model_rules = [tuple(r) for r in config.model.trainable]
@@ -150,6 +175,86 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if missing:
     raise ConfigError(f"required config fields are unset: {', '.join('config.' + k for k in missing)}; "
                       "set them with --config.<field>=...")
+  if check_paths:
+    _check_input_paths(config)
+  if workdir is not None:
+    _check_workdir(workdir)
+
+
+def _mesh_sizes(mesh: Mapping[str, int], num_devices: int) -> dict[str, int]:
+  """The axis sizes `sharding.make_mesh` builds from config.mesh on `num_devices` devices.
+
+  Mirrors make_mesh's rules (one axis may be -1: all remaining devices) so that a mesh that cannot be
+  built fails here, naming the axis, instead of after data loading and model init.
+  """
+  sizes = {a: mesh.get(a, 1) for a in sharding_lib.AXES}
+  for a, size in sizes.items():
+    _require(size == -1 or size >= 1, f"mesh.{a}",
+             f"must be a positive device count or -1 (all remaining devices), got {size}")
+  free = [a for a, size in sizes.items() if size == -1]
+  _require(len(free) <= 1, "mesh", f"at most one axis may be -1, got {free}; give the others sizes")
+  divisors = [d for d in range(1, num_devices + 1) if num_devices % d == 0]
+  for a, size in sizes.items():
+    _require(size == -1 or num_devices % size == 0, f"mesh.{a}",
+             f"{size} does not divide the {num_devices} devices; use one of {divisors}")
+  fixed = math.prod(size for size in sizes.values() if size != -1)
+  shown = ", ".join(f"{a}={size}" for a, size in sizes.items())
+  if free:
+    _require(num_devices % fixed == 0, "mesh",
+             f"{shown}: the fixed axes take {fixed} devices, which does not divide the {num_devices} "
+             "devices; shrink one of them")
+    sizes[free[0]] = num_devices // fixed
+  else:
+    _require(fixed == num_devices, "mesh",
+             f"{shown} takes {fixed} devices, have {num_devices}; set one axis to -1 "
+             "(e.g. --config.mesh.data=-1)")
+  return sizes
+
+
+def _is_remote(path: str) -> bool:
+  return "://" in path
+
+
+def _check_input_paths(config: ml_collections.ConfigDict) -> None:
+  """The local files and folders the config reads exist; remote (gs://) paths are left to their readers,
+  as checking them needs credentials and a round trip."""
+  expected = []   # (field, path, 'file' | 'dir')
+  if "init" in config:
+    if config.init.get("checkpoint"):
+      expected.append(("init.checkpoint", config.init.checkpoint, "file"))
+    if config.init.get("llm_gguf") and config.init.llm_gguf != "package":
+      expected.append(("init.llm_gguf", config.init.llm_gguf, "file"))
+  tokenizer = config.data.get("tokenizer")
+  # Named tokenizers (data_adapter.make_tokenizer); anything else is a SentencePiece / GGUF file.
+  if (isinstance(tokenizer, str) and tokenizer and tokenizer not in ("byte", "gguf")
+      and not tokenizer.startswith(("words:", "bytes_mod:"))):
+    expected.append(("data.tokenizer", tokenizer, "file"))
+  if "pipeline" in config.data:
+    data_dir = config.data.pipeline.get("data_dir")
+    _require(bool(data_dir), "data.pipeline.data_dir",
+             "is empty; set it to the directory holding <dataset>/<version>/")
+    expected.append(("data.pipeline.data_dir", data_dir, "dir"))
+  for field, path, kind in expected:
+    if _is_remote(path):
+      continue
+    _require(os.path.exists(path), field,
+             f"{path!r} does not exist; fix the path (--config.{field}=...)")
+    if kind == "dir":
+      _require(os.path.isdir(path), field, f"{path!r} is a file, not a directory; give the directory")
+    else:
+      _require(not os.path.isdir(path), field, f"{path!r} is a directory; give the file in it")
+
+
+def _check_workdir(workdir: str) -> None:
+  """The run directory is a directory or can be made one: neither it nor a parent is a file."""
+  if _is_remote(workdir):
+    return
+  path = os.path.abspath(workdir)
+  while not os.path.exists(path):
+    path = os.path.dirname(path)
+  if not os.path.isdir(path):
+    what = "is a file" if path == os.path.abspath(workdir) else f"is under the file {path!r}"
+    raise ConfigError(f"--workdir={workdir!r} {what}, not a directory; pass a directory path")
 
 
 def _flat_items(config, prefix=""):
