@@ -10,7 +10,7 @@ import ml_collections
 
 from m2vla_jax.data import testing
 from m2vla_jax.training import config_base
-from m2vla_jax.training import toy
+from m2vla_jax.policies import toy
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -27,7 +27,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   elif a.model == "m2vla":
     if a.data != "rlds":
       raise config_base.ConfigError("model=m2vla reads the bridge sample; add data=rlds")
-    from m2vla_jax.models import m2vla  # pylint: disable=g-import-not-at-top
+    from m2vla_jax.policies import m2vla  # pylint: disable=g-import-not-at-top
     c.model = m2vla.get_config()
     c.model.vlm = "tiny"            # SigLIP tiny/16 (32x32 images) + 2-layer Gemma, 4 queries
     c.model.state_dim = 8             # bridge standardized state: octo's 8-dim layout

@@ -38,7 +38,7 @@ MoL + MSM head), except:
     cm of table, where cloned policies misjudged the block (RESULTS.md, run 21);
     `cameras=table+wrist` adds the palm camera looking down (a second image slot, 'wrist');
   * tokenizer 'words' (default): one id per word of the tasks' 25-word vocabulary
-    (`data_adapter.WordVocabulary`), as Gemma's own tokenizer gives ' red' / ' green' / ' blue'
+    (`tokenizers.WordVocabulary`), as Gemma's own tokenizer gives ' red' / ' green' / ' blue'
     one piece each; 16 tokens. 'bytes' is the UTF-8 byte tokenizer of configs/sim.py, 32 tokens
     (the instructions differ only after 15 characters: "pick up the red block" vs "pick up the
     red block and set it down ..."). Runs 1-11 of RESULTS.md used 'bytes'.

@@ -13,7 +13,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from m2vla_jax.data import pipeline
-from m2vla_jax.models import m2vla
+from m2vla_jax.policies import m2vla
 from m2vla_jax.training import config_base
 
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from m2vla_jax import export as export_lib
 from m2vla_jax.evaluation import offline
-from m2vla_jax.training import freezing
+from m2vla_jax.core import freezing
 from m2vla_jax.training import trainer
 
 

@@ -31,10 +31,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from m2vla_jax import tree_util
+from m2vla_jax.core import tree_util
 from m2vla_jax.data import statistics as stats_lib
 from m2vla_jax.training import checkpoints as ckpt_lib
-from m2vla_jax.training import freezing
+from m2vla_jax.core import freezing
 from m2vla_jax.training import trainer
 from m2vla_jax.weights import npz
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from m2vla_jax import export
-from m2vla_jax import tree_util
+from m2vla_jax.core import tree_util
 from m2vla_jax.training import trainer
 from m2vla_jax.weights import npz
 from test_train import ARG6, _compilation_cache, _config  # noqa: F401  (fixture used by this module)

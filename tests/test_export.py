@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from m2vla_jax import export
-from m2vla_jax.training import freezing
+from m2vla_jax.core import freezing
 from m2vla_jax.training import trainer
 from test_train import ARG6, _compilation_cache, _config  # noqa: F401  (fixture used by this module)
 

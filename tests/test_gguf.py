@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from m2vla_jax import tokenizer as tokenizer_lib
-from m2vla_jax import tree_util
+from m2vla_jax.text import sentencepiece as tokenizer_lib
+from m2vla_jax.core import tree_util
 from m2vla_jax.models import gemma
 from m2vla_jax.weights import gguf as gguf_weights
 

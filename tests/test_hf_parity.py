@@ -18,7 +18,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import transformers as tf  # noqa: E402
 
-from m2vla_jax import tree_util  # noqa: E402
+from m2vla_jax.core import tree_util  # noqa: E402
 from m2vla_jax.models import gemma  # noqa: E402
 from m2vla_jax.models import siglip  # noqa: E402
 from m2vla_jax.models import vlm  # noqa: E402

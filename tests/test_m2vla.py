@@ -6,9 +6,9 @@ import optax
 import pytest
 from jax.sharding import Mesh
 
-from m2vla_jax import tree_util
-from m2vla_jax.models import m2vla
-from m2vla_jax.training import freezing
+from m2vla_jax.core import tree_util
+from m2vla_jax.policies import m2vla
+from m2vla_jax.core import freezing
 
 H, A, S = 4, 2, 3
 CORNERS = np.array([[1, 1], [1, -1], [-1, 1], [-1, -1]], np.float32)

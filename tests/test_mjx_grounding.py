@@ -19,10 +19,10 @@ from m2vla_jax.sim.mjx import render as render_lib
 from m2vla_jax.sim.mjx import scene as scene_lib
 from m2vla_jax.sim.mjx import tasks
 from m2vla_jax.training import config_base
-from m2vla_jax.training import data_adapter
+from m2vla_jax.text import tokenizers
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "mjx.py")
-WORDS = data_adapter.words_spec(i.text for t in tasks.TASKS for i in tasks.vocabulary(t))
+WORDS = tokenizers.words_spec(i.text for t in tasks.TASKS for i in tasks.vocabulary(t))
 
 
 def _settings(**kw):
@@ -34,7 +34,7 @@ def _settings(**kw):
 
 def test_instruction_table_matches_the_training_tokenizer():
   table = grounding.instruction_table(tasks.TASKS, WORDS, 16)
-  tokenize = transforms.Tokenize(data_adapter.make_tokenizer(WORDS), 16)
+  tokenize = transforms.Tokenize(tokenizers.make_tokenizer(WORDS), 16)
   assert table["tokens"].shape == (27, 16) and table["block"].shape == (27,)
   for k, text in enumerate(table["text"]):
     tokens, mask = tokenize(str(text))
@@ -124,7 +124,7 @@ def test_errors_cm_scores_positions_in_cm():
 
 
 def test_pretrain_writes_a_backbone_the_policy_loads_and_is_cached(tmp_path):
-  from m2vla_jax.models import m2vla
+  from m2vla_jax.policies import m2vla
   from m2vla_jax.training import trainer
   c = config_base.load_config_file(CONFIG).get_config(
       f"vlm=tiny,ground=2,freeze_vlm=True,data_dir={tmp_path}")
@@ -147,7 +147,7 @@ def test_pretrain_writes_a_backbone_the_policy_loads_and_is_cached(tmp_path):
            "actions": np.zeros((1, 8, 4), np.float32), "action_mask": np.ones((1, 8), bool),
            "frame_id": np.zeros((1,), np.int32)}
   shapes = jax.eval_shape(lambda: policy.init(jax.random.key(0), batch)[0])
-  from m2vla_jax import tree_util
+  from m2vla_jax.core import tree_util
   flat = {k: v.shape for k, v in tree_util.flatten(shapes).items()}
   loaded = trainer.load_init_checkpoint(c)
   vlm_keys = {k for k in flat if k.startswith("vlm/")}

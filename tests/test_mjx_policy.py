@@ -16,7 +16,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from m2vla_jax.models import m2vla  # noqa: E402
+from m2vla_jax.policies import m2vla  # noqa: E402
 from m2vla_jax.sim.mjx import rollout as rl  # noqa: E402
 
 N_ENVS, HORIZON, CHUNK = 2, 8, 4
@@ -76,7 +76,7 @@ def test_trained_policy_applies_the_pipelines_normalization():
   from m2vla_jax.data import statistics as stats_lib
   from m2vla_jax.data import transforms
   from m2vla_jax.sim.mjx import policy as policy_lib
-  from m2vla_jax.training import data_adapter
+  from m2vla_jax.text import tokenizers
   rs = np.random.default_rng(0)
   q01 = rs.uniform(-1, 0, 4)
   q99 = q01 + rs.uniform(0.5, 2, 4)
@@ -107,7 +107,7 @@ def test_trained_policy_applies_the_pipelines_normalization():
   np.testing.assert_allclose(renorm[inside], ref_state[inside], atol=1e-5)
   # tokens: what the training pipeline's Tokenize makes of the instruction
   text = "pick up the blue block and set it down on the white target"
-  tokens, mask = transforms.Tokenize(data_adapter.make_tokenizer("bytes_mod:128"), 32)(text)
+  tokens, mask = transforms.Tokenize(tokenizers.make_tokenizer("bytes_mod:128"), 32)(text)
   assert trained.tokenizer(text) == [int(t) for t in tokens[mask]]
   env = trained.env_params(("pick_lift", "place_on_target"), "table", 2)
   got, got_mask = env.tokenize([text])

@@ -236,10 +236,10 @@ def test_recorded_privileged_state_relabels_to_the_executed_expert_actions(resul
 def test_default_tokenizer_is_the_training_tokenizer_of_configs_mjx():
   # Expert rollouts and the trained policy must see the same ids for the same instruction.
   from m2vla_jax.training import config_base  # pylint: disable=g-import-not-at-top
-  from m2vla_jax.training import data_adapter  # pylint: disable=g-import-not-at-top
+  from m2vla_jax.text import tokenizers  # pylint: disable=g-import-not-at-top
   config = config_base.load_config_file(
       os.path.join(os.path.dirname(__file__), "..", "configs", "mjx.py")).get_config("tokenizer=words")
-  training = data_adapter.make_tokenizer(config.data.tokenizer)
+  training = tokenizers.make_tokenizer(config.data.tokenizer)
   for task in tasks.TASKS:
     for ins in tasks.vocabulary(task):
       assert rl.word_tokenizer(ins.text) == training.encode(ins.text)

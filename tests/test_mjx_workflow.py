@@ -9,7 +9,7 @@ import pytest
 from m2vla_jax.models import vlm as vlm_lib
 from m2vla_jax.sim.mjx import workflow
 from m2vla_jax.training import config_base
-from m2vla_jax.training import data_adapter
+from m2vla_jax.text import tokenizers
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "mjx.py")
 
@@ -30,7 +30,7 @@ def test_config_is_consistent_and_short_args_apply():
   # pipeline and the tiny VLM, every id inside the tiny Gemma's 128
   assert c.data.tokenizer.startswith("words:") and "red" in c.data.tokenizer.split(",")
   assert c.data.pipeline.max_tokens == c.model.vlm_overrides.max_text_tokens == 16
-  assert data_adapter.make_tokenizer(c.data.tokenizer).vocab <= 128
+  assert tokenizers.make_tokenizer(c.data.tokenizer).vocab <= 128
   # bytes: 32 tokens (the instructions differ after 15 characters)
   b = _config("tokenizer=bytes")
   assert b.data.tokenizer == "bytes_mod:128"

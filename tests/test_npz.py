@@ -8,7 +8,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from m2vla_jax import tree_util
+from m2vla_jax.core import tree_util
 from m2vla_jax.models import vlm
 from m2vla_jax.weights import merge
 from m2vla_jax.weights import npz

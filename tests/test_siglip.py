@@ -10,7 +10,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import transformers as tf  # noqa: E402
 
-from m2vla_jax import tree_util  # noqa: E402
+from m2vla_jax.core import tree_util  # noqa: E402
 from m2vla_jax.models import siglip  # noqa: E402
 
 

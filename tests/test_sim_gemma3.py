@@ -14,9 +14,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from m2vla_jax import tree_util
+from m2vla_jax.core import tree_util
 from m2vla_jax.sim import instructions
-from m2vla_jax.training import data_adapter
+from m2vla_jax.text import tokenizers
 from m2vla_jax.training import trainer
 from m2vla_jax.weights import gguf
 
@@ -83,7 +83,7 @@ def test_init_loads_gemma3_gguf_into_vlm_llm(monkeypatch):
     return calls[-1]
 
   monkeypatch.setattr(gguf, "load_gemma3_gguf", recording_load)
-  tok = data_adapter.make_tokenizer(config.data.tokenizer)
+  tok = tokenizers.make_tokenizer(config.data.tokenizer)
   max_tokens = config.data.pipeline.max_tokens
   texts = [t for task in (*config.sim.tasks, *config.sim.held_out_tasks)
            for t in instructions.all_instructions(task)]

@@ -12,7 +12,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from m2vla_jax.sim import policy_adapter as pa  # noqa: E402
-from m2vla_jax.training import data_adapter  # noqa: E402
+from m2vla_jax.text import tokenizers  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -47,7 +47,7 @@ class _EchoPolicy:
 
 def _adapter(cameras=("primary",), image_size=(32, 32), policy=None):
   return pa.SimPolicyAdapter(policy or _EchoPolicy(), {}, {}, STATISTICS,
-                             data_adapter.make_tokenizer("bytes_mod:128"), max_tokens=8,
+                             tokenizers.make_tokenizer("bytes_mod:128"), max_tokens=8,
                              image_size=image_size, cameras=cameras, state_dim=6)
 
 
@@ -84,7 +84,7 @@ def test_adapter_shapes_normalization_and_actions_vs_numpy():
   np.testing.assert_array_equal(np.asarray(model_obs["image_mask"]), [[True, False], [True, False]])
   assert not got[:, 1].any()
   # Tokens: BOS + UTF-8 bytes folded into [1, 128), truncated to 8 and right-padded.
-  folded = data_adapter.make_tokenizer("bytes_mod:128")
+  folded = tokenizers.make_tokenizer("bytes_mod:128")
   for row, text in enumerate(obs["instruction"]):
     ids = folded.encode(text)[:8]
     np.testing.assert_array_equal(np.asarray(model_obs["tokens"])[row, :len(ids)], ids)
@@ -120,7 +120,7 @@ def test_adapter_rejects_malformed_observations(mutate, match):
 
 
 def test_adapter_rejects_unknown_dataset_and_camera():
-  tok = data_adapter.make_tokenizer("bytes_mod:128")
+  tok = tokenizers.make_tokenizer("bytes_mod:128")
   with pytest.raises(ValueError, match="dataset='other'"):
     pa.SimPolicyAdapter(_EchoPolicy(), {}, {}, STATISTICS, tok, 8, (32, 32), ("primary",), 6,
                         dataset="other")

@@ -8,7 +8,7 @@ import pytest
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as spm_pb2
 
-from m2vla_jax import tokenizer as tokenizer_lib
+from m2vla_jax.text import sentencepiece as tokenizer_lib
 
 CORPUS = [
     "pick up the red block and place it in the bowl",
@@ -139,10 +139,10 @@ def test_missing_model_file_is_named(tmp_path):
 
 
 def test_word_vocabulary_ids_round_trip_and_errors():
-  from m2vla_jax.training import data_adapter
-  spec = data_adapter.words_spec(["Pick up the RED block", "push the green block to the goal"])
+  from m2vla_jax.text import tokenizers
+  spec = tokenizers.words_spec(["Pick up the RED block", "push the green block to the goal"])
   assert spec == "words:block,goal,green,pick,push,red,the,to,up"
-  tok = data_adapter.make_tokenizer(spec)
+  tok = tokenizers.make_tokenizer(spec)
   words = spec.split(":", 1)[1].split(",")
   # BOS = 1, word i of the sorted list = i + 2; case and punctuation do not matter
   assert tok.encode("push the green block, to the goal!") == (
@@ -154,8 +154,8 @@ def test_word_vocabulary_ids_round_trip_and_errors():
   with pytest.raises(ValueError, match=r"words \['blue'\] are not in the tokenizer's word list"):
     tok.encode("pick up the blue block")
   with pytest.raises(ValueError, match=r"listed twice"):
-    data_adapter.make_tokenizer("words:red,red")
+    tokenizers.make_tokenizer("words:red,red")
   with pytest.raises(ValueError, match=r"lower-case words"):
-    data_adapter.make_tokenizer("words:Red,green")
+    tokenizers.make_tokenizer("words:Red,green")
   with pytest.raises(ValueError, match=r"empty list"):
-    data_adapter.make_tokenizer("words:")
+    tokenizers.make_tokenizer("words:")

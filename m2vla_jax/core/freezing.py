@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 
-from m2vla_jax import tree_util
+from m2vla_jax.core import tree_util
 
 Rules = Sequence[tuple[str, bool]]
 

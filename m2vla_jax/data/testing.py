@@ -7,13 +7,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-
-class ByteTokenizer:
-  """Tiny stand-in for the Gemma tokenizer: one token per UTF-8 byte (+1, 0 is padding), BOS = 257."""
-  bos = 257
-
-  def encode(self, text: str) -> list[int]:
-    return [self.bos] + [b + 1 for b in text.encode("utf-8")]
+from m2vla_jax.text.tokenizers import ByteTokenizer  # noqa: F401  (tests build pipelines with it)
 
 
 def shared_data_dir() -> str | None:

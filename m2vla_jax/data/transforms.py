@@ -114,7 +114,7 @@ class Tokenize:
   def __init__(self, tokenizer: Any, max_len: int, pad_id: int = 0):
     if not (hasattr(tokenizer, "tokenize_batch") or hasattr(tokenizer, "encode")):
       raise DataError(f"tokenizer {type(tokenizer).__name__} has neither tokenize_batch(texts, "
-                      "max_len) nor encode(text); pass m2vla_jax.tokenizer's tokenizer.")
+                      "max_len) nor encode(text); pass m2vla_jax.text.sentencepiece's tokenizer.")
     self.tokenizer, self.max_len, self.pad_id = tokenizer, int(max_len), pad_id
     self._cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 

@@ -28,13 +28,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from m2vla_jax import tree_util
+from m2vla_jax.core import dtypes
+from m2vla_jax.core import freezing
+from m2vla_jax.core import tree_util
 from m2vla_jax.models import action_head as ah
 from m2vla_jax.models import msm as msm_lib
 from m2vla_jax.models import vlm as vlm_lib
-from m2vla_jax.training import freezing
 
-DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16, "none": None}
 _HEAD_FIELDS = ("width", "num_heads", "head_dim", "mlp_dim", "num_blocks", "layer_for_block", "objective",
                 "flow_steps", "alpha_v_init")
 
@@ -126,8 +126,8 @@ class M2VLA:
     if bad:
       raise ValueError(f"memory.key_layers {bad} outside the VLM's layers [0, {self.num_layers})")
     self.key_layers = key_layers
-    if c.frozen_dtype not in DTYPES:
-      raise ValueError(f"frozen_dtype={c.frozen_dtype!r}; expected one of {sorted(DTYPES)}")
+    if c.frozen_dtype not in dtypes.DTYPES:
+      raise ValueError(f"frozen_dtype={c.frozen_dtype!r}; expected one of {sorted(dtypes.DTYPES)}")
     if c.memory.k < 1:
       raise ValueError(f"memory.k={c.memory.k} must be >= 1")
     self.rules = [tuple(r) for r in c.trainable]
@@ -243,7 +243,7 @@ class M2VLA:
         jnp.zeros((b,)) if self.head_config.objective == "flow_matching" else None)["params"]
     params = {"vlm": vlm_params, "head": head_params}
     mask = self.frozen_mask(params)
-    dtype = DTYPES[c.frozen_dtype]
+    dtype = dtypes.DTYPES[c.frozen_dtype]
     if dtype is not None:
       params = jax.tree_util.tree_map(
           lambda p, m: p if m or not jnp.issubdtype(p.dtype, jnp.floating) else p.astype(dtype),

@@ -69,7 +69,7 @@ class SimPolicyAdapter:
   def from_workdir(cls, workdir: str, step: int | None = None, **kwargs) -> "SimPolicyAdapter":
     """From a training run's newest (or given) checkpoint, on one device."""
     from m2vla_jax import export  # pylint: disable=g-import-not-at-top
-    from m2vla_jax.training import freezing  # pylint: disable=g-import-not-at-top
+    from m2vla_jax.core import freezing  # pylint: disable=g-import-not-at-top
     config, setup, state, assets = export.restore_run(workdir, step)
     params = freezing.merge(state.trainable, state.frozen)
     return cls._from_parts(config, setup.policy, params, state.policy_state, assets["statistics"],
@@ -85,14 +85,14 @@ class SimPolicyAdapter:
 
   @classmethod
   def _from_parts(cls, config, policy, params, state, statistics, **kwargs) -> "SimPolicyAdapter":
-    from m2vla_jax.training import data_adapter  # pylint: disable=g-import-not-at-top
+    from m2vla_jax.text import tokenizers  # pylint: disable=g-import-not-at-top
     for field in ("tokenizer", "pipeline"):
       if field not in config.data:
         raise ValueError(f"the run's config has no data.{field}; the adapter needs the training "
                          f"tokenizer and pipeline settings (an RLDS-trained run)")
     pipe = config.data.pipeline
     return cls(policy, params, state, statistics,
-               tokenizer=data_adapter.make_tokenizer(config.data.tokenizer),
+               tokenizer=tokenizers.make_tokenizer(config.data.tokenizer),
                max_tokens=int(pipe.max_tokens), image_size=tuple(pipe.image_size),
                cameras=tuple(pipe.cameras), state_dim=int(policy.config.state_dim), **kwargs)
 

@@ -80,10 +80,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.total_steps = 1000
   c.batch_size = 32                 # global, over all hosts
   c.grad_accum_steps = 1            # micro-batches per optimizer step (batch_size must divide)
-  c.policy = "m2vla"                # trainer.POLICIES name or 'module:Class'
+  c.policy = "m2vla"                # policies/registry.py name or 'module:Class'
   c.model = ml_collections.ConfigDict()
   c.data = ml_collections.ConfigDict()
-  c.data.kind = "rlds"              # trainer.DATA name or 'module:function'
+  c.data.kind = "rlds"              # data/sources.py name or 'module:function'
   # First fully-matching regex decides; every path must match (freezing.py).
   c.trainable = [("vlm/img/.*", False), ("vlm/llm/.*", False), (".*", True)]
   c.frozen_dtype = "bfloat16"
@@ -118,7 +118,7 @@ def base_config() -> ml_collections.ConfigDict:
 def small_sim_model(*, vlm: str, num_cameras: int, horizon: int, mol: bool, msm: bool,
                     width: int, trainable: list[tuple[str, bool]]) -> ml_collections.ConfigDict:
   """M²-VLA with a small head for 4-d hand-motion control (hand xyz + gripper, state and action)."""
-  from m2vla_jax.models import m2vla  # pylint: disable=g-import-not-at-top
+  from m2vla_jax.policies import m2vla  # pylint: disable=g-import-not-at-top
   m = m2vla.get_config()
   m.vlm = vlm
   m.num_cameras = num_cameras

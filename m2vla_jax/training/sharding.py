@@ -19,7 +19,7 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from m2vla_jax import tree_util
+from m2vla_jax.core import tree_util
 
 AXES = ("data", "fsdp", "model")
 # The batch (and the MSM entry axis) is split over every data-parallel axis: FSDP shards hold distinct

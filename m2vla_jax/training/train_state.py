@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from m2vla_jax.training import freezing
+from m2vla_jax.core import freezing
 from m2vla_jax.training import optimizer as optimizer_lib
 
 

@@ -1,8 +1,8 @@
 """The training loop: config -> mesh, policy, data, sharded state, checkpoints, metrics, profiler.
 
 Owns `validate_config`, `build_policy`, `build_data` and `train(config, workdir)`. The policy and the data
-are named in the config (`config.policy`, `config.data.kind`: a short name from the registries below or a
-'module:attribute' import string), so the trainer never special-cases a model. Failure behaviour:
+are named in the config (`config.policy`, `config.data.kind`: a short name from `policies/registry.py`
+and `data/sources.py`, or a 'module:attribute' import string), so the trainer never special-cases a model. Failure behaviour:
   * SIGTERM (TPU preemption): the step in flight finishes, a checkpoint is written, `train` returns.
   * a non-finite loss or gradient norm raises `NonFiniteLossError` naming the step; the state built on it
     is never saved, so the newest checkpoint on disk is the last good one.
@@ -10,7 +10,6 @@ are named in the config (`config.policy`, `config.data.kind`: a short name from 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import inspect
 import math
 import os
@@ -25,23 +24,16 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from m2vla_jax.core import dtypes as dtypes_lib
+from m2vla_jax.core import registry as core_registry
+from m2vla_jax.data import sources
+from m2vla_jax.policies import registry as policy_registry
 from m2vla_jax.training import checkpoints as ckpt_lib
 from m2vla_jax.training import config_base
 from m2vla_jax.training import metrics_writer
 from m2vla_jax.training import optimizer as optimizer_lib
 from m2vla_jax.training import sharding as sharding_lib
 from m2vla_jax.training import train_state as ts_lib
-
-POLICIES = {
-    "toy": "m2vla_jax.training.toy:ToyPolicy",
-    "m2vla": "m2vla_jax.models.m2vla:M2VLA",
-}
-DATA = {
-    "synthetic": "m2vla_jax.training.toy:make_data",
-    "rlds": "m2vla_jax.training.data_adapter:make_data",
-}
-DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16, "none": None}
-
 
 class NonFiniteLossError(RuntimeError):
   """Training produced a NaN/Inf loss or gradient norm; the message names the step."""
@@ -53,14 +45,10 @@ ConfigError = config_base.ConfigError
 
 
 def _import(name: str, registry: Mapping[str, str], field: str) -> Any:
-  target = registry.get(name, name)
-  if ":" not in target:
-    raise ConfigError(f"{field}={name!r} is neither one of {sorted(registry)} nor a 'module:attribute' string")
-  module, attr = target.split(":", 1)
   try:
-    return getattr(importlib.import_module(module), attr)
-  except (ImportError, AttributeError) as e:
-    raise ConfigError(f"{field}={name!r}: cannot import {target} ({e})") from e
+    return core_registry.resolve(name, registry, field)
+  except core_registry.RegistryError as e:
+    raise ConfigError(str(e)) from None
 
 
 def _require(cond: bool, field: str, msg: str) -> None:
@@ -123,7 +111,7 @@ def validate_config(config: ml_collections.ConfigDict, *, workdir: Optional[str]
     check_float(p, 0.0)
   check_int("optimizer.warmup_steps", 0)
   _require(0.0 <= get("ema_decay") < 1.0, "ema_decay", f"must be in [0, 1), got {get('ema_decay')}")
-  _require(get("frozen_dtype") in DTYPES, "frozen_dtype", f"must be one of {sorted(DTYPES)}")
+  _require(get("frozen_dtype") in dtypes_lib.DTYPES, "frozen_dtype", f"must be one of {sorted(dtypes_lib.DTYPES)}")
   rules = get("trainable")
   _require(isinstance(rules, (list, tuple)) and len(rules) > 0, "trainable",
            "must be a non-empty list of (regex, bool) pairs ending with ('.*', True|False)")
@@ -164,8 +152,8 @@ def validate_config(config: ml_collections.ConfigDict, *, workdir: Optional[str]
   if "init" in config and config.init.get("checkpoint"):
     for field in ("source_prefix", "target_prefix"):
       _require(isinstance(config.init.get(field), str), f"init.{field}", "must be a string")
-  _import(get("policy"), POLICIES, "config.policy")
-  _import(get("data.kind"), DATA, "config.data.kind")
+  _import(get("policy"), policy_registry.POLICIES, "config.policy")
+  _import(get("data.kind"), sources.SOURCES, "config.data.kind")
   # Required fields (`placeholder`s) left unset anywhere in the config.
   flat = dict(_flat_items(config))
   unknown_required = [k for k in _required_fields(config) if k not in flat]
@@ -225,7 +213,7 @@ def _check_input_paths(config: ml_collections.ConfigDict) -> None:
     if config.init.get("llm_gguf") and config.init.llm_gguf != "package":
       expected.append(("init.llm_gguf", config.init.llm_gguf, "file"))
   tokenizer = config.data.get("tokenizer")
-  # Named tokenizers (data_adapter.make_tokenizer); anything else is a SentencePiece / GGUF file.
+  # Named tokenizers (tokenizers.make_tokenizer); anything else is a SentencePiece / GGUF file.
   if (isinstance(tokenizer, str) and tokenizer and tokenizer not in ("byte", "gguf")
       and not tokenizer.startswith(("words:", "bytes_mod:"))):
     expected.append(("data.tokenizer", tokenizer, "file"))
@@ -272,7 +260,7 @@ def _required_fields(config) -> set[str]:
 
 def build_policy(config: ml_collections.ConfigDict, mesh: Any = None) -> Any:
   """The policy object; `mesh` is passed to policies whose constructor takes one (sharded MSM retrieval)."""
-  cls = _import(config.policy, POLICIES, "config.policy")
+  cls = _import(config.policy, policy_registry.POLICIES, "config.policy")
   try:
     takes_mesh = "mesh" in inspect.signature(cls).parameters
   except (TypeError, ValueError):
@@ -286,7 +274,7 @@ def build_data(config: ml_collections.ConfigDict, split: str) -> Iterator:
   A factory gets this host's index and count and returns its rows of the global batch; the global
   batch does not depend on how many hosts share it.
   """
-  factory = _import(config.data.kind, DATA, "config.data.kind")
+  factory = _import(config.data.kind, sources.SOURCES, "config.data.kind")
   return factory(config, split=split, batch_size=config.batch_size // jax.process_count(),
                  seed=config.seed, process_index=jax.process_index(),
                  process_count=jax.process_count())
@@ -308,14 +296,14 @@ def _shardings(abstract: ts_lib.TrainState, mesh, config) -> ts_lib.TrainState:
 
 def batch_spec(batch: Any) -> dict:
   """{path: {'shape', 'dtype'}} of a batch, stored with checkpoints so export needs no data pipeline."""
-  from m2vla_jax import tree_util  # pylint: disable=g-import-not-at-top
+  from m2vla_jax.core import tree_util  # pylint: disable=g-import-not-at-top
   return {k: {"shape": list(np.shape(v)), "dtype": str(np.asarray(v).dtype)}
           for k, v in tree_util.flatten(batch).items()}
 
 
 def example_from_spec(spec: Mapping[str, Any], batch_size: int = 1) -> dict:
   """Zeros shaped like a stored batch spec (leading dim replaced by batch_size); masks all True."""
-  from m2vla_jax import tree_util  # pylint: disable=g-import-not-at-top
+  from m2vla_jax.core import tree_util  # pylint: disable=g-import-not-at-top
   flat = {}
   for k, v in spec.items():
     shape = [batch_size] + list(v["shape"][1:])
@@ -347,7 +335,7 @@ def setup(config: ml_collections.ConfigDict, example_batch: Any, devices: Any = 
   tx, schedule = optimizer_lib.make_optimizer(config)
   example = jax.tree_util.tree_map(lambda x: np.asarray(x)[:1], example_batch)
   init_fn = ts_lib.make_init_fn(policy, tx, example, [tuple(r) for r in config.trainable],
-                                DTYPES[config.frozen_dtype], config.ema_decay > 0)
+                                dtypes_lib.DTYPES[config.frozen_dtype], config.ema_decay > 0)
   rng = jax.random.PRNGKey(config.seed)
   abstract = jax.eval_shape(init_fn, rng)
   shardings = _shardings(abstract, mesh, config)
@@ -380,7 +368,7 @@ def _load_llm_gguf(source: str, reference: Any) -> dict[str, np.ndarray]:
   The merge against the whole policy tree fails, naming the keys, unless every `vlm/llm` leaf is in
   the file with the model's shape; everything outside `vlm/llm` (img, queries, head) keeps its init.
   """
-  from m2vla_jax import tree_util  # pylint: disable=g-import-not-at-top
+  from m2vla_jax.core import tree_util  # pylint: disable=g-import-not-at-top
   from m2vla_jax.weights import gguf  # pylint: disable=g-import-not-at-top
   from m2vla_jax.weights import merge  # pylint: disable=g-import-not-at-top
   if reference is None:

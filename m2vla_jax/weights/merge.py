@@ -14,7 +14,7 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
-from m2vla_jax import tree_util
+from m2vla_jax.core import tree_util
 
 
 class CheckpointMismatchError(ValueError):

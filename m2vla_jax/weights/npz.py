@@ -29,7 +29,7 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from m2vla_jax import tree_util
+from m2vla_jax.core import tree_util
 from m2vla_jax.weights import merge
 
 # 'file.npz:img/head' -> ('file.npz', 'img/head'). The selector must follow '.npz' so that 'gs://...' and

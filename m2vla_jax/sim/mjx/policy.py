@@ -58,8 +58,8 @@ _TOKENIZERS: dict[tuple[str, int], Any] = {}
 def _tokenize(spec: str, max_tokens: int):
   key = (spec, max_tokens)
   if key not in _TOKENIZERS:
-    from m2vla_jax.training import data_adapter  # pylint: disable=g-import-not-at-top
-    _TOKENIZERS[key] = transforms.Tokenize(data_adapter.make_tokenizer(spec), max_tokens)
+    from m2vla_jax.text import tokenizers  # pylint: disable=g-import-not-at-top
+    _TOKENIZERS[key] = transforms.Tokenize(tokenizers.make_tokenizer(spec), max_tokens)
   return _TOKENIZERS[key]
 
 
@@ -98,7 +98,7 @@ class TrainedPolicy:
   def from_workdir(cls, workdir: str, step: int | None = None) -> "TrainedPolicy":
     """From a training run's newest (or given) checkpoint, on one device."""
     from m2vla_jax import export  # pylint: disable=g-import-not-at-top
-    from m2vla_jax.training import freezing  # pylint: disable=g-import-not-at-top
+    from m2vla_jax.core import freezing  # pylint: disable=g-import-not-at-top
     config, setup, state, assets = export.restore_run(workdir, step)
     params = freezing.merge(state.trainable, state.frozen)
     pipe = config.data.pipeline

@@ -40,7 +40,7 @@ from m2vla_jax.sim import evaluate_metaworld
 from m2vla_jax.sim.mjx import render as render_lib
 from m2vla_jax.sim.mjx import scene as scene_lib
 from m2vla_jax.sim.mjx import tasks as tasks_lib
-from m2vla_jax.training import data_adapter
+from m2vla_jax.text import tokenizers
 
 log = logging.getLogger(__name__)
 
@@ -50,12 +50,12 @@ PolicyFn = Callable[[Any, dict[str, jax.Array], jax.Array], jax.Array]
 def task_words_spec() -> str:
   """The 'words:...' tokenizer spec of every word of every task's instructions: configs/mjx.py
   trains with it, and it is the rollouts' default tokenizer (`word_tokenizer`)."""
-  return data_adapter.words_spec(ins.text for t in tasks_lib.TASKS for ins in tasks_lib.vocabulary(t))
+  return tokenizers.words_spec(ins.text for t in tasks_lib.TASKS for ins in tasks_lib.vocabulary(t))
 
 
 @functools.lru_cache(maxsize=None)
-def _task_vocabulary() -> data_adapter.WordVocabulary:
-  return data_adapter.make_tokenizer(task_words_spec())
+def _task_vocabulary() -> tokenizers.WordVocabulary:
+  return tokenizers.make_tokenizer(task_words_spec())
 
 
 def word_tokenizer(text: str) -> list[int]:

@@ -99,8 +99,8 @@ def _check_tokenizer(tasks: tuple[str, ...], spec: str, max_tokens: int) -> None
   the red block and set it down ..." would be one instruction for two tasks.
   """
   from m2vla_jax.sim.mjx import tasks as tasks_lib  # pylint: disable=g-import-not-at-top
-  from m2vla_jax.training import data_adapter  # pylint: disable=g-import-not-at-top
-  tok = data_adapter.make_tokenizer(spec)
+  from m2vla_jax.text import tokenizers  # pylint: disable=g-import-not-at-top
+  tok = tokenizers.make_tokenizer(spec)
   seen: dict[tuple[int, ...], str] = {}
   for t in tasks:
     for ins in tasks_lib.vocabulary(t):

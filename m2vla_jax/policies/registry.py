@@ -1,0 +1,27 @@
+"""The policies a config can name (`config.policy`), and the contract each one keeps.
+
+A policy class is built as `cls(config.model)` (or `cls(config.model, mesh=mesh)` when its
+constructor takes a mesh, e.g. to shard its memory) and provides pure functions over explicit state:
+
+  init(rng, example_batch) -> (params, state)        params: nested dict ('vlm/...', 'head/...')
+  loss(params, state, batch, rng) -> (loss, (metrics, new_state))
+  sample_actions(params, state, observation, rng) -> float [B, horizon, action_dim] (normalized)
+
+The batch and observation layouts are in docs/ARCHITECTURE.md. Adding a policy: one file in
+`policies/` and one line below; a 'module:Class' string in the config works without a line.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from m2vla_jax.core import registry
+
+POLICIES = {
+    "toy": "m2vla_jax.policies.toy:ToyPolicy",
+    "m2vla": "m2vla_jax.policies.m2vla:M2VLA",
+}
+
+
+def policy_class(name: str, field: str = "config.policy") -> Any:
+  """The class `name` names (a POLICIES key or 'module:Class'); RegistryError naming `field`."""
+  return registry.resolve(name, POLICIES, field)
