@@ -1,10 +1,14 @@
 """m2vla_jax: M²-VLA and sibling vision-language-action policies in JAX/Flax.
 
-Packages, from the inside out:
-  models/      the frozen SigLIP + Gemma backbone, the M²-VLA action head (MoL, MSM) and the policy.
+Packages, bottom up (imports point only down; tests/test_layers.py checks it):
+  core/        parameter-path trees, freezing rules, dtype table, name -> object registries.
+  models/      neural modules: the SigLIP + Gemma backbone, Mixture of Layers, MSM, the action head.
+  policies/    a model plus its contract with trainer and inference (M²-VLA, the toy), and their registry.
+  text/        tokenizers (Gemma SentencePiece, GGUF-embedded, closed word vocabularies).
   weights/     importers for released checkpoints (big_vision .npz, Hugging Face, GGUF).
   data/        Open X-Embodiment RLDS reading, standardization, statistics, transforms, grain pipeline.
-  training/    freezing rules, optimizer, sharding, checkpoints and the train step.
+  training/    config validation, optimizer, sharding, checkpoints and the train loop.
+  export.py    inference bundles (export, load_policy).
   evaluation/  offline evaluation over RLDS episodes.
   sim/         closed-loop simulation (Meta-World, MJX).
 """

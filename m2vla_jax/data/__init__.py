@@ -7,4 +7,8 @@
   transforms.py  action chunking, image decode/resize/augment, instruction tokenization
   pipeline.py    grain pipeline: mixture, shuffle, host sharding, batches (docs/ARCHITECTURE.md contract)
   writer.py      in-memory episodes -> RLDS TFDS dataset on disk (simulator demonstrations)
+  sources.py     the data sources a config names (config.data.kind)
+  loader.py      the RLDS pipeline behind the trainer's data interface
+  synthetic.py   synthetic batches for the toy policy and tests
+  testing.py     helpers that write tiny datasets in published feature layouts (tests)
 """
