@@ -60,6 +60,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       c.model.num_tokens = 48
       c.model.vocab = 258
       c.model.image_size = 32
+      c.model.state_dim = 8         # bridge standardized state: octo's 8-dim layout
   # Fault injection of the synthetic data (tests): NaN actions in batch n; sleep before batches >= n.
   c.data.nan_at_batch = -1
   c.data.slow_after_batch = -1

@@ -18,20 +18,16 @@ from etils import epath
 import jax
 import numpy as np
 
-from m2vla_jax import export as export_lib
 from m2vla_jax.evaluation import offline
-from m2vla_jax.core import freezing
+from m2vla_jax.inference import InferencePolicy
 from m2vla_jax.training import trainer
 
 
-def load(path: str) -> export_lib.Policy:
-  """A Policy from an export bundle or from a training workdir's newest checkpoint."""
+def load(path: str) -> InferencePolicy:
+  """The policy of an export bundle or of a training workdir's newest checkpoint."""
   if (epath.Path(path) / "params.npz").exists():
-    return export_lib.load_policy(path)
-  config, _, state, assets = export_lib.restore_run(path)
-  params = jax.device_get(freezing.merge(state.trainable, state.frozen))
-  return export_lib.Policy(config, params, jax.device_get(state.policy_state), assets["statistics"],
-                           assets["batch_spec"])
+    return InferencePolicy.from_bundle(path)
+  return InferencePolicy.from_workdir(path)
 
 
 def _thresholds(stats: dict) -> list[float]:
@@ -39,7 +35,7 @@ def _thresholds(stats: dict) -> list[float]:
   return [(lo + hi) / 2 for lo, hi in zip(a["q01"], a["q99"])]
 
 
-def evaluate(policy: export_lib.Policy, *, dataset: Optional[str] = None, data_dir: Optional[str] = None,
+def evaluate(policy: InferencePolicy, *, dataset: Optional[str] = None, data_dir: Optional[str] = None,
              max_batches: Optional[int] = None, out: Optional[str] = None, seed: int = 0) -> dict:
   """Metrics dict {'datasets': {name: {...}}, 'num_batches': n}; writes metrics.json and plots to `out`."""
   config = policy.config.copy_and_resolve_references()

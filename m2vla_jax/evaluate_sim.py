@@ -7,7 +7,7 @@ Writes, per variant (`seen`, `paraphrased`, `held_out_tasks`), `<suite>_<variant
 mean success with 95% Wilson intervals and every episode), a bar plot and a few rollout GIFs; see
 `m2vla_jax.sim.evaluate_metaworld` for the policy contract and the scoring.
 
-`--checkpoint` is an export bundle (`m2vla_jax.export`) or a training run directory (its newest
+`--checkpoint` is an export bundle (`python -m m2vla_jax.export`) or a training run directory (its newest
 checkpoint); either is wrapped by `sim.policy_adapter.SimPolicyAdapter`, which turns the raw
 simulator observation into the model's (resize, training tokenizer, state statistics) and the
 model's normalized actions back into Meta-World units.
@@ -26,7 +26,7 @@ from m2vla_jax.sim import metaworld_env
 
 
 def make_policy(kind: str, checkpoint: str | None, horizon: int):
-  """The policy callable: a checkpoint via `m2vla_jax.export.load_policy`, or a reference."""
+  """The policy callable: a checkpoint via `m2vla_jax.inference.load_policy`, or a reference."""
   if kind == "checkpoint":
     if not checkpoint:
       raise ValueError("--checkpoint is required with --policy=checkpoint (or use --policy=expert "

@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
-from m2vla_jax import export
+from m2vla_jax import inference
 from m2vla_jax.core import tree_util
 from m2vla_jax.training import trainer
 from m2vla_jax.weights import npz
@@ -21,7 +21,7 @@ PARAM = "head/out/kernel"   # the toy policy's output layer: [hidden, horizon * 
 def bundle(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("run")
   trainer.train(_config(ARG6, **{"total_steps": 2, "checkpoint.every": 2}), str(workdir))
-  return export.export(str(workdir), str(tmp_path_factory.mktemp("bundle") / "b"))
+  return inference.export(str(workdir), str(tmp_path_factory.mktemp("bundle") / "b"))
 
 
 @pytest.fixture
@@ -44,7 +44,7 @@ def _rewrite_npz(path, prefix, edit):
 
 
 def test_intact_copy_loads(copy):
-  policy = export.load_policy(str(copy))   # the corruptions below are the only difference
+  policy = inference.load_policy(str(copy))   # the corruptions below are the only difference
   assert PARAM in tree_util.flatten(policy.params)
 
 
@@ -52,55 +52,55 @@ def test_intact_copy_loads(copy):
 @pytest.mark.parametrize("keep", [0.0, 0.5, 0.99])
 def test_truncated_npz_names_the_file(copy, name, keep):
   _truncate(copy / name, keep)
-  with pytest.raises(export.BundleError, match=rf"bundle file .*/{name} is truncated or corrupt .*re-export"):
-    export.load_policy(str(copy))
+  with pytest.raises(inference.BundleError, match=rf"bundle file .*/{name} is truncated or corrupt .*re-export"):
+    inference.load_policy(str(copy))
 
 
 @pytest.mark.parametrize("name", ["config.json", "statistics.json", "batch_spec.json"])
 def test_truncated_json_names_the_file(copy, name):
   _truncate(copy / name)
-  with pytest.raises(export.BundleError, match=rf"bundle file .*/{name} is truncated or corrupt "
+  with pytest.raises(inference.BundleError, match=rf"bundle file .*/{name} is truncated or corrupt "
                      r"\(JSONDecodeError"):
-    export.load_policy(str(copy))
+    inference.load_policy(str(copy))
 
 
 def test_missing_file_names_it(copy):
   (copy / "state.npz").unlink()
-  with pytest.raises(export.BundleError, match=r"bundle file .*/state.npz does not exist"):
-    export.load_policy(str(copy))
+  with pytest.raises(inference.BundleError, match=r"bundle file .*/state.npz does not exist"):
+    inference.load_policy(str(copy))
 
 
 def test_missing_parameter_is_reported_at_load(copy):
   _rewrite_npz(copy / "params.npz", "params/", lambda flat: flat.pop(PARAM))
-  with pytest.raises(export.BundleError,
+  with pytest.raises(inference.BundleError,
                      match=rf"params.npz lacks 1 parameter\(s\) .*'{PARAM}' \(64, 28\) float32"):
-    export.load_policy(str(copy))
+    inference.load_policy(str(copy))
 
 
 def test_unexpected_parameter_is_reported(copy):
   _rewrite_npz(copy / "params.npz", "params/",
                lambda flat: flat.update({"head/extra": np.zeros(3, np.float32)}))
-  with pytest.raises(export.BundleError,
+  with pytest.raises(inference.BundleError,
                      match=r"params.npz holds parameter\(s\) .* does not have: \['head/extra'\]"):
-    export.load_policy(str(copy))
+    inference.load_policy(str(copy))
 
 
 def test_misshaped_parameter_names_key_and_shapes(copy):
   def edit(flat):
     flat[PARAM] = flat[PARAM][:, :-1]
   _rewrite_npz(copy / "params.npz", "params/", edit)
-  with pytest.raises(export.BundleError, match=rf"params.npz: parameter '{PARAM}' has shape \(64, 27\), the model "
+  with pytest.raises(inference.BundleError, match=rf"params.npz: parameter '{PARAM}' has shape \(64, 27\), the model "
                      r"of config.json expects \(64, 28\)"):
-    export.load_policy(str(copy))
+    inference.load_policy(str(copy))
 
 
 def test_wrong_dtype(copy):
   def edit(flat):
     flat["msm/ids"] = flat["msm/ids"].astype(np.float32)
   _rewrite_npz(copy / "state.npz", "state/", edit)
-  with pytest.raises(export.BundleError,
+  with pytest.raises(inference.BundleError,
                      match=r"state.npz: state array 'msm/ids' has dtype float32, .* expects int32"):
-    export.load_policy(str(copy))
+    inference.load_policy(str(copy))
 
 
 def test_bfloat16_parameters_are_accepted(copy):
@@ -108,15 +108,15 @@ def test_bfloat16_parameters_are_accepted(copy):
   import ml_dtypes
   _rewrite_npz(copy / "params.npz", "params/",
                lambda flat: flat.update({k: v.astype(ml_dtypes.bfloat16) for k, v in flat.items()}))
-  export.load_policy(str(copy))
+  inference.load_policy(str(copy))
 
 
 def test_misshaped_state_array(copy):
   def edit(flat):
     flat["msm/values"] = flat["msm/values"][:32]
   _rewrite_npz(copy / "state.npz", "state/", edit)
-  with pytest.raises(export.BundleError, match=r"state.npz: state array 'msm/values' has shape \(32, 4, 7\)"):
-    export.load_policy(str(copy))
+  with pytest.raises(inference.BundleError, match=r"state.npz: state array 'msm/values' has shape \(32, 4, 7\)"):
+    inference.load_policy(str(copy))
 
 
 def _edit_stats(copy, edit):
@@ -141,5 +141,5 @@ def _edit_stats(copy, edit):
 ])
 def test_statistics_inconsistent_with_config(copy, edit, match):
   _edit_stats(copy, edit)
-  with pytest.raises(export.BundleError, match=r"bundle file .*/statistics.json.*" + match):
-    export.load_policy(str(copy))
+  with pytest.raises(inference.BundleError, match=r"bundle file .*/statistics.json.*" + match):
+    inference.load_policy(str(copy))

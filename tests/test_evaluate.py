@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from m2vla_jax import evaluate
-from m2vla_jax import export
+from m2vla_jax import inference
 from m2vla_jax.data import testing as data_testing
 from m2vla_jax.training import trainer
 from test_train import ARG6, _compilation_cache, _config  # noqa: F401  (fixture used by this module)
@@ -17,11 +17,11 @@ from test_train import ARG6, _compilation_cache, _config  # noqa: F401  (fixture
 def bundle(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("run")
   trainer.train(_config(ARG6, **{"checkpoint.every": 6}), str(workdir))
-  return export.export(str(workdir), str(tmp_path_factory.mktemp("bundle")))
+  return inference.export(str(workdir), str(tmp_path_factory.mktemp("bundle")))
 
 
 def test_metrics_match_numpy_reference(bundle, tmp_path):
-  policy = export.load_policy(bundle)
+  policy = inference.load_policy(bundle)
   result = evaluate.evaluate(policy, max_batches=3, out=str(tmp_path))
   m = result["datasets"]["synthetic"]
   # Reference: the same 3 held-out batches, unnormalized by hand (q01=-2, q99=2 -> x2; gripper as is).

@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import pytest
 
-from m2vla_jax import export
+from m2vla_jax import inference
 from m2vla_jax.core import freezing
 from m2vla_jax.training import trainer
 from test_train import ARG6, _compilation_cache, _config  # noqa: F401  (fixture used by this module)
@@ -20,16 +20,16 @@ def run(tmp_path_factory):
 
 def _direct_actions(workdir, obs):
   """Reference: the policy applied to the restored checkpoint, without the bundle."""
-  config, s, state, _ = export.restore_run(str(workdir))
+  config, s, state, _ = inference.restore.restore_run(str(workdir))
   params = freezing.merge(state.trainable, state.frozen)
   return np.asarray(jax.jit(s.policy.sample_actions)(params, state.policy_state, obs, jax.random.PRNGKey(0)))
 
 
 def test_bundle_round_trip_and_unnormalized_actions(run, tmp_path):
-  out = export.export(str(run), str(tmp_path / "bundle"))
+  out = inference.export(str(run), str(tmp_path / "bundle"))
   for name in ("params.npz", "state.npz", "config.json", "statistics.json", "batch_spec.json"):
     assert (tmp_path / "bundle" / name).exists(), name
-  policy = export.load_policy(out)
+  policy = inference.load_policy(out)
   memory = policy.state["msm"]
   assert memory["valid"].sum() == 6 * 8  # 6 steps x 8 frames written into the 64-slot FIFO
   obs = next(itertools.islice(trainer.build_data(_config(ARG6), "val"), 0, None))["observation"]
@@ -42,8 +42,8 @@ def test_bundle_round_trip_and_unnormalized_actions(run, tmp_path):
 
 
 def test_bf16_bundle(run, tmp_path):
-  policy32 = export.load_policy(export.export(str(run), str(tmp_path / "f32")))
-  policy16 = export.load_policy(export.export(str(run), str(tmp_path / "bf16"), dtype="bfloat16"))
+  policy32 = inference.load_policy(inference.export(str(run), str(tmp_path / "f32")))
+  policy16 = inference.load_policy(inference.export(str(run), str(tmp_path / "bf16"), dtype="bfloat16"))
   leaves = jax.tree_util.tree_leaves(policy16.params)
   assert all(x.dtype == jax.numpy.bfloat16 for x in leaves if np.issubdtype(x.dtype, np.floating) or
              x.dtype == jax.numpy.bfloat16)
@@ -54,4 +54,4 @@ def test_bf16_bundle(run, tmp_path):
 
 def test_export_without_checkpoint_fails(tmp_path):
   with pytest.raises(FileNotFoundError, match="no checkpoint"):
-    export.export(str(tmp_path / "empty"), str(tmp_path / "out"))
+    inference.export(str(tmp_path / "empty"), str(tmp_path / "out"))

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 import gcs_emulator
-from m2vla_jax import export
+from m2vla_jax import inference
 from m2vla_jax.training import checkpoints as ckpt_lib
 from m2vla_jax.training import trainer
 from test_train import ARG6, DEBUG, REPO, _assert_bitwise_equal, _cli, _compilation_cache, _config  # noqa: F401
@@ -165,8 +165,8 @@ def test_export_to_gcs_and_load_policy(gcs, gcs_run, local_reference, tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   for name in ("params.npz", "state.npz", "config.json", "statistics.json", "batch_spec.json"):
     assert _object(gcs, f"bundle/{name}") is not None, name
-  from_gcs = export.load_policy(out)
-  local = export.load_policy(export.export(str(local_reference), str(tmp_path / "bundle")))
+  from_gcs = inference.load_policy(out)
+  local = inference.load_policy(inference.export(str(local_reference), str(tmp_path / "bundle")))
   for name in ("params", "state"):
     a, b = getattr(from_gcs, name), getattr(local, name)
     assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)

@@ -1,8 +1,8 @@
 """The package's layers import only downwards, and packages of one layer form no cycle.
 
 Layers, bottom to top (docs/ARCHITECTURE.md):
-  core <- models <- policies <- text / weights / data <- training / export (inference)
-  <- evaluation <- sim <- entry points (train, evaluate, evaluate_sim, smoke)
+  core <- models <- policies <- text / weights / data <- training / inference
+  <- evaluation <- sim <- entry points (train, export, evaluate, evaluate_sim, smoke)
 Every import of `m2vla_jax` is read from the source (function-level and relative imports included),
 so a lazy import cannot hide an upward dependency.
 """
@@ -18,10 +18,10 @@ LAYERS = {
     "models": 1,
     "policies": 2,
     "text": 3, "weights": 3, "data": 3,
-    "training": 4, "export": 4,
+    "training": 4, "inference": 4,
     "evaluation": 5,
     "sim": 6,
-    "train": 7, "evaluate": 7, "evaluate_sim": 7, "smoke": 7,
+    "train": 7, "export": 7, "evaluate": 7, "evaluate_sim": 7, "smoke": 7,
 }
 
 

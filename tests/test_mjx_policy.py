@@ -80,8 +80,10 @@ def test_trained_policy_applies_the_pipelines_normalization():
   rs = np.random.default_rng(0)
   q01 = rs.uniform(-1, 0, 4)
   q99 = q01 + rs.uniform(0.5, 2, 4)
-  stats = {"state": {"mean": (q01 + q99) / 2, "std": np.ones(4), "q01": q01, "q99": q99},
-           "action": {"mean": np.zeros(4), "std": np.ones(4), "q01": q01 / 2, "q99": q99 / 2},
+  stats = {"state": {"mean": (q01 + q99) / 2, "std": np.ones(4), "q01": q01, "q99": q99,
+                     "min": q01 - 0.1, "max": q99 + 0.1},
+           "action": {"mean": np.zeros(4), "std": np.ones(4), "q01": q01 / 2, "q99": q99 / 2,
+                      "min": q01 / 2 - 0.1, "max": q99 / 2 + 0.1},
            "action_gripper_mask": [False] * 4}
   echo = _EchoPolicy()
   trained = policy_lib.TrainedPolicy(echo, None, {}, {"normalization": "bounds",

@@ -11,7 +11,9 @@ trained on RLDS demonstrations runs in the closed loop of `sim.evaluate_metaworl
   actions  normalized [B, H, A] -> the dataset's units (first A_d dims) -> float64 [B, H, A_d]
 
 The model call (`sample_actions`) is jitted once; a fixed evaluation batch size compiles once.
-Build it from a training run (`from_workdir`, newest checkpoint) or an export bundle (`from_bundle`).
+Build it from a training run (`from_workdir`, newest checkpoint) or an export bundle (`from_bundle`),
+both through `inference.InferencePolicy`; normalization is `inference.normalization`'s, shared
+with export bundles and the MJX rollout.
 """
 from __future__ import annotations
 
@@ -20,8 +22,10 @@ from typing import Any, Mapping, Sequence
 import jax
 import numpy as np
 
-from m2vla_jax.data import statistics as stats_lib
 from m2vla_jax.data import transforms
+from m2vla_jax.inference import normalization
+from m2vla_jax.inference.policy import InferencePolicy
+from m2vla_jax.text import tokenizers
 
 # Simulator camera index of each pipeline camera slot (metaworld_env: primary, then wrist).
 SIM_CAMERA_INDEX = {"primary": 0, "wrist": 1}
@@ -46,19 +50,16 @@ class SimPolicyAdapter:
   def __init__(self, policy: Any, params: Any, state: Any, statistics: Mapping[str, Any],
                tokenizer: Any, max_tokens: int, image_size: Sequence[int], cameras: Sequence[str],
                state_dim: int, dataset: str | None = None, seed: int = 0):
-    dataset, self._state_norm, self._action_norm = stats_lib.run_normalizers(statistics, dataset)
+    self.normalization = normalization.RunNormalization.from_statistics(statistics, state_dim, dataset)
     bad = [c for c in cameras if c not in SIM_CAMERA_INDEX]
     if bad:
       raise ValueError(f"cameras={list(cameras)}: slots {bad} have no simulator camera; the "
                        f"simulator renders {sorted(SIM_CAMERA_INDEX)}")
-    self.dataset = dataset
+    self.dataset = self.normalization.dataset
     self.policy, self.params, self.state = policy, params, state
     self.image_size = tuple(int(x) for x in image_size)
     self.cameras = tuple(cameras)
     self.state_dim = int(state_dim)
-    if self._state_norm[0].shape[0] > self.state_dim:
-      raise ValueError(f"statistics have {self._state_norm[0].shape[0]} state dims, more than the "
-                       f"model's state_dim={self.state_dim}")
     self._tokenize = transforms.Tokenize(tokenizer, max_tokens)
     self._sample = jax.jit(policy.sample_actions)
     self._rng = jax.random.PRNGKey(seed)
@@ -68,30 +69,23 @@ class SimPolicyAdapter:
   @classmethod
   def from_workdir(cls, workdir: str, step: int | None = None, **kwargs) -> "SimPolicyAdapter":
     """From a training run's newest (or given) checkpoint, on one device."""
-    from m2vla_jax import export  # pylint: disable=g-import-not-at-top
-    from m2vla_jax.core import freezing  # pylint: disable=g-import-not-at-top
-    config, setup, state, assets = export.restore_run(workdir, step)
-    params = freezing.merge(state.trainable, state.frozen)
-    return cls._from_parts(config, setup.policy, params, state.policy_state, assets["statistics"],
-                           **kwargs)
+    return cls.from_inference_policy(InferencePolicy.from_workdir(workdir, step), **kwargs)
 
   @classmethod
   def from_bundle(cls, path: str, **kwargs) -> "SimPolicyAdapter":
-    """From an export bundle (`m2vla_jax.export.export`)."""
-    from m2vla_jax import export  # pylint: disable=g-import-not-at-top
-    bundle = export.load_policy(path)
-    return cls._from_parts(bundle.config, bundle.policy, bundle.params, bundle.state,
-                           bundle.statistics, **kwargs)
+    """From an export bundle (`m2vla_jax.inference.export`)."""
+    return cls.from_inference_policy(InferencePolicy.from_bundle(path), **kwargs)
 
   @classmethod
-  def _from_parts(cls, config, policy, params, state, statistics, **kwargs) -> "SimPolicyAdapter":
-    from m2vla_jax.text import tokenizers  # pylint: disable=g-import-not-at-top
+  def from_inference_policy(cls, loaded: InferencePolicy, **kwargs) -> "SimPolicyAdapter":
+    """Around a restored policy, with its run's tokenizer and pipeline settings."""
+    config, policy = loaded.config, loaded.policy
     for field in ("tokenizer", "pipeline"):
       if field not in config.data:
         raise ValueError(f"the run's config has no data.{field}; the adapter needs the training "
                          f"tokenizer and pipeline settings (an RLDS-trained run)")
     pipe = config.data.pipeline
-    return cls(policy, params, state, statistics,
+    return cls(policy, loaded.params, loaded.state, loaded.statistics,
                tokenizer=tokenizers.make_tokenizer(config.data.tokenizer),
                max_tokens=int(pipe.max_tokens), image_size=tuple(pipe.image_size),
                cameras=tuple(pipe.cameras), state_dim=int(policy.config.state_dim), **kwargs)
@@ -115,7 +109,7 @@ class SimPolicyAdapter:
     if image_mask.shape != (b, c_sim):
       raise ValueError(f"observation['image_mask'] has shape {image_mask.shape}; expected {(b, c_sim)}")
     state = np.asarray(obs["state"], np.float64)
-    d = self._state_norm[0].shape[0]
+    d = self.normalization.state_dim
     if state.shape != (b, d):
       raise ValueError(f"observation['state'] has shape {state.shape}; expected {(b, d)} (the "
                        f"training dataset's state dims)")
@@ -134,21 +128,18 @@ class SimPolicyAdapter:
         if image_mask[i, k]:
           out_images[i, slot] = transforms.decode_resize(images[i, k], self.image_size)
           out_mask[i, slot] = True
-    norm_state = np.zeros((b, self.state_dim), np.float32)
-    norm_state[:, :d] = stats_lib.apply_normalizer(state, self._state_norm)
+    norm_state = self.normalization.normalize_state(state).astype(np.float32)
     tokens, token_mask = zip(*(self._tokenize(t) for t in instructions))
     return {"images": out_images, "image_mask": out_mask, "state": norm_state,
             "tokens": np.stack(tokens).astype(np.int32), "token_mask": np.stack(token_mask)}
 
   def normalize_actions(self, actions: np.ndarray) -> np.ndarray:
     """Dataset units [..., A_d] -> normalized float32 [..., A_d] (the training targets)."""
-    return stats_lib.apply_normalizer(np.asarray(actions, np.float64), self._action_norm)
+    return self.normalization.normalize_actions(np.asarray(actions, np.float64)).astype(np.float32)
 
   def unnormalize_actions(self, actions: np.ndarray) -> np.ndarray:
     """Normalized [..., A] -> dataset units float64 [..., A_d] (model padding dims dropped)."""
-    scale, shift, _, _ = self._action_norm
-    d = scale.shape[0]
-    return (np.asarray(actions, np.float64)[..., :d] - shift) / scale
+    return self.normalization.unnormalize_actions(np.asarray(actions, np.float64))
 
   def __call__(self, obs: Mapping[str, Any]) -> np.ndarray:
     model_obs = self.model_observation(obs)

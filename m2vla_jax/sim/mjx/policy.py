@@ -6,13 +6,13 @@ in training:
 
   images   uint8 [N, C, S, S, 3]  rendered at the training image size (no resize; the demos were
                                   written losslessly at that size), passed through
-  state    float [N, 4]           normalized with the dataset statistics: clip(x * scale + shift,
-                                  lo, hi) (`data.statistics.normalizer`, the pipeline's formula),
+  state    float [N, 4]           normalized with the dataset statistics
+                                  (`inference.normalization`, the pipeline's formula, in-graph),
                                   zero-padded to the model's state_dim
   tokens   int32 [N, T]           the training tokenizer (`TrainingTokenizer`, hashable so that
                                   `rollout.EnvParams` stays a cache key), T = pipeline max_tokens
-  actions  normalized [N, H, A]   -> dataset units: (a - shift) / scale on the first A_d dims (as
-                                  `sim.policy_adapter.SimPolicyAdapter.unnormalize_actions`)
+  actions  normalized [N, H, A]   -> dataset units on the first A_d dims (the same
+                                  `inference.normalization` as bundles and the Meta-World adapter)
 
     trained = TrainedPolicy.from_workdir(workdir)
     env = trained.env_params(tasks=..., execute_steps=2, cameras=('table',))
@@ -30,8 +30,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from m2vla_jax.data import statistics as stats_lib
 from m2vla_jax.data import transforms
+from m2vla_jax.inference import normalization
+from m2vla_jax.inference.policy import InferencePolicy
 from m2vla_jax.sim.mjx import rollout as rollout_lib
 
 # What the model's observation takes from the rollout's (privileged state is left out).
@@ -78,47 +79,38 @@ class TrainedPolicy:
 
   def __init__(self, policy: Any, params: Any, state: Any, statistics: Mapping[str, Any],
                tokenizer: str, max_tokens: int, image_size: int, dataset: str | None = None):
-    dataset, state_norm, action_norm = stats_lib.run_normalizers(statistics, dataset)
-    self.policy, self.dataset = policy, dataset
+    self.normalization = normalization.RunNormalization.from_statistics(
+        statistics, int(policy.config.state_dim), dataset)
+    self.policy, self.dataset = policy, self.normalization.dataset
     self.params = {"model": params, "state": state}
     self.tokenizer = TrainingTokenizer(str(tokenizer), int(max_tokens))
     self.image_size = int(image_size)
     self.state_dim = int(policy.config.state_dim)
-    if state_norm[0].shape[0] > self.state_dim:
-      raise ValueError(f"statistics have {state_norm[0].shape[0]} state dims, more than the "
-                       f"model's state_dim={self.state_dim}")
-    if action_norm[0].shape[0] != 4:
-      raise ValueError(f"the dataset's actions have {action_norm[0].shape[0]} dims; the MJX "
+    if self.normalization.action_dim != 4:
+      raise ValueError(f"the dataset's actions have {self.normalization.action_dim} dims; the MJX "
                        f"tasks take 4 (hand xyz delta, gripper)")
-    self._state_norm = tuple(np.asarray(x, np.float32) for x in state_norm)
-    self._action_norm = tuple(np.asarray(x, np.float32) for x in action_norm)
     self.policy_fn = self._make_policy_fn()
 
   @classmethod
   def from_workdir(cls, workdir: str, step: int | None = None) -> "TrainedPolicy":
     """From a training run's newest (or given) checkpoint, on one device."""
-    from m2vla_jax import export  # pylint: disable=g-import-not-at-top
-    from m2vla_jax.core import freezing  # pylint: disable=g-import-not-at-top
-    config, setup, state, assets = export.restore_run(workdir, step)
-    params = freezing.merge(state.trainable, state.frozen)
+    loaded = InferencePolicy.from_workdir(workdir, step)
+    config = loaded.config
     pipe = config.data.pipeline
     size = tuple(int(x) for x in pipe.image_size)
     if size[0] != size[1]:
       raise ValueError(f"data.pipeline.image_size={size}: the MJX renderer makes square images")
-    return cls(setup.policy, params, state.policy_state, assets["statistics"],
+    return cls(loaded.policy, loaded.params, loaded.state, loaded.statistics,
                tokenizer=config.data.tokenizer, max_tokens=int(pipe.max_tokens),
                image_size=size[0])
 
   def normalize_state(self, state: jax.Array) -> jax.Array:
     """float [N, S_d] raw -> float32 [N, state_dim] (the pipeline's formula, zero-padded)."""
-    scale, shift, lo, hi = self._state_norm
-    x = jnp.clip(state.astype(jnp.float32) * scale + shift, lo, hi)
-    return jnp.pad(x, ((0, 0), (0, self.state_dim - x.shape[-1])))
+    return self.normalization.normalize_state(state, xp=jnp)
 
   def unnormalize_actions(self, actions: jax.Array) -> jax.Array:
     """Normalized [..., A] -> dataset units float32 [..., 4] (model padding dims dropped)."""
-    scale, shift, _, _ = self._action_norm
-    return (actions[..., :scale.shape[0]].astype(jnp.float32) - shift) / scale
+    return self.normalization.unnormalize_actions(actions, xp=jnp)
 
   def _make_policy_fn(self):
     def policy_fn(params: Mapping[str, Any], obs: Mapping[str, jax.Array], rng: jax.Array
