@@ -8,7 +8,7 @@ Packages, bottom up (imports point only down; tests/test_layers.py checks it):
   weights/     importers for released checkpoints (big_vision .npz, Hugging Face, GGUF).
   data/        Open X-Embodiment RLDS reading, standardization, statistics, transforms, grain pipeline.
   training/    config validation, optimizer, sharding, checkpoints and the train loop.
-  export.py    inference bundles (export, load_policy).
+  inference/   restore without an optimizer, the one observation -> action path, bundles.
   evaluation/  offline evaluation over RLDS episodes.
   sim/         closed-loop simulation (Meta-World, MJX).
 """
