@@ -3,7 +3,7 @@
 #
 #   ./launch_tpu.sh --name=m2vla-v5p --zone=us-east5-a --accelerator=v5p-64 \
 #       --config=configs/oxe.py --workdir=gs://bucket/runs/oxe1 \
-#       -- --config.model.checkpoint=gs://bucket/paligemma.npz --config.batch_size=1024
+#       -- --config.init.checkpoint=gs://bucket/paligemma.npz --config.batch_size=1024
 #
 # Creates the TPU VM (or reuses it when it exists), copies this repository to every worker
 # (--worker=all), installs the package there, and starts the same train command on all workers

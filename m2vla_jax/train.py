@@ -1,5 +1,9 @@
 """Training entry point: `python -m m2vla_jax.train --config=configs/debug.py --workdir=/tmp/run`.
 
+The one entry point for every config's workflow: plain training, or, for a config with a simulator
+section, that simulator's whole run (`sim`: Meta-World demonstrations -> train -> closed-loop
+report; `mjx`: MJX demonstrations -> grounding pretraining -> train -> compiled and C-MuJoCo rollouts).
+
 Overrides: `--config.batch_size=256`, `--config.optimizer.lr=3e-4`. The config is locked, so an unknown
 key fails in flag parsing and an ill-typed value fails ConfigDict's type check; `validate_config` then
 checks ranges, required fields, the mesh against the devices, the global batch against the data-parallel
@@ -39,6 +43,20 @@ def _exit_with_error(message: str) -> None:
   sys.exit(1)
 
 
+# A config with a simulator section runs that simulator's workflow (demonstrations -> train ->
+# closed-loop evaluation) instead of plain training; the section names the workflow.
+WORKFLOWS = {"sim": "m2vla_jax.sim.workflow:run", "mjx": "m2vla_jax.sim.mjx.workflow:run"}
+
+
+def _workflow(config):
+  """The workflow the config's simulator section names, or None for plain training."""
+  from m2vla_jax.core import registry  # pylint: disable=g-import-not-at-top
+  sections = [k for k in WORKFLOWS if k in config]
+  if len(sections) > 1:
+    _exit_with_error(f"config has sections {sections}; a config runs one simulator workflow")
+  return registry.resolve(sections[0], WORKFLOWS, "config section") if sections else None
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -50,32 +68,31 @@ def main(argv):
   # Before validation: it reads the device and process counts, and jax.distributed must be set up
   # before anything touches the backend.
   sharding.maybe_initialize_distributed(_DISTRIBUTED.value)
-  # A simulation config records its demonstrations into data_dir below, so its paths are checked after.
+  workflow = _workflow(config)
+  # A simulator workflow records its demonstrations (and MJX its pretrained backbone) before
+  # training, so its paths are checked by the trainer once they exist.
   try:
-    trainer.validate_config(config, workdir=_WORKDIR.value, check_paths="sim" not in config)
+    trainer.validate_config(config, workdir=_WORKDIR.value, check_paths=workflow is None)
   except _USER_ERRORS as e:
     _exit_with_error(str(e))
-  if "sim" in config:
-    # A simulation config owns its data and its evaluation: demonstrations are generated (or found in
-    # the cache) before training and the trained policy is scored closed-loop after it.
-    os.environ.setdefault("MUJOCO_GL", "egl")  # offscreen rendering on a machine without a screen
-    from m2vla_jax.sim import workflow  # pylint: disable=g-import-not-at-top
-    workflow.prepare_data(config)
-    try:
-      trainer.validate_config(config, check_paths=True)
-    except _USER_ERRORS as e:
-      _exit_with_error(str(e))
   try:
-    result = trainer.train(config, _WORKDIR.value)
+    if workflow is None:
+      result = trainer.train(config, _WORKDIR.value)
+    else:
+      os.environ.setdefault("MUJOCO_GL", "egl")  # offscreen rendering on a machine without a screen
+      summary = workflow(config, _WORKDIR.value)
+      result = {"step": summary.get("train_steps"), "loss": summary.get("final_loss"),
+                "preempted": summary.get("preempted", False),
+                "last_checkpoint": summary.get("last_checkpoint")}
   except trainer.NonFiniteLossError as e:
     logging.error("%s", e)
     print(f"ERROR: {e}", file=sys.stderr, flush=True)
     sys.exit(1)
   print(f"done: step={result['step']} loss={result['loss']} preempted={result['preempted']} "
         f"last_checkpoint={result.get('last_checkpoint')}", flush=True)
-  if "sim" in config and not result["preempted"] and jax.process_index() == 0:
-    workflow.evaluate_run(config, _WORKDIR.value)
-    print(f"closed-loop report: {_WORKDIR.value}/{config.sim.eval.out_subdir}/summary.md", flush=True)
+  if workflow is not None and not result["preempted"]:
+    section = config.sim if "sim" in config else config.mjx
+    print(f"closed-loop report: {_WORKDIR.value}/{section.eval.out_subdir}/summary.json", flush=True)
 
 
 def _config_arg(argv: list[str]) -> str | None:

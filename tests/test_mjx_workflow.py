@@ -3,6 +3,7 @@
 Reference for the dataset name: the settings it must encode, compared field by field.
 """
 import os
+import pathlib
 
 import pytest
 
@@ -129,3 +130,15 @@ def test_config_errors_name_the_field():
   workflow._check(one)  # pylint: disable=protected-access
   for ok in (1, 9, 18):
     workflow._check(_config(f"repeats={ok}"))  # pylint: disable=protected-access
+
+
+def test_the_train_entry_point_runs_each_configs_workflow():
+  # `python -m m2vla_jax.train --config=configs/mjx.py` runs the MJX workflow (it used to fail with
+  # 'unknown dataset'); Meta-World configs run theirs; plain configs train.
+  from m2vla_jax import train  # pylint: disable=g-import-not-at-top
+  from m2vla_jax.sim import workflow as metaworld_workflow  # pylint: disable=g-import-not-at-top
+  assert train._workflow(_config()) is workflow.run  # pylint: disable=protected-access
+  sim = config_base.load_config_file(str(pathlib.Path(CONFIG).with_name("sim.py"))).get_config()
+  assert train._workflow(sim) is metaworld_workflow.run  # pylint: disable=protected-access
+  debug = config_base.load_config_file(str(pathlib.Path(CONFIG).with_name("debug.py"))).get_config()
+  assert train._workflow(debug) is None  # pylint: disable=protected-access

@@ -151,15 +151,15 @@ def _sim_config(data_dir):
 @pytest.mark.slow
 def test_demos_train_evaluate_writes_report(tmp_path):
   from m2vla_jax.sim import workflow  # pylint: disable=g-import-not-at-top
-  from m2vla_jax.training import trainer  # pylint: disable=g-import-not-at-top
   config = _sim_config(str(tmp_path / "demos"))
   path = workflow.prepare_data(config)
   assert os.path.exists(os.path.join(path, "dataset_info.json"))
   assert workflow.prepare_data(config) == path                # cached: no second generation
   workdir = str(tmp_path / "run")
-  result = trainer.train(config, workdir)
-  assert result["step"] == 3 and np.isfinite(result["loss"])
-  summary = workflow.evaluate_run(config, workdir)
+  # The whole workflow, as `python -m m2vla_jax.train --config=configs/sim.py` runs it.
+  summary = workflow.run(config, workdir)
+  assert summary["train_steps"] == 3 and np.isfinite(summary["final_loss"])
+  assert set(summary["wall_s"]) >= {"prepare_data", "train", "evaluate", "total"}
   out = os.path.join(workdir, "sim_eval")
   for name in ("mt10_seen.json", "mt10_seen.png", "summary.json", "summary.md"):
     assert os.path.getsize(os.path.join(out, name)) > 0, name

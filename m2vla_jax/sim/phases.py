@@ -57,11 +57,15 @@ def run_phases(config: ml_collections.ConfigDict, workdir: str,
     result = trainer.train(config, workdir)
   print(f"trained: step={result['step']} loss={result['loss']} "
         f"({timer.seconds['train']:.0f}s)", flush=True)
+  if result["preempted"]:   # SIGTERM saved a checkpoint: resume trains on, evaluation waits for it
+    return {"preempted": True, "train_steps": result["step"], "final_loss": result["loss"],
+            "last_checkpoint": result.get("last_checkpoint"), "wall_s": dict(timer.seconds)}
   with timer("evaluate"):
     summary = evaluate()
   summary.setdefault("wall_s", {}).update(timer.seconds, total=timer.total())
   summary["final_loss"] = result["loss"]
   summary["train_steps"] = result["step"]
+  summary["last_checkpoint"] = result.get("last_checkpoint")
   os.makedirs(os.path.dirname(summary_path), exist_ok=True)
   with open(summary_path, "w") as f:
     json.dump(summary, f, indent=1)
