@@ -20,7 +20,6 @@ import sys
 from absl import app
 from absl import flags
 from absl import logging
-import jax
 from ml_collections import config_flags
 
 from m2vla_jax.data import errors as data_errors

@@ -175,16 +175,6 @@ def test_camera_slots():
     experts.camera_slots(())
 
 
-@pytest.mark.slow
-def test_eval_callback_reuses_the_compiled_rollout(results):
-  expert, _ = results
-  cb = rl.make_eval_callback(switch_policy, ENV, N_ENVS, HORIZON, seed=0)
-  metrics = cb({"random": jnp.array(False)}, 100)
-  np.testing.assert_allclose(metrics["mjx_eval/mean_success"],
-                             rl.summarize(expert)["mean_success"])
-  assert set(f"mjx_eval/{t}/success" for t in tasks.TASKS) <= set(metrics)
-
-
 def test_invalid_inputs_fail_before_compilation():
   with pytest.raises(ValueError, match="task='stack' is unknown"):
     rl.EnvParams(tasks=("pick_lift", "stack"))

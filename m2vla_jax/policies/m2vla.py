@@ -30,7 +30,6 @@ import numpy as np
 
 from m2vla_jax.core import dtypes
 from m2vla_jax.core import freezing
-from m2vla_jax.core import tree_util
 from m2vla_jax.models import action_head as ah
 from m2vla_jax.models import msm as msm_lib
 from m2vla_jax.models import vlm as vlm_lib
@@ -324,9 +323,3 @@ def _check_not_empty(valid: jax.Array) -> None:
     jax.debug.callback(_raise_if_empty, valid.sum())
   elif not bool(np.asarray(valid).any()):
     raise ValueError(_EMPTY_MEMORY)
-
-
-def trainable_paths(policy: M2VLA, params: Any) -> list[str]:
-  """Paths that `policy.config.trainable` trains (for logs and tests)."""
-  flat = tree_util.flatten(policy.frozen_mask(params))
-  return sorted(k for k, v in flat.items() if v)

@@ -9,14 +9,12 @@ the data axes like the real MSM).
 """
 from __future__ import annotations
 
-import time
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 
 def default_config() -> ml_collections.ConfigDict:

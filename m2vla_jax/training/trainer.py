@@ -20,7 +20,6 @@ from typing import Any, Iterator, Mapping, Optional
 from absl import logging
 from etils import epath
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 

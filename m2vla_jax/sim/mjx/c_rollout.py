@@ -1,6 +1,6 @@
 """The same closed-loop episodes as `rollout.rollout`, stepped by C MuJoCo from Python.
 
-Owns `c_rollout` (and `evaluate`, its report): a reference loop that plays the compiled rollout's
+Owns `c_rollout` (reported with `rollout.report`): a reference loop that plays the compiled rollout's
 episodes with the physics moved out of XLA, to show that a policy's success in the compiled MJX
 program is not an artefact of MJX. What is shared with the compiled rollout, and what is not:
 
@@ -158,16 +158,6 @@ def c_rollout(policy_fn: rollout_lib.PolicyFn, policy_params: Any,
           "final_qpos": np.stack([d.qpos.copy() for d in datas]),
           "tasks": [x.task for x in episodes], "instructions": [x.text for x in episodes],
           "env_params": env_params, "horizon": int(horizon), "wall_s": wall}
-
-
-def evaluate(policy_fn: rollout_lib.PolicyFn, policy_params: Any,
-             env_params: rollout_lib.EnvParams, rng: jax.Array, n_envs: int, horizon: int,
-             out_dir: str | None = None, name: str = "c_mujoco_eval") -> dict[str, Any]:
-  """`c_rollout` + `rollout.report` (per-task success with Wilson intervals, optional files)."""
-  result = c_rollout(policy_fn, policy_params, env_params, rng, n_envs, horizon)
-  summary = rollout_lib.report(result, out_dir, name)
-  summary["wall_s"] = result["wall_s"]
-  return summary
 
 
 def compare(compiled: dict[str, Any], c: dict[str, Any]) -> dict[str, Any]:

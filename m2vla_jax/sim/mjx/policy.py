@@ -16,7 +16,8 @@ in training:
 
     trained = TrainedPolicy.from_workdir(workdir)
     env = trained.env_params(tasks=..., execute_steps=2, cameras=('table',))
-    summary = rollout.evaluate(trained.policy_fn, trained.params, env, rng, n_envs, horizon)
+    summary = rollout.report(rollout.rollout(trained.policy_fn, trained.params, env, rng, n_envs,
+                                             horizon))
 
 `policy_fn(params, obs, rng)` is one function object per TrainedPolicy (the rollout's compile
 cache is keyed on it); `params = {'model': ..., 'state': ...}` (weights and MSM memory).

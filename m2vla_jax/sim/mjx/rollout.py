@@ -3,8 +3,8 @@
 Owns: `EnvParams` (which tasks and instructions, cameras, chunk execution), `rollout` (one
 jitted function: `lax.scan` over policy calls and, inside, over the `execute_steps` control
 steps of each action chunk; `vmap` over environments; no Python in the loop), scoring in the
-Meta-World evaluation's report format (`summarize`, `evaluate`, reusing its Wilson intervals and
-summary), and `make_eval_callback` for periodic evaluation during training.
+Meta-World evaluation's report format (`summarize`, `report`, reusing its Wilson intervals and
+summary).
 
 The policy contract (`policy_fn` is traced once per (policy_fn, EnvParams, n_envs, horizon)):
 ```
@@ -333,15 +333,6 @@ def closest_block(privileged: np.ndarray) -> np.ndarray:
   return np.linalg.norm(hand - p.blocks[..., :2], axis=-1).min(0).argmin(-1)
 
 
-def evaluate(policy_fn: PolicyFn, policy_params: Any, env_params: EnvParams, rng: jax.Array,
-             n_envs: int, horizon: int, out_dir: str | None = None, name: str = "mjx_eval"
-             ) -> dict[str, Any]:
-  """`rollout` + `summarize`; with `out_dir`, writes `<name>.json` and `<name>.png` like the
-  Meta-World evaluation (`evaluate_metaworld.plot_success`)."""
-  result = rollout(policy_fn, policy_params, env_params, rng, n_envs, horizon)
-  return report(result, out_dir, name)
-
-
 def report(result: dict[str, Any], out_dir: str | None = None, name: str = "mjx_eval"
            ) -> dict[str, Any]:
   """`summarize` a rollout result (compiled or `c_rollout`'s) and, with `out_dir`, write
@@ -366,32 +357,3 @@ def report(result: dict[str, Any], out_dir: str | None = None, name: str = "mjx_
   log.info("%s: mean success %.3f (95%% CI %.3f-%.3f) over %d episodes", name,
            summary["mean_success"], *summary["mean_ci95"], summary["episodes"])
   return summary
-
-
-def make_eval_callback(policy_fn: PolicyFn, env_params: EnvParams, n_envs: int, horizon: int,
-                       seed: int = 0, prefix: str = "mjx_eval"
-                       ) -> Callable[[Any, int], dict[str, float]]:
-  """A periodic-evaluation callback: `cb(policy_params, step) -> {metric name: float}`.
-
-  Compiles once (on the first call); every call evaluates the same episodes (rng from `seed`),
-  so successive numbers are comparable across training steps.
-  """
-  if not isinstance(env_params, EnvParams):   # fail now, not at the first evaluation
-    raise TypeError(f"env_params must be an EnvParams, got {type(env_params).__name__}")
-  for name, v in (("n_envs", n_envs), ("horizon", horizon)):
-    if not isinstance(v, (int, np.integer)) or v < 1:
-      raise ValueError(f"{name}={v!r} must be a positive int")
-  rng = jax.random.key(seed)
-
-  def callback(policy_params: Any, step: int) -> dict[str, float]:
-    del step
-    s = summarize(rollout(policy_fn, policy_params, env_params, rng, n_envs, horizon))
-    metrics = {f"{prefix}/mean_success": s["mean_success"],
-               f"{prefix}/mean_ci95_low": s["mean_ci95"][0],
-               f"{prefix}/mean_ci95_high": s["mean_ci95"][1]}
-    for task, entry in s["per_task"].items():
-      metrics[f"{prefix}/{task}/success"] = entry["success_rate"]
-      metrics[f"{prefix}/{task}/mean_return"] = entry["mean_return"]
-    return metrics
-
-  return callback

@@ -203,7 +203,3 @@ def reward(scene: scene_lib.Scene, state: EnvState) -> jax.Array:
 def update_flags(scene: scene_lib.Scene, state: EnvState) -> EnvState:
   block = block_positions(scene, state.data.qpos)[state.block]
   return dataclasses.replace(state, lifted=state.lifted | (block[2] > LIFTED_FLAG_Z))
-
-
-def describe(task_id: int, block: int) -> dict[str, Any]:
-  return {"task": TASKS[task_id], "block": scene_lib.COLORS[block]}

@@ -8,8 +8,8 @@ the trainer, modelled on `m2vla_jax.sim.workflow` (Meta-World):
     prepare_backbone(config)           # grounding pretraining (mjx.pretrain.steps > 0), cached
     trainer.train(config, workdir)
     summary = evaluate_run(config, workdir)   # newest checkpoint -> compiled rollout (rollout.
-                                       # evaluate) and the same episodes through C MuJoCo
-                                       # (c_rollout.evaluate) -> files in <workdir>/<out_subdir>/
+                                       # rollout) and the same episodes through C MuJoCo
+                                       # (c_rollout.c_rollout) -> files in <workdir>/<out_subdir>/
     dagger_rounds(config, workdir)     # mjx.dagger.rounds > 0: learner rollouts labelled by the
                                        # expert, retrain on the aggregate, evaluate per round
 
