@@ -13,16 +13,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from m2vla_jax.models import vlm
+from m2vla_jax.text import tokenizers
 
 
 def byte_tokens(sentence: str, vocab_size: int, max_len: int) -> tuple[np.ndarray, np.ndarray]:
-  """Stand-in tokenizer (UTF-8 bytes folded into the vocabulary): ids [1, max_len], mask [1, max_len]."""
-  ids = [b % vocab_size for b in sentence.encode("utf-8")][:max_len]
-  tokens = np.zeros((1, max_len), np.int32)
-  tokens[0, :len(ids)] = ids
-  mask = np.zeros((1, max_len), bool)
-  mask[0, :len(ids)] = True
-  return tokens, mask
+  """UTF-8 bytes folded into the vocabulary (the 'bytes_mod:V' tokenizer): ids, mask [1, max_len]."""
+  tokens, mask = tokenizers.Tokenize(tokenizers.make_tokenizer(f"bytes_mod:{vocab_size}"), max_len,
+                                     field="max_text_tokens")(sentence)
+  return tokens[None], mask[None]
 
 
 def run(config_name: str = "tiny", sentence: str = "put the red block in the drawer",

@@ -13,7 +13,6 @@ import mujoco
 import numpy as np
 import pytest
 
-from m2vla_jax.data import transforms
 from m2vla_jax.sim.mjx import grounding
 from m2vla_jax.sim.mjx import render as render_lib
 from m2vla_jax.sim.mjx import scene as scene_lib
@@ -34,7 +33,7 @@ def _settings(**kw):
 
 def test_instruction_table_matches_the_training_tokenizer():
   table = grounding.instruction_table(tasks.TASKS, WORDS, 16)
-  tokenize = transforms.Tokenize(tokenizers.make_tokenizer(WORDS), 16)
+  tokenize = tokenizers.Tokenize(tokenizers.make_tokenizer(WORDS), 16)
   assert table["tokens"].shape == (27, 16) and table["block"].shape == (27,)
   for k, text in enumerate(table["text"]):
     tokens, mask = tokenize(str(text))

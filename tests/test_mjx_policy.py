@@ -74,7 +74,6 @@ class _EchoPolicy:
 
 def test_trained_policy_applies_the_pipelines_normalization():
   from m2vla_jax.data import statistics as stats_lib
-  from m2vla_jax.data import transforms
   from m2vla_jax.sim.mjx import policy as policy_lib
   from m2vla_jax.text import tokenizers
   rs = np.random.default_rng(0)
@@ -109,7 +108,7 @@ def test_trained_policy_applies_the_pipelines_normalization():
   np.testing.assert_allclose(renorm[inside], ref_state[inside], atol=1e-5)
   # tokens: what the training pipeline's Tokenize makes of the instruction
   text = "pick up the blue block and set it down on the white target"
-  tokens, mask = transforms.Tokenize(tokenizers.make_tokenizer("bytes_mod:128"), 32)(text)
+  tokens, mask = tokenizers.Tokenize(tokenizers.make_tokenizer("bytes_mod:128"), 32)(text)
   assert trained.tokenizer(text) == [int(t) for t in tokens[mask]]
   env = trained.env_params(("pick_lift", "place_on_target"), "table", 2)
   got, got_mask = env.tokenize([text])

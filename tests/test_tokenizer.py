@@ -159,3 +159,25 @@ def test_word_vocabulary_ids_round_trip_and_errors():
     tokenizers.make_tokenizer("words:Red,green")
   with pytest.raises(ValueError, match=r"empty list"):
     tokenizers.make_tokenizer("words:")
+
+
+def test_tokenize_never_cuts_an_instruction_silently(caplog):
+  from m2vla_jax.text import tokenizers  # pylint: disable=g-import-not-at-top
+  words = tokenizers.make_tokenizer("words:pick,up,the,red,block")
+  text = "pick up the red block"                         # BOS + 5 words = 6 tokens
+  tokens, mask = tokenizers.Tokenize(words, 6)(text)
+  assert mask.sum() == 6 and tokens[0] == 1
+  with pytest.raises(ValueError, match=r"has 6 tokens, more than data.pipeline.max_tokens=4; raise"):
+    tokenizers.Tokenize(words, 4, overflow="error")(text)
+  with caplog.at_level("WARNING"):
+    tok = tokenizers.Tokenize(words, 4)
+    tokens, mask = tok(text)
+  assert mask.all() and list(tokens) == [1] + [words.ids[w] for w in ("pick", "up", "the")]
+  assert tok.truncated == 1 and "keeping its first 4 tokens" in caplog.text
+
+
+def test_mjx_env_refuses_an_instruction_longer_than_max_tokens():
+  from m2vla_jax.sim.mjx import rollout  # pylint: disable=g-import-not-at-top
+  env = rollout.EnvParams(max_tokens=3)
+  with pytest.raises(ValueError, match=r"EnvParams.max_tokens=3; raise max_tokens"):
+    env.tokenize(["pick up the red block"])

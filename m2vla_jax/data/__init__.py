@@ -4,7 +4,7 @@
   oxe/           typed per-dataset entries (spec.py) and the registry with named mixtures (registry.py)
   rlds.py        TFDS RLDS reading (tfrecord or array_record, local or gs://) into standardized episodes
   statistics.py  cached per-dataset statistics and normalization
-  transforms.py  action chunking, image decode/resize/augment, instruction tokenization
+  transforms.py  action chunking, image decode/resize/augment (tokenization: text/tokenizers.py)
   pipeline.py    grain pipeline: mixture, shuffle, host sharding, batches (docs/ARCHITECTURE.md contract)
   writer.py      in-memory episodes -> RLDS TFDS dataset on disk (simulator demonstrations)
   sources.py     the data sources a config names (config.data.kind)

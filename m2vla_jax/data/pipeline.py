@@ -45,6 +45,7 @@ from m2vla_jax.data import statistics as stats_lib
 from m2vla_jax.data import transforms
 from m2vla_jax.data.errors import DataError
 from m2vla_jax.data.rlds import LoadedDataset, load_dataset
+from m2vla_jax.text import tokenizers
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +160,7 @@ class FrameSource:
 class FrameTransform:
   """Undecoded frame -> batch element (decode, resize, optional augmentation, tokenize)."""
 
-  def __init__(self, config, tokenize: transforms.Tokenize, augment: bool):
+  def __init__(self, config, tokenize: tokenizers.Tokenize, augment: bool):
     self.size = tuple(int(x) for x in config.image_size)
     self.num_cameras = len(config.cameras)
     self.tokenize = tokenize
@@ -354,7 +355,7 @@ def make_dataset(config, *, tokenizer: Any, split: str = "train", seed: int = 0,
   ds = streams[0] if len(streams) == 1 else grain.MapDataset.mix(streams, weights)
   if train and config.shuffle_buffer > 1:
     ds = grain.MapDataset.source(WindowShuffle(ds, int(config.shuffle_buffer), seed * 7 + 1))
-  fn = FrameTransform(config, transforms.Tokenize(tokenizer, config.max_tokens), train and config.augment)
+  fn = FrameTransform(config, tokenizers.Tokenize(tokenizer, config.max_tokens), train and config.augment)
   ds = ds.random_map(fn, seed=seed) if (train and config.augment) else ds.map(fn)
   ds = ds.batch(local_batch, drop_remainder=train, batch_fn=fn.collate)
   it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=int(config.num_threads),

@@ -1,4 +1,4 @@
-"""Per-frame transforms: action chunking, image decode/resize/augmentation, instruction tokenization.
+"""Per-frame transforms: action chunking, image decode/resize/augmentation (text: text/tokenizers.py).
 
 All are plain numpy/PIL functions of one frame, applied by the grain pipeline after the frame-level
 shuffle and mixing (so shuffling moves indices and encoded bytes, never decoded pixels).
@@ -15,7 +15,6 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
-from m2vla_jax.data.errors import DataError
 
 try:  # OpenCV decodes (same libjpeg-turbo output as PIL) and resizes ~8x faster; PIL is the fallback.
   import cv2
@@ -102,46 +101,3 @@ def color_jitter(img: np.ndarray, rng: np.random.Generator, brightness: float, c
     gray = x @ np.array([0.299, 0.587, 0.114], np.float32)
     x = (x - gray[..., None]) * rng.uniform(1 - saturation, 1 + saturation) + gray[..., None]
   return np.clip(x + 0.5, 0, 255).astype(np.uint8)
-
-
-class Tokenize:
-  """Instruction -> (tokens int32 [T], mask bool [T]) with an injected tokenizer, cached per string.
-
-  The tokenizer has `tokenize_batch(texts, max_len)` returning (tokens [B, T], mask [B, T]) or just
-  tokens (then `pad_id` marks padding), or `encode(text) -> list[int]` (truncated / right-padded here).
-  """
-
-  def __init__(self, tokenizer: Any, max_len: int, pad_id: int = 0):
-    if not (hasattr(tokenizer, "tokenize_batch") or hasattr(tokenizer, "encode")):
-      raise DataError(f"tokenizer {type(tokenizer).__name__} has neither tokenize_batch(texts, "
-                      "max_len) nor encode(text); pass m2vla_jax.text.sentencepiece's tokenizer.")
-    self.tokenizer, self.max_len, self.pad_id = tokenizer, int(max_len), pad_id
-    self._cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-
-  def __call__(self, text: str) -> tuple[np.ndarray, np.ndarray]:
-    hit = self._cache.get(text)
-    if hit is None:
-      hit = self._tokenize(text)
-      self._cache[text] = hit
-    return hit
-
-  def _tokenize(self, text: str):
-    t = self.max_len
-    if hasattr(self.tokenizer, "tokenize_batch"):
-      out = self.tokenizer.tokenize_batch([text], t)
-      if isinstance(out, tuple):
-        tokens, mask = (np.asarray(o)[0] for o in out)
-      elif isinstance(out, dict):
-        tokens, mask = np.asarray(out["tokens"])[0], np.asarray(out["mask"])[0]
-      else:
-        tokens = np.asarray(out)[0]
-        mask = tokens != self.pad_id
-    else:
-      ids = list(self.tokenizer.encode(text))[:t]
-      tokens = np.full(t, self.pad_id, np.int32)
-      tokens[: len(ids)] = ids
-      mask = np.arange(t) < len(ids)
-    tokens, mask = tokens.astype(np.int32)[:t], mask.astype(bool)[:t]
-    if tokens.shape != (t,):
-      raise DataError(f"tokenizer returned {tokens.shape} tokens for max_len {t}; expected ({t},).")
-    return tokens, mask

@@ -6,7 +6,7 @@ trained on RLDS demonstrations runs in the closed loop of `sim.evaluate_metaworl
   images   uint8 [B, C_sim, H, W, 3] -> resized (OpenCV bilinear, as `data.transforms.decode_resize`)
            to the training `image_size` and placed in the training camera slots (sim camera 0 is
            'primary', camera 1 'wrist'); slots the simulator does not render are zeros, mask False
-  instruction list[str] -> tokens / token_mask with the training tokenizer (`data.transforms.Tokenize`)
+  instruction list[str] -> tokens / token_mask with the training tokenizer (`text.tokenizers.Tokenize`)
   state    float [B, S_sim] -> normalized with the dataset statistics, zero-padded to the model's S
   actions  normalized [B, H, A] -> the dataset's units (first A_d dims) -> float64 [B, H, A_d]
 
@@ -60,7 +60,7 @@ class SimPolicyAdapter:
     self.image_size = tuple(int(x) for x in image_size)
     self.cameras = tuple(cameras)
     self.state_dim = int(state_dim)
-    self._tokenize = transforms.Tokenize(tokenizer, max_tokens)
+    self._tokenize = tokenizers.Tokenize(tokenizer, max_tokens)
     self._sample = jax.jit(policy.sample_actions)
     self._rng = jax.random.PRNGKey(seed)
     self._calls = 0

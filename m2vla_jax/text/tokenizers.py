@@ -10,6 +10,9 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from absl import logging
+import numpy as np
+
 
 class ByteTokenizer:
   """Tiny stand-in for the Gemma tokenizer: one token per UTF-8 byte (+1, 0 is padding), BOS = 257."""
@@ -90,3 +93,65 @@ def make_tokenizer(spec: str) -> Any:
   if spec.endswith(".gguf"):
     return tok.Tokenizer.from_gguf(spec)
   return tok.Tokenizer.from_sentencepiece(spec)
+
+
+class Tokenize:
+  """Instruction -> (tokens int32 [T], mask bool [T]) with an injected tokenizer, cached per string.
+
+  The one text -> tokens path of training data, simulators and serving. The tokenizer has
+  `tokenize_batch(texts, max_len)` returning (tokens [B, T], mask [B, T]) or just tokens (then
+  `pad_id` marks padding), or `encode(text) -> list[int]` (right-padded here). An instruction with
+  more than T tokens is never cut silently: overflow='warn' keeps its first T tokens and logs it
+  once (OXE instructions can be long), overflow='error' raises naming the instruction and `field`.
+  """
+
+  def __init__(self, tokenizer: Any, max_len: int, pad_id: int = 0, overflow: str = "warn",
+               field: str = "data.pipeline.max_tokens"):
+    if not (hasattr(tokenizer, "tokenize_batch") or hasattr(tokenizer, "encode")):
+      raise ValueError(f"tokenizer {type(tokenizer).__name__} has neither tokenize_batch(texts, "
+                       "max_len) nor encode(text); use text.tokenizers.make_tokenizer(spec).")
+    if overflow not in ("warn", "error"):
+      raise ValueError(f"overflow={overflow!r}; use 'warn' or 'error'")
+    self.tokenizer, self.max_len, self.pad_id = tokenizer, int(max_len), pad_id
+    self.overflow, self.field = overflow, field
+    self.truncated = 0   # distinct instructions cut to max_len
+    self._cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+  def __call__(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+    hit = self._cache.get(text)
+    if hit is None:
+      hit = self._tokenize(text)
+      self._cache[text] = hit
+    return hit
+
+  def _tokenize(self, text: str):
+    t = self.max_len
+    if hasattr(self.tokenizer, "tokenize_batch"):   # it handles overflow (the Gemma one raises)
+      out = self.tokenizer.tokenize_batch([text], t)
+      if isinstance(out, tuple):
+        tokens, mask = (np.asarray(o)[0] for o in out)
+      elif isinstance(out, dict):
+        tokens, mask = np.asarray(out["tokens"])[0], np.asarray(out["mask"])[0]
+      else:
+        tokens = np.asarray(out)[0]
+        mask = tokens != self.pad_id
+    else:
+      ids = list(self.tokenizer.encode(text))
+      if len(ids) > t:
+        self._overflowed(text, len(ids))
+      ids = ids[:t]
+      tokens = np.full(t, self.pad_id, np.int32)
+      tokens[: len(ids)] = ids
+      mask = np.arange(t) < len(ids)
+    tokens, mask = tokens.astype(np.int32)[:t], mask.astype(bool)[:t]
+    if tokens.shape != (t,):
+      raise ValueError(f"tokenizer returned {tokens.shape} tokens for max_len {t}; expected ({t},).")
+    return tokens, mask
+
+  def _overflowed(self, text: str, n: int) -> None:
+    msg = (f"instruction {text!r:.120} has {n} tokens, more than {self.field}={self.max_len}")
+    if self.overflow == "error":
+      raise ValueError(msg + f"; raise {self.field} or shorten the instruction")
+    self.truncated += 1
+    logging.warning("%s; keeping its first %d tokens (%d instructions cut so far)", msg,
+                    self.max_len, self.truncated)

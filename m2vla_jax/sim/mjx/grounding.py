@@ -103,9 +103,8 @@ def settings_from_config(config) -> Settings:
 def instruction_table(tasks: Sequence[str], tokenizer: str, max_tokens: int
                       ) -> dict[str, np.ndarray]:
   """Every instruction of `tasks`: tokens int32 [I, T], token_mask bool [I, T], block int32 [I]."""
-  from m2vla_jax.data import transforms  # pylint: disable=g-import-not-at-top
   from m2vla_jax.text import tokenizers  # pylint: disable=g-import-not-at-top
-  tokenize = transforms.Tokenize(tokenizers.make_tokenizer(tokenizer), max_tokens)
+  tokenize = tokenizers.Tokenize(tokenizers.make_tokenizer(tokenizer), max_tokens)
   vocab = [ins for t in tasks for ins in tasks_lib.vocabulary(t)]
   tokens, masks = zip(*(tokenize(ins.text) for ins in vocab))
   return {"tokens": np.stack(tokens).astype(np.int32), "token_mask": np.stack(masks).astype(bool),

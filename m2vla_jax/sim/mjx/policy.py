@@ -31,7 +31,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from m2vla_jax.data import transforms
 from m2vla_jax.inference import normalization
 from m2vla_jax.inference.policy import InferencePolicy
 from m2vla_jax.sim.mjx import rollout as rollout_lib
@@ -42,7 +41,7 @@ MODEL_KEYS = ("images", "image_mask", "state", "tokens", "token_mask")
 
 @dataclasses.dataclass(frozen=True)
 class TrainingTokenizer:
-  """str -> token ids exactly as the training pipeline's `transforms.Tokenize` produces them.
+  """str -> token ids exactly as the training pipeline's `text.tokenizers.Tokenize` produces them.
 
   Hashable by its spec, so two EnvParams built with the same tokenizer share one compiled rollout.
   """
@@ -61,7 +60,7 @@ def _tokenize(spec: str, max_tokens: int):
   key = (spec, max_tokens)
   if key not in _TOKENIZERS:
     from m2vla_jax.text import tokenizers  # pylint: disable=g-import-not-at-top
-    _TOKENIZERS[key] = transforms.Tokenize(tokenizers.make_tokenizer(spec), max_tokens)
+    _TOKENIZERS[key] = tokenizers.Tokenize(tokenizers.make_tokenizer(spec), max_tokens)
   return _TOKENIZERS[key]
 
 

@@ -147,7 +147,10 @@ class EnvParams:
     tokens = np.zeros((len(texts), self.max_tokens), np.int32)
     mask = np.zeros((len(texts), self.max_tokens), bool)
     for i, text in enumerate(texts):
-      ids = list(tok(text))[:self.max_tokens]
+      ids = list(tok(text))
+      if len(ids) > self.max_tokens:    # a cut instruction could lose the colour word
+        raise ValueError(f"instruction {text!r} has {len(ids)} tokens, more than "
+                         f"EnvParams.max_tokens={self.max_tokens}; raise max_tokens")
       tokens[i, :len(ids)] = ids
       mask[i, :len(ids)] = True
     return tokens, mask
