@@ -24,3 +24,13 @@ def xla_flags_with_devices(n: int) -> str:
   flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
            if not f.startswith("--xla_force_host_platform_device_count")]
   return " ".join(flags + [f"--xla_force_host_platform_device_count={n}"])
+
+
+def set_fields(config, overrides: dict) -> None:
+  """config['a']['b'] = v for every 'a.b': v of `overrides` (dotted config paths)."""
+  for key, value in overrides.items():
+    node = config
+    *parents, last = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[last] = value

@@ -24,12 +24,7 @@ def _load(name: str, arg: str = ""):
 
 def _debug(arg: str = "", **overrides):
   c = _load("debug", arg)
-  for k, v in overrides.items():
-    node = c
-    *parents, last = k.split(".")
-    for p in parents:
-      node = node[p]
-    node[last] = v
+  conftest.set_fields(c, overrides)
   return c
 
 
@@ -98,12 +93,7 @@ def _oxe(tmp_path, **paths):
   c.init.checkpoint = str(tmp_path / "pg.npz")
   c.data.tokenizer = str(tmp_path / "tok.model")
   c.data.pipeline.data_dir = str(tmp_path / "oxe")
-  for k, v in paths.items():
-    node = c
-    *parents, last = k.split(".")
-    for p in parents:
-      node = node[p]
-    node[last] = v
+  conftest.set_fields(c, paths)
   return c
 
 

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 import conftest
+import test_train
 from m2vla_jax.training import checkpoints as ckpt_lib
 from m2vla_jax.training import trainer
 
@@ -82,23 +83,12 @@ def _losses(workdir) -> dict[int, float]:
 
 def _restore(workdir):
   """The newest checkpoint of a run, restored in this (1-process, 8-device) test process."""
-  c = _debug_config()
+  c = test_train._config(ARG)
   s = trainer.setup(c, next(trainer.build_data(c, "train")))
   ck = ckpt_lib.Checkpointer(str(pathlib.Path(workdir) / "checkpoints"), keep=None)
   state, data_state, _ = ck.restore_latest(trainer.abstract_for_restore(s))
   ck.close()
   return state, data_state
-
-
-def _debug_config():
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  spec = importlib.util.spec_from_file_location("debug_config", DEBUG)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  c = mod.get_config(ARG)
-  c.progress_bar = False
-  c.eval_every = 0
-  return c
 
 
 def _leaves(state):

@@ -29,12 +29,7 @@ def _config(arg="", **overrides):
   c = mod.get_config(arg)
   c.progress_bar = False
   c.eval_every = 0
-  for k, v in overrides.items():
-    node = c
-    *parents, last = k.split(".")
-    for p in parents:
-      node = node[p]
-    node[last] = v
+  conftest.set_fields(c, overrides)
   return c
 
 
