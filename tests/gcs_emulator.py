@@ -25,6 +25,9 @@ What the stock emulator (gcp-storage-emulator 2026.7.19) does differently from G
      measured 5.1 s for five 4 MiB tensorstore writes, 0.3 s here. Here: a threaded HTTP/1.1 server
      (100-continue, keep-alive) with a 128-connection backlog; requests are still applied one at a time
      under a lock, because the emulator's storage is not thread-safe.
+  4. A zero-length media upload (`uploadType=media`, empty body) crashes the handler (it reads the body
+     as None); GCS stores an empty object. TensorFlow's gs:// `makedirs` writes exactly that: an empty
+     `dir/` marker object (tests/test_gcs_data.py, through tests/gcs_tls_proxy.py).
 """
 from __future__ import annotations
 
@@ -94,6 +97,15 @@ def _with_preconditions(handler, is_read):
   return wrapped
 
 
+def _with_empty_media(handler):
+  """A media upload with no body stores an empty object, as GCS does (the stock handler crashes)."""
+  def wrapped(request, response, storage, *args, **kwargs):
+    if request.query.get("uploadType") == ["media"] and request.data is None:
+      request._data = b""  # pylint: disable=protected-access
+    return handler(request, response, storage, *args, **kwargs)
+  return wrapped
+
+
 def _with_generation_headers(handler):
   """Media downloads carry the object's generation headers, as GCS's do."""
   def wrapped(request, response, storage, *args, **kwargs):
@@ -122,7 +134,7 @@ def _patch_handlers() -> None:
     return _with_preconditions(get, is_read=True)(request, response, storage, *args, **kwargs)
 
   replace = {objects.download: download, objects.get: get_or_download,
-             objects.insert: _with_preconditions(objects.insert, is_read=False),
+             objects.insert: _with_preconditions(_with_empty_media(objects.insert), is_read=False),
              objects.delete: _with_preconditions(objects.delete, is_read=False),
              objects.patch: _with_preconditions(objects.patch, is_read=False)}
   emu_server.HANDLERS = tuple((regex, {m: replace.get(h, h) for m, h in methods.items()})

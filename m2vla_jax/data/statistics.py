@@ -128,8 +128,15 @@ def save_statistics(stats: Mapping, path: str | os.PathLike) -> None:
   """Writes statistics JSON (a dict, or {dataset: dict} for a mixture), atomically."""
   path = epath.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
+  text = json.dumps(stats, indent=1)
+  if "://" in os.fspath(path):
+    # An object store (gs://) publishes an upload whole, atomically, and has no atomic rename (it is a
+    # copy plus a delete). Writing the object directly also avoids a shared `.tmp` object that every
+    # host of a pod, writing the same statistics at once, would rename away from under the others.
+    path.write_text(text)
+    return
   tmp = path.parent / (path.name + ".tmp")
-  tmp.write_text(json.dumps(stats, indent=1))
+  tmp.write_text(text)
   tmp.replace(path)
 
 
