@@ -57,7 +57,7 @@ def run_phases(config: ml_collections.ConfigDict, workdir: str,
     result = trainer.train(config, workdir)
   print(f"trained: step={result['step']} loss={result['loss']} "
         f"({timer.seconds['train']:.0f}s)", flush=True)
-  if result["preempted"]:   # SIGTERM saved a checkpoint: resume trains on, evaluation waits for it
+  if result.get("preempted"):   # SIGTERM saved a checkpoint: resume trains on, evaluation waits for it
     return {"preempted": True, "train_steps": result["step"], "final_loss": result["loss"],
             "last_checkpoint": result.get("last_checkpoint"), "wall_s": dict(timer.seconds)}
   with timer("evaluate"):
