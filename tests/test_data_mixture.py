@@ -195,3 +195,23 @@ def test_shared_statistics_normalize_every_dataset_alike(written, tmp_path):
   with pytest.raises(Exception, match=r"dataset 'toy_b' has \(state, action\) dims \(2, 4\)"):
     pipeline.make_dataset(_config(root, tmp_path, datasets="toy_a,toy_b", shared_statistics="toy_a"),
                           tokenizer=testing.ByteTokenizer(), process_index=0, process_count=1)
+
+
+def test_shuffle_views_are_safe_under_concurrent_readers():
+  # Grain reads with several threads; the permutation caches evicted entries racily (KeyError in a
+  # CI run). A 2-element base makes every other index a new epoch, and a tiny switch interval makes
+  # threads interleave inside the eviction: the old cache failed 5 of 5 runs of this.
+  import concurrent.futures  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  old = sys.getswitchinterval()
+  sys.setswitchinterval(1e-6)
+  try:
+    for view in (pipeline.EpochShuffle([0, 1], seed=3),
+                 pipeline.WindowShuffle(pipeline.EpochShuffle(list(range(6)), 3), 2, 4)):
+      with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(view.__getitem__, range(20000)))
+      assert got == [view[i] for i in range(20000)]      # the values of a single reader
+  finally:
+    sys.setswitchinterval(old)
+  epoch = [pipeline.EpochShuffle(list(range(7)), 3)[i] for i in range(7, 14)]
+  assert sorted(epoch) == list(range(7))                 # an epoch is a permutation of the base

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 from typing import Any, Mapping
 
 import grain
@@ -211,26 +212,44 @@ class FrameTransform:
     }
 
 
+class _Permutations:
+  """Permutation of range(n) per key, from (seed, key); the newest few are cached.
+
+  Grain's reader threads call in concurrently, so the cache is locked: two threads evicting the
+  oldest entry at once raised KeyError (seen in a CI run). A permutation depends only on (seed, key),
+  so which thread computes it changes nothing.
+  """
+
+  def __init__(self, seed: int, n: int, keep: int = 5):
+    self.seed, self.n, self.keep = seed, n, keep
+    self._perms: dict[int, np.ndarray] = {}
+    self._lock = threading.Lock()
+
+  def __call__(self, key: int) -> np.ndarray:
+    with self._lock:
+      perm = self._perms.get(key)
+      if perm is None:
+        perm = np.random.default_rng([self.seed, key]).permutation(self.n)
+        if len(self._perms) >= self.keep:  # threads may straddle a boundary: keep a few
+          self._perms.pop(min(self._perms))
+        self._perms[key] = perm
+      return perm
+
+
 class WindowShuffle:
   """Infinite random-access view permuting consecutive windows of `size` elements of `parent`
   (permutation from (seed, window), cached), like grain's WindowShuffleMapDataset but cheaper."""
 
   def __init__(self, parent, size: int, seed: int):
     self.parent, self.size, self.seed = parent, size, seed
-    self._perms: dict[int, np.ndarray] = {}
+    self._perms = _Permutations(seed, size)
 
   def __len__(self) -> int:
     return len(self.parent)
 
   def __getitem__(self, i: int):
     w, j = divmod(int(i), self.size)
-    perm = self._perms.get(w)
-    if perm is None:
-      perm = np.random.default_rng([self.seed, w]).permutation(self.size)
-      if len(self._perms) > 4:
-        self._perms.pop(min(self._perms))
-      self._perms[w] = perm
-    return self.parent[w * self.size + int(perm[j])]
+    return self.parent[w * self.size + int(self._perms(w)[j])]
 
 
 class EpochShuffle:
@@ -241,20 +260,14 @@ class EpochShuffle:
 
   def __init__(self, base, seed: int):
     self.base, self.seed, self.n = base, seed, len(base)
-    self._perms: dict[int, np.ndarray] = {}
+    self._perms = _Permutations(seed, self.n)
 
   def __len__(self) -> int:
     return 2**62
 
   def __getitem__(self, i: int):
     epoch, j = divmod(int(i), self.n)
-    perm = self._perms.get(epoch)
-    if perm is None:
-      perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
-      if len(self._perms) > 4:  # Threads may straddle an epoch boundary; keep a few.
-        self._perms.pop(min(self._perms))
-      self._perms[epoch] = perm
-    return self.base[int(perm[j])]
+    return self.base[int(self._perms(epoch)[j])]
 
 
 def load_mixture(config, split: str, statistics: Mapping[str, Mapping] | None = None):
