@@ -1,7 +1,7 @@
 """Full Meta-World MT10 (every MT10 task, held-out tasks from ML10's test split), sized for a
 single accelerator rather than the 2-core CPU default (configs/sim.py keeps 4 tasks).
 
-    python -m m2vla_jax.sim.workflow --config=configs/metaworld_mt10.py --workdir=/tmp/mt10
+    python -m m2vla_jax.train --config=configs/metaworld_mt10.py --workdir=/tmp/mt10
 
 Short args: those of configs/sim.py (steps, batch, episodes, eval_episodes, mol, msm, horizon,
 execute, train_img, lr, width, data_dir). Defaults here: 50 demos per task, 50 evaluation episodes

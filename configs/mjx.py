@@ -1,7 +1,7 @@
 """MJX tabletop suite: M²-VLA with a tiny backbone on scripted-expert demos, evaluated compiled + C.
 
-    python -m m2vla_jax.sim.mjx.workflow --config=configs/mjx.py --workdir=/tmp/mjx_run
-    python -m m2vla_jax.sim.mjx.workflow --config=configs/mjx.py:steps=20,episodes=2,eval_episodes=2,ground=20 ...
+    python -m m2vla_jax.train --config=configs/mjx.py --workdir=/tmp/mjx_run
+    python -m m2vla_jax.train --config=configs/mjx.py:steps=20,episodes=2,eval_episodes=2,ground=20 ...
 
 Short args: tasks ('+'-separated, default all three), steps (behaviour cloning, default 40,000:
 10,000 / 20,000 / 40,000 scored 0.473 / 0.633 / 0.813, RESULTS.md runs 27, 30, 31), batch, episodes

@@ -1,7 +1,7 @@
 """Meta-World default: M²-VLA with a tiny backbone on expert demos of 4 tasks, CPU-sized (2 cores).
 
-    python -m m2vla_jax.sim.workflow --config=configs/sim.py --workdir=/tmp/sim_run
-    python -m m2vla_jax.sim.workflow --config=configs/sim.py:mol=False,msm=False --workdir=...
+    python -m m2vla_jax.train --config=configs/sim.py --workdir=/tmp/sim_run
+    python -m m2vla_jax.train --config=configs/sim.py:mol=False,msm=False --workdir=...
 
 Short args: steps, batch, episodes (demos per task), eval_episodes (seen, per task), mol, msm,
 horizon, execute (actions executed per chunk), train_img (train the tiny SigLIP tower),

@@ -199,6 +199,24 @@ def client_env(port: int) -> dict[str, str]:
   }
 
 
+def set_env(values: dict[str, str | None]) -> dict[str, str | None]:
+  """Sets (a value) or removes (None) environment variables; returns the previous values.
+
+  Also makes etils decide again whether gs:// goes through tf.io.gfile: it decides once per process
+  (functools.cache, at the first path operation of any kind), so a test that changes EPATH_USE_TF or
+  the emulator variables after earlier tests used epath must reset it (and again when restoring).
+  """
+  from etils.epath import gpath as epath_gpath  # pylint: disable=g-import-not-at-top
+  old = {k: os.environ.get(k) for k in values}
+  for k, v in values.items():
+    if v is None:
+      os.environ.pop(k, None)
+    else:
+      os.environ[k] = v
+  epath_gpath._is_tf_installed.cache_clear()  # pylint: disable=protected-access
+  return old
+
+
 class Emulator:
   """A running emulator subprocess: `.port`, `.env`, `.stop()`."""
 
@@ -222,6 +240,22 @@ class Emulator:
           raise
         time.sleep(0.05)
     self.env = client_env(self.port)
+
+  def object(self, name: str) -> dict | None:
+    """An object's metadata straight from the JSON API (no client-side listing caches), or None."""
+    import json  # pylint: disable=g-import-not-at-top
+    import urllib.error  # pylint: disable=g-import-not-at-top
+    import urllib.parse  # pylint: disable=g-import-not-at-top
+    import urllib.request  # pylint: disable=g-import-not-at-top
+    url = (f"http://127.0.0.1:{self.port}/storage/v1/b/{self.bucket}/o/"
+           f"{urllib.parse.quote(name, safe='')}")
+    try:
+      with urllib.request.urlopen(url, timeout=10) as r:
+        return json.load(r)
+    except urllib.error.HTTPError as e:
+      if e.code == 404:
+        return None
+      raise
 
   def stop(self) -> None:
     if self._proc.poll() is None:

@@ -16,7 +16,6 @@ import urllib.parse
 import urllib.request
 
 from etils import epath
-from etils.epath import gpath as epath_gpath
 import jax
 import numpy as np
 import pytest
@@ -34,33 +33,10 @@ BUCKET = "m2vla-test"
 def gcs():
   """The emulator, with this process's environment pointing tensorstore and gcsfs at it (restored after)."""
   emu = gcs_emulator.Emulator(BUCKET)
-  old = {k: os.environ.get(k) for k in emu.env}
-  os.environ.update(emu.env)
-  # etils decides once per process (functools.cache, at the first path operation of any kind) whether
-  # gs:// goes through tf.io.gfile; earlier tests in this process used epath before EPATH_USE_TF=false
-  # was set, so make it decide again (and again after, for later tests).
-  epath_gpath._is_tf_installed.cache_clear()  # pylint: disable=protected-access
+  old = gcs_emulator.set_env(emu.env)
   yield emu
-  for k, v in old.items():
-    if v is None:
-      os.environ.pop(k, None)
-    else:
-      os.environ[k] = v
-  epath_gpath._is_tf_installed.cache_clear()  # pylint: disable=protected-access
+  gcs_emulator.set_env(old)
   emu.stop()
-
-
-def _object(emu, name):
-  """An object's metadata straight from the emulator's JSON API (no client-side listing caches), or None."""
-  url = (f"http://127.0.0.1:{emu.port}/storage/v1/b/{emu.bucket}/o/"
-         f"{urllib.parse.quote(name, safe='')}")
-  try:
-    with urllib.request.urlopen(url, timeout=10) as r:
-      return json.load(r)
-  except urllib.error.HTTPError as e:
-    if e.code == 404:
-      return None
-    raise
 
 
 def _restore(workdir, step=None):
@@ -98,7 +74,7 @@ def gcs_run(gcs):
     # The 4th batch blocks, so the process sits after step 3 until it is killed. On GCS orbax finalises a
     # step by writing its commit_success.txt last (there is no directory rename).
     deadline = time.time() + 240
-    while _object(gcs, "run/checkpoints/3/commit_success.txt") is None:
+    while gcs.object("run/checkpoints/3/commit_success.txt") is None:
       assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
       assert time.time() < deadline
       time.sleep(0.5)
@@ -147,8 +123,8 @@ def test_checkpoints_on_gcs_resume_exactly_after_sigkill(gcs, gcs_run, local_ref
   assert steps_after_kill == [1, 2, 3]
   assert result["history"][0][0] == 4 and result["step"] == 6
   # The OCDBT array store and the run's other files really are objects in the emulator's bucket.
-  assert _object(gcs, "run/checkpoints/6/state/manifest.ocdbt") is not None
-  assert _object(gcs, "run/config.json") is not None
+  assert gcs.object("run/checkpoints/6/state/manifest.ocdbt") is not None
+  assert gcs.object("run/config.json") is not None
   assert any(p.name.startswith("events.out.tfevents") for p in epath.Path(workdir, "tensorboard").iterdir())
   resumed, data_state = _restore(workdir)
   reference, ref_data_state = _restore(local_reference)
@@ -164,7 +140,7 @@ def test_export_to_gcs_and_load_policy(gcs, gcs_run, local_reference, tmp_path):
                         env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   for name in ("params.npz", "state.npz", "config.json", "statistics.json", "batch_spec.json"):
-    assert _object(gcs, f"bundle/{name}") is not None, name
+    assert gcs.object(f"bundle/{name}") is not None, name
   from_gcs = inference.load_policy(out)
   local = inference.load_policy(inference.export(str(local_reference), str(tmp_path / "bundle")))
   for name in ("params", "state"):
@@ -196,8 +172,8 @@ def test_corrupt_checkpoint_on_gcs_falls_back(gcs, local_reference, capsys):
   _assert_bitwise_equal(state, reference)
   # The bad step left the manager's directory for checkpoints_corrupt/ (copied: gs:// cannot rename
   # directories); step 2 is untouched.
-  assert _object(gcs, "corrupt/checkpoints/4/commit_success.txt") is None
-  assert _object(gcs, "corrupt/checkpoints/2/commit_success.txt") is not None
+  assert gcs.object("corrupt/checkpoints/4/commit_success.txt") is None
+  assert gcs.object("corrupt/checkpoints/2/commit_success.txt") is not None
   quarantined = list((epath.Path(workdir) / "checkpoints_corrupt").iterdir())
   assert [p.name.split("-")[0] for p in quarantined] == ["4"]
-  assert _object(gcs, f"corrupt/checkpoints_corrupt/{quarantined[0].name}/commit_success.txt") is not None
+  assert gcs.object(f"corrupt/checkpoints_corrupt/{quarantined[0].name}/commit_success.txt") is not None

@@ -17,7 +17,6 @@ import urllib.parse
 import urllib.request
 
 from etils import epath
-from etils.epath import gpath as epath_gpath
 import numpy as np
 import pytest
 
@@ -31,27 +30,14 @@ NAME = "toy_gcs"
 F = oxe.Field
 
 
-def _set_env(values):
-  """Sets (value) or removes (None) environment variables; returns the previous values."""
-  old = {k: os.environ.get(k) for k in values}
-  for k, v in values.items():
-    if v is None:
-      os.environ.pop(k, None)
-    else:
-      os.environ[k] = v
-  # etils decides once per process (functools.cache) whether gs:// goes through tf.io.gfile.
-  epath_gpath._is_tf_installed.cache_clear()  # pylint: disable=protected-access
-  return old
-
-
 @pytest.fixture(scope="module")
 def gcs():
   """(emulator, TLS proxy), with this process's environment pointing gcsfs, tensorstore and TF at them."""
   emu = gcs_emulator.Emulator(BUCKET)
   proxy = gcs_tls_proxy.TlsProxy(emu.port)
-  old = _set_env({**emu.env, **proxy.env})
+  old = gcs_emulator.set_env({**emu.env, **proxy.env})
   yield emu, proxy
-  _set_env(old)
+  gcs_emulator.set_env(old)
   proxy.stop()
   emu.stop()
 
@@ -59,9 +45,9 @@ def gcs():
 @pytest.fixture(params=["tf", "gcsfs"])
 def backend(request, gcs):
   """etils.epath's gs:// backend: TF's gfile (the default with TensorFlow installed) or gcsfs."""
-  old = _set_env({"EPATH_USE_TF": None if request.param == "tf" else "false"})
+  old = gcs_emulator.set_env({"EPATH_USE_TF": None if request.param == "tf" else "false"})
   yield request.param
-  _set_env(old)
+  gcs_emulator.set_env(old)
 
 
 @pytest.fixture(scope="module")
@@ -74,18 +60,6 @@ def local_root(tmp_path_factory):
                                action=(F("action", 0, 3), F("action", 3, 4, gripper=oxe.Gripper.OPEN_1))),
                overwrite=True)
   return root
-
-
-def _object(emu, name):
-  """An object's metadata straight from the emulator's JSON API (no client caches), or None."""
-  url = f"http://127.0.0.1:{emu.port}/storage/v1/b/{emu.bucket}/o/{urllib.parse.quote(name, safe='')}"
-  try:
-    with urllib.request.urlopen(url, timeout=10) as r:
-      return json.load(r)
-  except urllib.error.HTTPError as e:
-    if e.code == 404:
-      return None
-    raise
 
 
 def _objects(emu, prefix):
@@ -149,7 +123,7 @@ def test_tensorflow_gfile_reaches_the_emulator(gcs):
   with tf.io.gfile.GFile(f"gs://{BUCKET}/plumbing/d/b.bin", "rb") as f:
     assert f.read() == b"\x00\x01" * 300_000
   assert _objects(emu, "plumbing/") == ["plumbing/", "plumbing/d/", "plumbing/d/b.bin"]
-  assert int(_object(emu, "plumbing/d/b.bin")["size"]) == 600_000
+  assert int(emu.object("plumbing/d/b.bin")["size"]) == 600_000
   assert {h for h, _, _ in proxy.requests} == {"www.googleapis.com", "storage.googleapis.com"}
 
 
@@ -177,7 +151,7 @@ def test_pipeline_reads_gcs_and_caches_statistics_there(gcs, backend, local_root
   # The cache is one object on gs:// (no temporary object beside it), holding those statistics.
   cache = f"{prefix}stats/{NAME}-{stats['hash']}.json"
   assert [n for n in _objects(emu, f"{prefix}stats/") if not n.endswith("/")] == [cache]
-  generation = _object(emu, cache)["generation"]
+  generation = emu.object(cache)["generation"]
   with urllib.request.urlopen(f"http://127.0.0.1:{emu.port}/storage/v1/b/{BUCKET}/o/"
                               f"{urllib.parse.quote(cache, safe='')}?alt=media", timeout=10) as r:
     assert json.load(r) == stats
@@ -192,6 +166,6 @@ def test_pipeline_reads_gcs_and_caches_statistics_there(gcs, backend, local_root
   # A second pipeline (as after a restart) reads the cache from gs:// instead of recomputing.
   again, info2 = _batches(gs_config)
   assert len(calls) == 1
-  assert _object(emu, cache)["generation"] == generation   # not rewritten
+  assert emu.object(cache)["generation"] == generation   # not rewritten
   assert info2.statistics[NAME] == stats
   _assert_batches_equal(again, want)

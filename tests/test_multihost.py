@@ -68,6 +68,16 @@ def _finish(procs, timeout=300) -> list[str]:
   return outs
 
 
+def _wait_for_checkpoint(procs, workdir, step: int, timeout: float = 240) -> None:
+  """Until `step` is saved under workdir; fails (with the output) if a process exits first."""
+  deadline = time.time() + timeout
+  while not (pathlib.Path(workdir) / "checkpoints" / str(step)).exists():
+    for p in procs:
+      assert p.poll() is None, p.stdout.read().decode()[-4000:]
+    assert time.time() < deadline, f"no checkpoint {step} within {timeout} s"
+    time.sleep(0.2)
+
+
 def _losses(workdir) -> dict[int, float]:
   """step -> train loss from the run's TensorBoard event files (written by process 0)."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
@@ -133,12 +143,7 @@ def test_sigkill_both_mid_run_resumes_to_the_same_result(two_processes, tmp_path
   # Batch 5 (index 5) blocks, so both processes sit after step 5 until they are killed.
   procs = _start_two(tmp_path, "--config.checkpoint.every=1", "--config.data.slow_after_batch=5",
                      "--config.data.slow_seconds=600")
-  deadline = time.time() + 240
-  while not (tmp_path / "checkpoints" / "5").exists():
-    for p in procs:
-      assert p.poll() is None, p.stdout.read().decode()[-4000:]
-    assert time.time() < deadline, "no checkpoint 5 within 240 s"
-    time.sleep(0.5)
+  _wait_for_checkpoint(procs, tmp_path, 5)
   time.sleep(1.0)
   for p in procs:
     p.send_signal(signal.SIGKILL)
@@ -158,12 +163,7 @@ def test_sigkill_both_mid_run_resumes_to_the_same_result(two_processes, tmp_path
 def test_sigterm_to_one_process_saves_and_both_exit_cleanly(tmp_path):
   procs = _start_two(tmp_path, "--config.total_steps=400", "--config.checkpoint.every=2",
                      "--config.data.slow_after_batch=2", "--config.data.slow_seconds=0.5")
-  deadline = time.time() + 240
-  while not (tmp_path / "checkpoints" / "2").exists():
-    for p in procs:
-      assert p.poll() is None, p.stdout.read().decode()[-4000:]
-    assert time.time() < deadline, "no checkpoint 2 within 240 s"
-    time.sleep(0.2)
+  _wait_for_checkpoint(procs, tmp_path, 2)
   procs[1].send_signal(signal.SIGTERM)
   outs = _finish(procs, timeout=180)
   lasts = []

@@ -9,8 +9,8 @@ trainer:
     report = evaluate_run(config, workdir) # newest checkpoint -> evaluate_variants -> files in
                                            # <workdir>/<config.sim.eval.out_subdir>/
 
-`run(config, workdir)` does the three in sequence and records wall-clock per phase. As a program:
-`python -m m2vla_jax.sim.workflow --config=configs/sim.py --workdir=DIR` (same flags as train.py).
+`run(config, workdir)` does the three in sequence and records wall-clock per phase; the entry point
+`python -m m2vla_jax.train --config=configs/sim.py --workdir=DIR` runs it.
 
 `config.sim` fields (see configs/sim.py): suite, tasks (trained and evaluated as 'seen' /
 'paraphrased'), held_out_tasks (never trained; 'held_out_tasks' variant), episodes_per_task
@@ -177,19 +177,3 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       config, workdir, prepare=[("prepare_data", lambda: prepare_data(config))],
       evaluate=lambda: evaluate_run(config, workdir),
       summary_path=os.path.join(workdir, config.sim.eval.out_subdir, "summary.json"))
-
-
-def main(argv: Sequence[str]) -> None:
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  if len(argv) > 1:
-    raise ValueError(f"unexpected arguments: {argv[1:]}")
-  run(flags.FLAGS.config, flags.FLAGS.workdir)
-
-
-if __name__ == "__main__":
-  from absl import app  # pylint: disable=g-import-not-at-top
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  config_flags.DEFINE_config_file("config", None, "configs/sim.py[:args]", lock_config=True)
-  flags.DEFINE_string("workdir", None, "Run directory.", required=True)
-  app.run(main)

@@ -13,8 +13,8 @@ the trainer, modelled on `m2vla_jax.sim.workflow` (Meta-World):
     dagger_rounds(config, workdir)     # mjx.dagger.rounds > 0: learner rollouts labelled by the
                                        # expert, retrain on the aggregate, evaluate per round
 
-`run(config, workdir)` does them in sequence and records wall-clock per phase. As a program:
-`python -m m2vla_jax.sim.mjx.workflow --config=configs/mjx.py --workdir=DIR`.
+`run(config, workdir)` does them in sequence and records wall-clock per phase; the entry point
+`python -m m2vla_jax.train --config=configs/mjx.py --workdir=DIR` runs it.
 
 `config.mjx` fields (configs/mjx.py): tasks, episodes_per_task, image_size, cameras (rendered
 cameras; the first is the 'primary' slot, 'wrist' the 'wrist' slot), demo_horizon,
@@ -430,22 +430,3 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if "dagger" in config.mjx and int(config.mjx.dagger.rounds) > 0:
     summary["dagger_rounds"] = dagger_rounds(config, workdir)
   return summary
-
-
-def main(argv: Sequence[str]) -> None:
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from absl import logging  # pylint: disable=g-import-not-at-top
-  if len(argv) > 1:
-    raise ValueError(f"unexpected arguments: {argv[1:]}")
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # orbax logs every file it reads and writes at INFO
-  run(flags.FLAGS.config, flags.FLAGS.workdir)
-
-
-if __name__ == "__main__":
-  from absl import app  # pylint: disable=g-import-not-at-top
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  config_flags.DEFINE_config_file("config", None, "configs/mjx.py[:args]", lock_config=True)
-  flags.DEFINE_string("workdir", None, "Run directory.", required=True)
-  app.run(main)
