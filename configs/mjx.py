@@ -47,25 +47,24 @@ import os
 
 import ml_collections
 
+from m2vla_jax.sim.common import demo_cache
 from m2vla_jax.training import config_base
 
 TASKS = ("pick_lift", "push_to_target", "place_on_target")
 TOKENIZERS = ("words", "bytes")
-DEFAULT_DATA_DIR = os.path.join(os.path.expanduser("~"), ".cache", "m2vla_jax", "mjx_demos")
+DEFAULT_DATA_DIR = demo_cache.default_data_dir("mjx")
 
 
 def dataset_name(tasks, episodes_per_task: int, image_size: int, cameras, horizon: int,
                  seed: int, noise: float, layout_repeats: int, post_success_steps: int = 0,
                  post_success_tasks=None) -> str:
-  """Cache name: every setting that changes the recorded data, and the experts' version."""
+  """Demo cache name: a readable prefix and a hash of every setting that changes the recorded data
+  and of the experts' version (`experts.demo_spec` / `demo_name`)."""
   from m2vla_jax.sim.mjx import experts  # pylint: disable=g-import-not-at-top
-  short = "-".join(t.split("_")[0] for t in tasks)
-  post_tasks = [t for t in tasks if post_success_tasks is None or t in post_success_tasks]
-  post = f"_post{post_success_steps}" if post_success_steps and post_tasks else ""
-  if post and len(post_tasks) < len(tasks):      # every task keeps them: the older caches' name
-    post += "-" + "-".join(t.split("_")[0] for t in post_tasks)
-  return (f"mjx_{short}_{'-'.join(cameras)}_{image_size}px_n{episodes_per_task}_h{horizon}_s{seed}_"
-          f"noise{noise:g}_rep{layout_repeats}{post}_e{experts.VERSION}").lower()
+  return experts.demo_name(experts.demo_spec(
+      tasks=tasks, episodes_per_task=episodes_per_task, horizon=horizon, seed=seed,
+      image_size=image_size, cameras=cameras, noise=noise, layout_repeats=layout_repeats,
+      post_success_steps=post_success_steps, post_success_tasks=post_success_tasks))
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -1,13 +1,16 @@
 """configs/mjx.py and the MJX workflow's config checks (fast; the end-to-end run is in RESULTS.md).
 
-Reference for the dataset name: the settings it must encode, compared field by field.
+Reference for the dataset name: the demo spec it hashes, compared field by field with the config.
 """
+import json
 import os
 import pathlib
 
 import pytest
 
 from m2vla_jax.models import vlm as vlm_lib
+from m2vla_jax.sim.common import demo_cache
+from m2vla_jax.sim.mjx import experts
 from m2vla_jax.sim.mjx import workflow
 from m2vla_jax.training import config_base
 from m2vla_jax.text import tokenizers
@@ -19,13 +22,25 @@ def _config(arg=None):
   return config_base.load_config_file(CONFIG).get_config(arg)
 
 
+def _spec(c):
+  return experts.demo_spec(**workflow._demo_args(c.mjx))  # pylint: disable=protected-access
+
+
 def test_config_is_consistent_and_short_args_apply():
   c = _config("steps=7,episodes=3,eval_episodes=2,execute=4,c_eval=False")
   assert c.total_steps == 7 and c.mjx.episodes_per_task == 3
   assert c.mjx.eval.episodes_per_task == 2 and c.mjx.eval.execute_steps == 4
   assert not c.mjx.eval.c_mujoco
   assert c.data.pipeline.datasets == c.mjx.dataset_name
-  assert "n3" in c.mjx.dataset_name and c.mjx.cameras == ("table",) and "_table_" in c.mjx.dataset_name
+  assert c.mjx.cameras == ("table",)
+  # readable prefix (tasks, cameras, size, demos per task) + hash of the spec
+  assert c.mjx.dataset_name == "mjx_pick-push-place_table_32px_n3_" + demo_cache.digest(_spec(c))
+  assert _spec(c) == {"simulator": "mjx", "experts_version": experts.VERSION,
+                      "tasks": ["pick_lift", "push_to_target", "place_on_target"],
+                      "episodes_per_task": 3, "horizon": c.mjx.demo_horizon, "seed": 0,
+                      "image_size": 32, "cameras": ["table"], "noise": 0.3, "layout_repeats": 9,
+                      "post_success_steps": 10, "post_success_tasks": ["place_on_target"],
+                      "image_encoding": "png"}
   assert tuple(c.data.pipeline.image_size) == (c.mjx.image_size,) * 2
   # one token per word (the colour is one token, as in Gemma's vocabulary): 16 tokens in both the
   # pipeline and the tiny VLM, every id inside the tiny Gemma's 128
@@ -37,19 +52,23 @@ def test_config_is_consistent_and_short_args_apply():
   assert b.data.tokenizer == "bytes_mod:128"
   assert b.data.pipeline.max_tokens == b.model.vlm_overrides.max_text_tokens == 32
   assert workflow._check(c) is c.mjx  # pylint: disable=protected-access
-  # a different demo count is a different cache entry
-  assert _config("episodes=4").mjx.dataset_name != c.mjx.dataset_name
-  # so is a different number of post-success steps, and which tasks keep them: by default 10,
-  # place only; every task keeps the name of the older caches, 0 steps (or no trained task
-  # among post_tasks) no post part at all
-  assert c.mjx.demo_post_success_steps == 10 and c.mjx.demo_post_success_tasks == ("place_on_target",)
-  assert "_post10-place_" in c.mjx.dataset_name
-  assert "_post10_" in _config("post_tasks=").mjx.dataset_name
-  assert "_post" not in _config("post=0").mjx.dataset_name
+  # every setting that changes the recorded data is a different cache entry: the demo count,
+  # the noise, the post-success steps and which tasks keep them (by default 10, place only)
+  assert c.mjx.demo_post_success_steps == 10
+  assert c.mjx.demo_post_success_tasks == ("place_on_target",)
+  others = [_config(f"episodes=3,{a}") for a in (
+      "episodes=4", "noise=0.2", "repeats=18", "post_tasks=", "post=0",
+      "post=5,post_tasks=place_on_target+pick_lift")]
+  assert len({c.mjx.dataset_name} | {o.mjx.dataset_name for o in others}) == 1 + len(others)
+  assert _spec(others[3])["post_success_tasks"] == list(c.mjx.tasks)
+  assert (_spec(others[4])["post_success_steps"], _spec(others[4])["post_success_tasks"]) == (0, [])
+  # no trained task keeping post-success steps records what 0 steps record: one cache entry
   pick = _config("tasks=pick_lift")
-  assert pick.mjx.demo_post_success_tasks == () and "_post" not in pick.mjx.dataset_name
+  assert pick.mjx.demo_post_success_tasks == () and _spec(pick)["post_success_steps"] == 0
+  assert pick.mjx.dataset_name == _config("tasks=pick_lift,post=0").mjx.dataset_name
   assert workflow._check(pick) is pick.mjx  # pylint: disable=protected-access
-  assert "_post5-pick-place_" in _config("post=5,post_tasks=place_on_target+pick_lift").mjx.dataset_name
+  # settings that do not change the data (training, evaluation) leave the name alone
+  assert _config("episodes=3,steps=9,eval_episodes=3,lr=0.01").mjx.dataset_name == c.mjx.dataset_name
   with pytest.raises(ValueError, match=r"post_tasks names \['place'\]; use '\+'-separated names"):
     _config("post_tasks=place")
   hand_edited = _config()
@@ -105,6 +124,13 @@ def test_config_errors_name_the_field():
     _config("cameras=table+top")
   with pytest.raises(ValueError, match="no camera twice"):
     _config("cameras=table+table")
+  # a demo setting edited by hand: the name no longer names the data, so the cache cannot be used
+  c = _config()
+  c.unlock()
+  c.mjx.demo_noise = 0.1
+  with pytest.raises(ValueError, match=r"config.mjx.dataset_name='mjx_pick-push-place_table_32px_"
+                                       r"n600_[0-9a-f]{10}' does not match the demonstration settings"):
+    workflow._check(c)  # pylint: disable=protected-access
   c = _config()
   c.unlock()
   del c["mjx"]
@@ -142,3 +168,29 @@ def test_the_train_entry_point_runs_each_configs_workflow():
   assert train._workflow(sim) is metaworld_workflow.run  # pylint: disable=protected-access
   debug = config_base.load_config_file(str(pathlib.Path(CONFIG).with_name("debug.py"))).get_config()
   assert train._workflow(debug) is None  # pylint: disable=protected-access
+
+
+def test_prepare_data_records_once_per_spec_and_registers(tmp_path, monkeypatch):
+  """The workflow's demo glue with the expert rollout replaced by a stand-in that writes the files
+  a dataset consists of for the cache (the rollout itself is tested in test_mjx_rollout.py)."""
+  from m2vla_jax.data import oxe  # pylint: disable=g-import-not-at-top
+  calls = []
+
+  def fake_collect(out_dir, name, **kwargs):
+    calls.append(kwargs)
+    path = os.path.join(out_dir, name, demo_cache.VERSION)
+    os.makedirs(path)
+    open(os.path.join(path, "dataset_info.json"), "w").write("{}")
+    rate = {"successes": 2, "episodes": 2, "success_rate": 1.0, "ci95": [0.34, 1.0]}
+    return path, {"mean_success": 1.0, "mean_ci95": [0.51, 1.0], "episodes": 6,
+                  "per_task": {t: dict(rate) for t in kwargs["tasks"]}}
+
+  monkeypatch.setattr(experts, "collect_demos", fake_collect)
+  c = _config(f"episodes=2,data_dir={tmp_path}")
+  path, report = workflow.prepare_data(c)
+  assert path == str(tmp_path / c.mjx.dataset_name / "1.0.0") and report["episodes"] == 6
+  assert calls == [workflow._demo_args(c.mjx)]  # pylint: disable=protected-access
+  assert json.load(open(os.path.join(path, demo_cache.SPEC_FILE))) == _spec(c)
+  assert json.load(open(os.path.join(path, "mjx_demo_summary.json")))["mean_success"] == 1.0
+  assert dict(oxe.get_spec(c.mjx.dataset_name).cameras) == {"primary": "image"}
+  assert workflow.prepare_data(c) == (path, None) and len(calls) == 1        # cached

@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from m2vla_jax.sim import phases
+from m2vla_jax.sim.common import phases
 from m2vla_jax.training import trainer
 
 

@@ -179,3 +179,26 @@ def test_config_mismatch_is_named(tmp_path):
   config.sim.episodes_per_task = 7                            # dataset_name no longer matches
   with pytest.raises(ValueError, match="config.sim.dataset_name"):
     workflow.prepare_data(config)
+
+
+def test_demo_cache_name_is_one_scheme_for_the_config_and_the_cli(tmp_path):
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from m2vla_jax.sim import demos  # pylint: disable=g-import-not-at-top
+  from m2vla_jax.sim import metaworld_env  # pylint: disable=g-import-not-at-top
+  from m2vla_jax.sim import workflow  # pylint: disable=g-import-not-at-top
+  config = _sim_config(str(tmp_path))
+  name = config.sim.dataset_name
+  assert name.startswith("metaworld_mt10_corner_nowrist_32px_n2_t2_")
+  # `python -m m2vla_jax.sim.demos` without --name names the same settings the same way
+  cli = demos.DemoConfig(env=metaworld_env.EnvConfig(image_size=32, primary_camera="corner",
+                                                     wrist_camera=None), post_success_steps=3)
+  tasks = tuple(config.sim.tasks)
+  assert demos.cache_name(demos.generation_spec("mt10", tasks, 2, cli)) == name
+  # every setting of the recording changes the name; statistics-only ones do not
+  for field, value in [("episodes_per_task", 3), ("post_success_steps", 0), ("image_size", 16),
+                       ("wrist_camera", "gripperPOV"), ("tasks", tasks[:1])]:
+    assert workflow.name_from_config({**config.sim.to_dict(), field: value}) != name, field
+  assert demos.cache_name(demos.generation_spec(
+      "mt10", tasks, 2, dataclasses.replace(cli, max_attempts_per_episode=5))) != name
+  assert demos.cache_name(demos.generation_spec(
+      "mt10", tasks, 2, dataclasses.replace(cli, measure_last_step=True))) == name

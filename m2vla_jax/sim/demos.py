@@ -25,7 +25,8 @@ Episode layout: one dict per episode with a leading time axis T, the input forma
 ```
 `action` is the expert action clipped to Meta-World's action space (the environment clips the
 same way, so the recorded action is exactly what was executed). `dataset_spec(name)` is the data
-registry entry that reads the written dataset back.
+registry entry that reads the written dataset back; `generation_spec` / `cache_name` name the
+demo cache (`m2vla_jax.sim.common.demo_cache`), which `generate_and_write` reuses or rebuilds.
 
 CLI: `python -m m2vla_jax.sim.demos --suite=mt10 --episodes_per_task=N --out=DIR`.
 """
@@ -40,12 +41,13 @@ import shutil
 import sys
 import time
 import warnings
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from m2vla_jax.sim import instructions
 from m2vla_jax.sim import metaworld_env
+from m2vla_jax.sim.common import demo_cache
 
 log = logging.getLogger(__name__)
 
@@ -269,25 +271,41 @@ def stats_markdown(stats: Sequence[TaskStats]) -> str:
 def dataset_spec(name: str, wrist: bool = True):
   """The data-registry entry that reads demonstrations written by `write_demos` under `name`.
 
-  `wrist`: the demonstrations were recorded with a wrist camera (`EnvConfig.wrist_camera`).
-
-  The gripper action is Meta-World's continuous effort in [-1, 1] (the experts use intermediate
-  values), so it is declared as an ordinary continuous dimension rather than an open/closed
-  gripper: normalization stays invertible and a policy's output maps back to the simulator exactly.
+  `wrist`: the demonstrations were recorded with a wrist camera (`EnvConfig.wrist_camera`). The
+  gripper action is Meta-World's continuous effort in [-1, 1] (the experts use intermediate
+  values), declared continuous like every simulator's (`demo_cache.dataset_spec`).
   """
-  from m2vla_jax.data.oxe import spec as oxe_spec  # pylint: disable=g-import-not-at-top
-  return oxe_spec.DatasetSpec(
-      name, {"primary": "image", "wrist": "wrist_image"} if wrist else {"primary": "image"},
-      state=(oxe_spec.Field("observation/state"),), action=(oxe_spec.Field("action"),),
-      action_encoding=oxe_spec.ActionEncoding.EEF_DELTA)
+  return demo_cache.dataset_spec(name, camera_keys(wrist))
 
 
-def dataset_name(suite: str, config: DemoConfig) -> str:
-  """Cache name: the suite and every setting that changes the recorded data."""
-  env = config.env
-  wrist = env.wrist_camera or "nowrist"
-  return (f"metaworld_{suite}_{env.primary_camera}_{wrist}_{env.image_size}px_"
-          f"post{config.post_success_steps}").lower()
+def camera_keys(wrist: bool = True) -> dict[str, str]:
+  """{pipeline camera slot: episode image key} of the recorded cameras."""
+  return {"primary": "image", "wrist": "wrist_image"} if wrist else {"primary": "image"}
+
+
+# DemoConfig / EnvConfig fields that do not change the recorded episodes (statistics only, and how
+# the environment process is hosted): left out of the spec, so they do not invalidate a cache.
+_NOT_IN_SPEC = ("measure_last_step", "isolate_process")
+
+
+def generation_spec(suite: str, tasks: Sequence[str], episodes_per_task: int,
+                    config: DemoConfig = DemoConfig(), image_encoding: str = "jpeg"
+                    ) -> dict[str, Any]:
+  """Everything that changes the recorded demonstrations: the demo cache's spec (demo_cache)."""
+  env = {k: v for k, v in dataclasses.asdict(config.env).items() if k not in _NOT_IN_SPEC}
+  demo = {k: v for k, v in dataclasses.asdict(config).items()
+          if k != "env" and k not in _NOT_IN_SPEC}
+  return demo_cache.canonical({"simulator": "metaworld", "suite": suite, "tasks": list(tasks),
+                               "episodes_per_task": int(episodes_per_task), "env": env, **demo,
+                               "image_encoding": image_encoding})
+
+
+def cache_name(spec: Mapping[str, Any]) -> str:
+  """Demo cache name of a `generation_spec`: suite, cameras, size, demos and tasks, and the hash."""
+  env = spec["env"]
+  return demo_cache.cache_name(
+      f"metaworld_{spec['suite']}_{env['primary_camera']}_{env['wrist_camera'] or 'nowrist'}_"
+      f"{env['image_size']}px_n{spec['episodes_per_task']}_t{len(spec['tasks'])}", spec)
 
 
 def write_demos(episodes: Sequence[Episode], out_dir: str, name: str,
@@ -306,33 +324,29 @@ def write_demos(episodes: Sequence[Episode], out_dir: str, name: str,
   return path
 
 
-def cached_path(out_dir: str, name: str) -> str | None:
-  """The dataset directory if a complete dataset of that name was written before."""
-  path = os.path.join(out_dir, name, "1.0.0")
-  return path if os.path.exists(os.path.join(path, "dataset_info.json")) else None
-
-
 def generate_and_write(suite: str, episodes_per_task: int, out_dir: str,
                        config: DemoConfig = DemoConfig(), tasks: Sequence[str] | None = None,
                        name: str | None = None, overwrite: bool = False,
                        image_encoding: str = "jpeg") -> tuple[str, list[TaskStats] | None]:
-  """Generates and writes a suite's demonstrations unless already cached.
+  """Generates and writes a suite's demonstrations unless cached (`demo_cache.ensure`).
 
-  Tasks default to `metaworld_env.train_tasks(suite)` (held-out tasks never get demonstrations).
-  Returns (dataset directory, per-task stats or None when the cache was used).
+  Tasks default to `metaworld_env.train_tasks(suite)` (held-out tasks never get demonstrations);
+  `name` defaults to `cache_name` of the settings. Returns (dataset directory, per-task stats or
+  None when the cache was used).
   """
   tasks = tuple(tasks) if tasks is not None else metaworld_env.train_tasks(suite)
-  name = name or dataset_name(suite, config) + f"_n{episodes_per_task}"
-  existing = cached_path(out_dir, name)
-  if existing and not overwrite:
-    log.info("using cached demonstrations %s", existing)
-    return existing, None
-  if existing:
+  spec = generation_spec(suite, tasks, episodes_per_task, config, image_encoding)
+  name = name or cache_name(spec)
+  if overwrite and os.path.exists(os.path.join(out_dir, name)):
     shutil.rmtree(os.path.join(out_dir, name))
-  episodes, stats = generate_demos(tasks, episodes_per_task, config)
-  if not episodes:
-    raise RuntimeError(f"no successful expert demonstration for any of {list(tasks)}")
-  return write_demos(episodes, out_dir, name, stats, image_encoding), stats
+
+  def build():
+    episodes, stats = generate_demos(tasks, episodes_per_task, config)
+    if not episodes:
+      raise RuntimeError(f"no successful expert demonstration for any of {list(tasks)}")
+    return write_demos(episodes, out_dir, name, stats, image_encoding), stats
+
+  return demo_cache.ensure(out_dir, name, spec, build)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -4,9 +4,9 @@ Owns: running N episodes per task from held-out seeds (`episode_seed(task, i, 'e
 from the demonstration seeds) with the benchmark's step limit, batching the policy across B
 environments, executing each predicted action chunk open-loop for `execute_steps` steps
 (receding horizon), scoring success as Meta-World does (an episode succeeds at the first step
-whose `info['success']` is True and ends there), Wilson confidence intervals, and the report
-(JSON, bar plot, rollout GIFs). Evaluation variants: instructions seen in training, held-out
-paraphrases, and held-out tasks.
+whose `info['success']` is True and ends there), and the report (JSON and bar plot with Wilson
+intervals through `m2vla_jax.sim.common.summary`; rollout GIFs). Evaluation variants:
+instructions seen in training, held-out paraphrases, and held-out tasks.
 
 The policy contract (what the simulator hands a policy and what it expects back):
 ```
@@ -31,9 +31,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import json
 import logging
-import math
 import os
 from typing import Any, Callable, Sequence
 
@@ -41,25 +39,12 @@ import numpy as np
 
 from m2vla_jax.sim import instructions
 from m2vla_jax.sim import metaworld_env
+from m2vla_jax.sim.common import summary as summary_lib
 
 log = logging.getLogger(__name__)
 
 Policy = Callable[[dict[str, Any]], Any]
 VARIANTS = ("seen", "paraphrased", "held_out_tasks")
-Z_95 = 1.959963984540054  # two-sided 95% standard normal quantile
-
-
-def wilson_interval(successes: int, n: int, z: float = Z_95) -> tuple[float, float]:
-  """Wilson score interval for a binomial proportion (0, 1) when n == 0."""
-  if n == 0:
-    return 0.0, 1.0
-  if not 0 <= successes <= n:
-    raise ValueError(f"successes={successes} must lie in [0, n={n}]")
-  p = successes / n
-  denom = 1.0 + z * z / n
-  center = (p + z * z / (2 * n)) / denom
-  half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-  return max(0.0, center - half), min(1.0, center + half)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,61 +222,6 @@ def run_episodes(policy: Policy, tasks: Sequence[str], config: EvalConfig,
   return episodes, videos
 
 
-def summarize(episodes: Sequence[dict[str, Any]]) -> dict[str, Any]:
-  """Per-task and mean success with 95% Wilson intervals.
-
-  The mean is the unweighted mean of per-task rates (Meta-World's convention); its interval is
-  the Wilson interval of the pooled episodes, exact when every task has the same episode count.
-  """
-  per_task: dict[str, dict[str, Any]] = {}
-  for ep in episodes:
-    entry = per_task.setdefault(ep["task"], {"successes": 0, "episodes": 0, "failures": {}})
-    entry["episodes"] += 1
-    entry["successes"] += int(ep["success"])
-    if not ep["success"]:
-      kind = ep["reason"].split(":")[0].split(" ")[0]
-      entry["failures"][kind] = entry["failures"].get(kind, 0) + 1
-  for entry in per_task.values():
-    entry["success_rate"] = entry["successes"] / entry["episodes"]
-    entry["ci95"] = list(wilson_interval(entry["successes"], entry["episodes"]))
-  total = sum(e["episodes"] for e in per_task.values())
-  succ = sum(e["successes"] for e in per_task.values())
-  return {
-      "per_task": per_task,
-      "mean_success": float(np.mean([e["success_rate"] for e in per_task.values()]))
-                      if per_task else 0.0,
-      "mean_ci95": list(wilson_interval(succ, total)),
-      "episodes": total,
-  }
-
-
-def plot_success(summary: dict[str, Any], path: str, title: str = "") -> None:
-  """Bar plot of per-task success with Wilson 95% intervals."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  tasks = list(summary["per_task"])
-  rates = np.array([summary["per_task"][t]["success_rate"] for t in tasks])
-  ci = np.array([summary["per_task"][t]["ci95"] for t in tasks]).reshape(-1, 2)
-  fig, ax = plt.subplots(figsize=(max(4.0, 0.45 * len(tasks) + 1.5), 3.6))
-  # Interval ends are rounded for the JSON report, so at rates of exactly 0 or 1 an end can fall a
-  # hair past the rate; matplotlib refuses negative error bars.
-  yerr = np.maximum(np.stack([rates - ci[:, 0], ci[:, 1] - rates]), 0.0)
-  ax.bar(range(len(tasks)), rates, yerr=yerr,
-         capsize=3, color="tab:blue")
-  ax.axhline(summary["mean_success"], color="tab:red", ls="--",
-             label=f"mean {summary['mean_success']:.2f}")
-  ax.set_xticks(range(len(tasks)))
-  ax.set_xticklabels([t.removesuffix("-v3") for t in tasks], rotation=60, ha="right", fontsize=7)
-  ax.set_ylim(0, 1.05)
-  ax.set_ylabel("success rate (95% Wilson CI)")
-  ax.set_title(title, fontsize=9)
-  ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-
-
 def save_videos(videos: dict[tuple[str, int], list[np.ndarray]], out_dir: str, fps: int) -> list[str]:
   """Writes each rollout as `<task>_<index>.gif`; returns the paths."""
   import imageio.v2 as imageio  # pylint: disable=g-import-not-at-top
@@ -313,21 +243,16 @@ def evaluate(policy: Policy, tasks: Sequence[str], config: EvalConfig, out_dir: 
   `<name>_videos/*.gif`.
   """
   episodes, videos = run_episodes(policy, tasks, config, env_factory)
-  result = summarize(episodes)
+  result = summary_lib.summarize(episodes)
   result.update(name=name, tasks=list(tasks), config=dataclasses.asdict(config),
                 episode_records=episodes)
   if out_dir:
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
-      json.dump(result, f, indent=1)
-    plot_success(result, os.path.join(out_dir, f"{name}.png"),
-                 title=f"{name}: mean {result['mean_success']:.3f}")
+    summary_lib.write_evaluation(result, out_dir, name)
     if videos:
       video_dir = os.path.join(out_dir, f"{name}_videos")
       os.makedirs(video_dir, exist_ok=True)
       result["videos"] = save_videos(videos, video_dir, config.video_fps)
-  log.info("%s: mean success %.3f (95%% CI %.3f-%.3f) over %d episodes", name,
-           result["mean_success"], *result["mean_ci95"], result["episodes"])
+  log.info("%s", summary_lib.headline(name, result))
   return result
 
 

@@ -20,6 +20,7 @@ demonstrations.
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, Sequence
 
 import jax
@@ -66,4 +67,19 @@ def collect(learner_fn: Callable, learner_params: Any, env: rollout_lib.EnvParam
 
 
 def round_name(demo_name: str, k: int) -> str:
+  """Readable prefix of round k's dataset (`round_spec` adds the hash): `<demos>_dagger<k>`."""
   return f"{demo_name}_dagger{k}"
+
+
+def round_spec(demo_name: str, k: int, learner_dir: str, beta: float, seed: int, n_envs: int,
+               horizon: int, cameras: Sequence[str], post_success_steps: int = 0,
+               post_success_tasks: Sequence[str] | None = None) -> dict[str, Any]:
+  """The demo cache's spec (`demo_cache`) of round k: what `collect` is given, with the learner
+  named by its run directory (a run retrained in place must not reuse its old rounds' rollouts:
+  start it in a new directory) and the experts' VERSION (they label every state)."""
+  return {"simulator": "mjx_dagger", "experts_version": experts.VERSION, "demos": demo_name,
+          "round": int(k), "learner": os.path.abspath(learner_dir), "beta": float(beta),
+          "seed": int(seed), "episodes": int(n_envs), "horizon": int(horizon),
+          "cameras": list(cameras), "post_success_steps": int(post_success_steps),
+          "post_success_tasks": None if post_success_tasks is None else list(post_success_tasks),
+          "image_encoding": "png"}

@@ -4,20 +4,22 @@ Owns: `expert_action` (privileged state -> action; which phase to be in is decid
 state alone, so it runs inside the compiled rollout with no extra carry), the chunked
 `expert_policy` / `random_policy` behind the rollout's policy contract, and `collect_demos`,
 which records expert rollouts (rendered camera, proprio, actions, instruction) and writes them
-through `m2vla_jax.data.writer.write_rlds_dataset`.
+through `m2vla_jax.data.writer.write_rlds_dataset`, with `demo_spec` / `demo_name` naming them in
+the demo cache (`m2vla_jax.sim.common.demo_cache`).
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from m2vla_jax.sim.common import demo_cache
 from m2vla_jax.sim.mjx import scene as scene_lib
 from m2vla_jax.sim.mjx import tasks as tasks_lib
 
-# Bumped whenever the experts' behaviour changes: it is part of the demo cache name.
+# Bumped whenever the experts' behaviour changes: it is part of the demo cache's spec (`demo_spec`).
 # 2: hysteresis on the descents. 3: funnels (below) instead of thresholds, release on hand height.
 VERSION = 3
 HOVER_Z = 0.09           # hand height for travelling: fingertips clear the 4 cm blocks
@@ -240,6 +242,32 @@ def collect_demos(out_dir: str, name: str, *, tasks: Sequence[str] = tasks_lib.T
                                                f"demonstrations cut at first success "
                                                f"(m2vla_jax.sim.mjx.experts).")
   return path, rollout_lib.summarize(result)
+
+
+def demo_spec(*, tasks: Sequence[str], episodes_per_task: int, horizon: int, seed: int,
+              image_size: int, cameras: Sequence[str], noise: float, layout_repeats: int,
+              post_success_steps: int = 0, post_success_tasks: Sequence[str] | None = None,
+              image_encoding: str = "png") -> dict[str, Any]:
+  """The demo cache's spec (`demo_cache`) of `collect_demos` with these arguments (the others at
+  their defaults) and the experts' VERSION: everything that changes the recorded episodes.
+
+  Post-success steps are written as they act: the tasks that keep them, none when no task does.
+  """
+  kept = [t for t in tasks if post_success_tasks is None or t in post_success_tasks]
+  post = int(post_success_steps) if kept else 0
+  return demo_cache.canonical({
+      "simulator": "mjx", "experts_version": VERSION, "tasks": list(tasks),
+      "episodes_per_task": int(episodes_per_task), "horizon": int(horizon), "seed": int(seed),
+      "image_size": int(image_size), "cameras": list(cameras), "noise": float(noise),
+      "layout_repeats": int(layout_repeats), "post_success_steps": post,
+      "post_success_tasks": kept if post else [], "image_encoding": image_encoding})
+
+
+def demo_name(spec: Mapping[str, Any]) -> str:
+  """Demo cache name of a `demo_spec`: tasks, cameras, size and demos per task, and the hash."""
+  short = "-".join(t.split("_")[0] for t in spec["tasks"])
+  return demo_cache.cache_name(f"mjx_{short}_{'-'.join(spec['cameras'])}_{spec['image_size']}px_"
+                               f"n{spec['episodes_per_task']}", spec)
 
 
 def relabel_with_expert(result: dict[str, Any]) -> None:

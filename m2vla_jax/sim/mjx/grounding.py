@@ -36,10 +36,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from m2vla_jax.core import freezing
 from m2vla_jax.models import vlm as vlm_lib
 from m2vla_jax.sim.mjx import render as render_lib
 from m2vla_jax.sim.mjx import scene as scene_lib
 from m2vla_jax.sim.mjx import tasks as tasks_lib
+from m2vla_jax.training import train_state
 
 # Columns of the target vector, in order (each is a position in metres x TARGET_SCALE). The
 # instruction's task is deliberately not a target: with its one-hot added, cloned policies
@@ -187,6 +189,17 @@ def errors_cm(pred: jax.Array, target: jax.Array) -> dict[str, jax.Array]:
           "colour_blocks_xy": pick([f"{c}_{a}" for c in scene_lib.COLORS for a in "xy"])}
 
 
+@dataclasses.dataclass(frozen=True)
+class _ProbeObjective:
+  """The policy contract `train_state.make_train_step` trains (`loss(params, state, batch, rng)
+  -> (loss, (metrics, state))`): L1 from the probe's output to the targets; no state, no noise."""
+  apply: Any
+
+  def loss(self, params, state, batch, rng):
+    del rng
+    return jnp.mean(jnp.abs(self.apply(params, batch) - batch["targets"])), ({}, state)
+
+
 def pretrain(settings: Settings, out_path: str, *, log_every: int = 500, eval_size: int = 512
              ) -> dict[str, Any]:
   """Trains the backbone on grounding, writes `out_path` (.npz) and `out_path`.json; the metrics."""
@@ -204,6 +217,7 @@ def pretrain(settings: Settings, out_path: str, *, log_every: int = 500, eval_si
   model = GroundingProbe(cfg)
   apply = lambda p, b: model.apply({"params": p}, b["images"], b["image_mask"], b["tokens"],
                                    b["token_mask"])
+  probe = _ProbeObjective(apply)
   k_init, k_eval, k_train = jax.random.split(jax.random.key(settings.seed), 3)
   # One compiled scene sampler (rendering dominates compile time) serves init, training and the
   # held-out set.
@@ -215,15 +229,14 @@ def pretrain(settings: Settings, out_path: str, *, log_every: int = 500, eval_si
   schedule = optax.warmup_cosine_decay_schedule(0.0, settings.lr, min(200, settings.steps // 10 + 1),
                                                 settings.steps)
   tx = optax.adamw(schedule, weight_decay=1e-4)
-  opt = tx.init(params)
-
-  @jax.jit
-  def step(params, opt, batch):
-    def loss_fn(p):
-      return jnp.mean(jnp.abs(apply(p, batch) - batch["targets"]))
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, opt = tx.update(grads, opt, params)
-    return optax.apply_updates(params, updates), opt, loss
+  # The trainer's state and step (training.train_state): every parameter trains, so `frozen` is
+  # empty; the state is built from `params` here rather than by `make_init_fn`, whose own split of
+  # the key would draw other initial weights than before (and than cached backbones were from).
+  trainable, frozen = freezing.split(params, freezing.trainable_mask(params, [(".*", True)]))
+  state = train_state.TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable,
+                                 frozen=frozen, opt_state=tx.init(trainable), ema=None,
+                                 rng=k_train, policy_state={})
+  step = jax.jit(train_state.make_train_step(probe, tx, schedule))
 
   # Held out: scenes from their own key, never drawn for training.
   parts = [sample(k) for k in jax.random.split(k_eval, -(-eval_size // settings.batch_size))]
@@ -231,9 +244,10 @@ def pretrain(settings: Settings, out_path: str, *, log_every: int = 500, eval_si
   evaluate = jax.jit(lambda p: errors_cm(apply(p, eval_batch), eval_batch["targets"]))
   history, t0 = [], time.time()
   for i in range(settings.steps):
-    params, opt, loss = step(params, opt, sample(jax.random.fold_in(k_train, i)))
+    state, metrics = step(state, sample(jax.random.fold_in(k_train, i)))
     if (i + 1) % log_every == 0 or i + 1 == settings.steps:
-      loss = float(loss)
+      params = state.params()
+      loss = float(metrics["loss"])
       if not np.isfinite(loss):
         raise FloatingPointError(f"grounding pretraining: loss {loss} at step {i + 1}; lower "
                                  f"config.mjx.pretrain.lr={settings.lr}")
@@ -242,7 +256,7 @@ def pretrain(settings: Settings, out_path: str, *, log_every: int = 500, eval_si
       print(f"grounding step {i + 1}: loss {loss:.3f}, held-out error (cm) named block xy "
             f"{errs['named_block_xy']:.2f}, goal {errs['goal_xy']:.2f}, hand {errs['hand_xyz']:.2f}",
             flush=True)
-  npz.save_npz(out_path, params["vlm"])
+  npz.save_npz(out_path, state.params()["vlm"])
   report = {"settings": dataclasses.asdict(settings), "targets": list(TARGETS),
             "held_out_scenes": eval_size, "history": history, "final": history[-1]}
   with open(out_path + ".json", "w") as f:

@@ -3,8 +3,7 @@
 Owns: `EnvParams` (which tasks and instructions, cameras, chunk execution), `rollout` (one
 jitted function: `lax.scan` over policy calls and, inside, over the `execute_steps` control
 steps of each action chunk; `vmap` over environments; no Python in the loop), scoring in the
-Meta-World evaluation's report format (`summarize`, `report`, reusing its Wilson intervals and
-summary).
+simulators' shared report format (`summarize`, `report`, through `m2vla_jax.sim.common.summary`).
 
 The policy contract (`policy_fn` is traced once per (policy_fn, EnvParams, n_envs, horizon)):
 ```
@@ -25,10 +24,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import math
-import os
 from typing import Any, Callable, Sequence
 
 import jax
@@ -36,7 +33,7 @@ import jax.numpy as jnp
 from mujoco import mjx
 import numpy as np
 
-from m2vla_jax.sim import evaluate_metaworld
+from m2vla_jax.sim.common import summary as summary_lib
 from m2vla_jax.sim.mjx import render as render_lib
 from m2vla_jax.sim.mjx import scene as scene_lib
 from m2vla_jax.sim.mjx import tasks as tasks_lib
@@ -294,8 +291,8 @@ def rollout(policy_fn: PolicyFn, policy_params: Any, env_params: EnvParams, rng:
 
 
 def summarize(result: dict[str, Any]) -> dict[str, Any]:
-  """Per-task and overall success with 95% Wilson intervals, in the Meta-World report format
-  (`evaluate_metaworld.summarize`), plus mean return per task and per-instruction success."""
+  """Per-task and overall success with 95% Wilson intervals (`summary.summarize`, the format every
+  simulator reports), plus mean return per task and per-instruction success."""
   episodes = []
   for i, (task, ins) in enumerate(zip(result["tasks"], result["instructions"])):
     ok = bool(result["success"][i])
@@ -303,7 +300,7 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
     episodes.append(dict(task=task, index=i, instruction=ins, success=ok, reason=reason,
                          steps=int(result["success_step"][i]) + 1 if ok else result["horizon"],
                          ret=float(result["returns"][i])))
-  summary = evaluate_metaworld.summarize(episodes)
+  summary = summary_lib.summarize(episodes)
   for task, entry in summary["per_task"].items():
     entry["mean_return"] = float(np.mean([e["ret"] for e in episodes if e["task"] == task]))
   per_ins: dict[str, list[int]] = {}
@@ -346,17 +343,6 @@ def report(result: dict[str, Any], out_dir: str | None = None, name: str = "mjx_
                  config={k: v for k, v in dataclasses.asdict(env_params).items()
                          if k != "tokenizer"})
   if out_dir:
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
-      json.dump(summary, f, indent=1)
-    # Wilson ends are rounded floats: at a rate of exactly 0 or 1 the end can miss the rate by
-    # ~1e-16, and matplotlib refuses the resulting negative error bar; plot clamped copies.
-    plotted = dict(summary, per_task={
-        t: dict(e, ci95=[min(e["ci95"][0], e["success_rate"]),
-                         max(e["ci95"][1], e["success_rate"])])
-        for t, e in summary["per_task"].items()})
-    evaluate_metaworld.plot_success(plotted, os.path.join(out_dir, f"{name}.png"),
-                                    title=f"{name}: mean {summary['mean_success']:.3f}")
-  log.info("%s: mean success %.3f (95%% CI %.3f-%.3f) over %d episodes", name,
-           summary["mean_success"], *summary["mean_ci95"], summary["episodes"])
+    summary_lib.write_evaluation(summary, out_dir, name)
+  log.info("%s", summary_lib.headline(name, summary))
   return summary

@@ -19,26 +19,32 @@ the trainer, modelled on `m2vla_jax.sim.workflow` (Meta-World):
 `config.mjx` fields (configs/mjx.py): tasks, episodes_per_task, image_size, cameras (rendered
 cameras; the first is the 'primary' slot, 'wrist' the 'wrist' slot), demo_horizon,
 demo_seed, demo_noise, demo_layout_repeats, demo_post_success_steps, demo_post_success_tasks,
-dataset_name (derived by `configs/mjx.py:dataset_name`), and `eval`: episodes_per_task, horizon, execute_steps, seed, c_mujoco,
+dataset_name (derived by `configs/mjx.py:dataset_name`: the demo cache's name of these settings,
+`experts.demo_name`), and `eval`: episodes_per_task, horizon, execute_steps, seed, c_mujoco,
 demo_layouts (also roll out on the demonstrations' first initial layouts), out_subdir;
 `pretrain`: steps, batch_size, lr, seed; `dagger`: rounds, episodes_per_task, beta, beta_decay, seed.
 
 Report files: `mjx_compiled.json/.png`, `c_mujoco.json/.png`, with `demo_layouts`
 `mjx_demo_layouts.json/.png` (every episode: instruction,
-success, steps, return), `summary.json` and `summary.md` (per-task success with Wilson 95%
-intervals, compiled vs C, per-episode agreement, wall-clock per phase, and the experts' success
-while recording, kept beside the demos as `mjx_demo_summary.json`).
+success, steps, return), `summary.json` and `summary.md` (`m2vla_jax.sim.common.summary` with
+group 'rollout': per-task success with Wilson 95% intervals, compiled vs C, per-episode agreement,
+wall-clock per phase, and the experts' success while recording, kept beside the demos as
+`mjx_demo_summary.json`). Demonstrations and DAgger rounds live in the demo cache
+(`m2vla_jax.sim.common.demo_cache`: recorded once per spec, the spec saved beside the data).
 """
 from __future__ import annotations
 
 import dataclasses
-import hashlib
+import functools
 import json
 import os
 import time
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import ml_collections
+
+from m2vla_jax.sim.common import demo_cache
+from m2vla_jax.sim.common import summary as summary_lib
 
 _DEMO_STATS = "mjx_demo_summary.json"
 
@@ -69,6 +75,10 @@ def _check(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     raise ValueError(f"config.mjx.demo_post_success_tasks names {extra}, not among "
                      f"config.mjx.tasks={tuple(m.tasks)}; drop them or add the tasks")
   from m2vla_jax.sim.mjx import experts  # pylint: disable=g-import-not-at-top
+  demo_cache.check_name("config.mjx.dataset_name", m.dataset_name,
+                        experts.demo_name(experts.demo_spec(**_demo_args(m))),
+                        "derive it with configs/mjx.py's dataset_name from the mjx.demo_* fields "
+                        "(or set them through the config's short args)")
   slots = tuple(s for s, _ in experts.camera_slots(tuple(m.cameras)))
   if tuple(config.data.pipeline.cameras) != slots:
     raise ValueError(f"config.data.pipeline.cameras={tuple(config.data.pipeline.cameras)} must be "
@@ -90,6 +100,14 @@ def _post_success(m: ml_collections.ConfigDict) -> dict[str, Any]:
   """How demonstrations (and DAgger rounds, cut the same way) keep steps after a success."""
   return {"post_success_steps": int(m.get("demo_post_success_steps", 0)),
           "post_success_tasks": tuple(m.get("demo_post_success_tasks", m.tasks))}
+
+
+def _demo_args(m: ml_collections.ConfigDict) -> dict[str, Any]:
+  """`experts.collect_demos` / `experts.demo_spec` arguments of the `config.mjx` demonstrations."""
+  return dict(tasks=tuple(m.tasks), episodes_per_task=int(m.episodes_per_task),
+              horizon=int(m.demo_horizon), seed=int(m.demo_seed), image_size=int(m.image_size),
+              cameras=tuple(m.cameras), noise=float(m.demo_noise),
+              layout_repeats=int(m.demo_layout_repeats), **_post_success(m))
 
 
 def _check_tokenizer(tasks: tuple[str, ...], spec: str, max_tokens: int) -> None:
@@ -139,22 +157,15 @@ def _check_layout_sharing(tasks: tuple[str, ...], repeats: int) -> None:
 
 
 def dataset_spec(name: str, cameras: Sequence[str]):
-  """The data-registry entry of the demos `prepare_data` writes (`cameras`, state, action).
-
-  The gripper action is declared continuous (like the Meta-World demos): normalization stays
-  invertible, so the policy's output maps back to the simulator's action exactly.
-  """
-  from m2vla_jax.data.oxe import spec as oxe_spec  # pylint: disable=g-import-not-at-top
+  """The data-registry entry of the demos `prepare_data` writes (`demo_cache.dataset_spec` with
+  the slots of `cameras`, `experts.camera_slots`)."""
   from m2vla_jax.sim.mjx import experts  # pylint: disable=g-import-not-at-top
-  return oxe_spec.DatasetSpec(name, dict(experts.camera_slots(tuple(cameras))),
-                              state=(oxe_spec.Field("observation/state"),),
-                              action=(oxe_spec.Field("action"),),
-                              action_encoding=oxe_spec.ActionEncoding.EEF_DELTA)
+  return demo_cache.dataset_spec(name, dict(experts.camera_slots(tuple(cameras))))
 
 
-def cached_path(data_dir: str, name: str) -> str | None:
-  path = os.path.join(data_dir, name, "1.0.0")
-  return path if os.path.exists(os.path.join(path, "dataset_info.json")) else None
+def _register(name: str, cameras: Sequence[str]) -> None:
+  from m2vla_jax.sim.mjx import experts  # pylint: disable=g-import-not-at-top
+  demo_cache.register(name, dict(experts.camera_slots(tuple(cameras))))
 
 
 def prepare_data(config: ml_collections.ConfigDict) -> tuple[str, dict[str, Any] | None]:
@@ -163,31 +174,26 @@ def prepare_data(config: ml_collections.ConfigDict) -> tuple[str, dict[str, Any]
   Returns (dataset directory, expert summary or None when the cache was used). Call it in the
   training process before `trainer.train` (the registry entry lives in this process).
   """
-  from m2vla_jax.data import oxe  # pylint: disable=g-import-not-at-top
   from m2vla_jax.sim.mjx import experts  # pylint: disable=g-import-not-at-top
   m = _check(config)
   data_dir = config.data.pipeline.data_dir
   if not data_dir:
     raise ValueError("config.data.pipeline.data_dir is empty; set the demo cache directory")
-  oxe.register(dataset_spec(m.dataset_name, m.cameras), overwrite=True)
-  path = cached_path(data_dir, m.dataset_name)
-  if path is not None:
-    print(f"using cached demonstrations {path}", flush=True)
-    return path, None
-  t0 = time.time()
-  path, summary = experts.collect_demos(
-      data_dir, m.dataset_name, tasks=tuple(m.tasks), episodes_per_task=int(m.episodes_per_task),
-      horizon=int(m.demo_horizon), seed=int(m.demo_seed), image_size=int(m.image_size),
-      cameras=tuple(m.cameras), noise=float(m.demo_noise),
-      layout_repeats=int(m.demo_layout_repeats),
-      **_post_success(m))
-  brief = _brief(summary)
-  brief["wall_s"] = time.time() - t0
-  with open(os.path.join(path, _DEMO_STATS), "w") as f:
-    json.dump(brief, f, indent=1)
-  print(f"expert demos: success {brief['mean_success']:.3f} over {brief['episodes']} episodes "
-        f"({brief['wall_s']:.0f}s) -> {path}", flush=True)
-  return path, brief
+  _register(m.dataset_name, m.cameras)
+  args = _demo_args(m)
+
+  def build():
+    t0 = time.time()
+    path, summary = experts.collect_demos(data_dir, m.dataset_name, **args)
+    brief = summary_lib.brief(summary)
+    brief["wall_s"] = time.time() - t0
+    with open(os.path.join(path, _DEMO_STATS), "w") as f:
+      json.dump(brief, f, indent=1)
+    print(f"expert demos: success {brief['mean_success']:.3f} over {brief['episodes']} episodes "
+          f"({brief['wall_s']:.0f}s) -> {path}", flush=True)
+    return path, brief
+
+  return demo_cache.ensure(data_dir, m.dataset_name, experts.demo_spec(**args), build)
 
 
 def prepare_backbone(config: ml_collections.ConfigDict) -> dict[str, Any] | None:
@@ -216,35 +222,6 @@ def prepare_backbone(config: ml_collections.ConfigDict) -> dict[str, Any] | None
     print(f"grounding pretraining: {settings.steps} steps ({report['wall_s']:.0f}s); held-out "
           f"error named block xy {final['named_block_xy']:.2f} cm -> {path}", flush=True)
   return report
-
-
-def _brief(summary: Mapping[str, Any]) -> dict[str, Any]:
-  return {"mean_success": summary["mean_success"], "mean_ci95": list(summary["mean_ci95"]),
-          "episodes": summary["episodes"],
-          "per_task": {t: {k: x[k] for k in ("successes", "episodes", "success_rate", "ci95")}
-                       for t, x in summary["per_task"].items()}}
-
-
-def summary_markdown(results: Mapping[str, Mapping[str, Any]]) -> str:
-  """One table: rollout x task success (successes/episodes), the mean with its 95% interval, and
-  how often the hand went closest to the named block (recorded rollouts; chance is 1/3)."""
-  lines = ["| rollout | task | success | episodes | 95% CI | named block closest |",
-           "|---|---|---|---|---|---|"]
-
-  def closest(entry):
-    v = entry.get("named_block_closest")
-    return "-" if v is None else f"{v:.2f}"
-
-  for name, r in results.items():
-    for task, t in r["per_task"].items():
-      lo, hi = t["ci95"]
-      lines.append(f"| {name} | {task} | {t['successes']}/{t['episodes']} "
-                   f"({t['success_rate']:.2f}) | {t['episodes']} | {lo:.2f}-{hi:.2f} | "
-                   f"{closest(t)} |")
-    lo, hi = r["mean_ci95"]
-    lines.append(f"| **{name}** | **mean** | **{r['mean_success']:.3f}** | {r['episodes']} | "
-                 f"{lo:.2f}-{hi:.2f} | {closest(r)} |")
-  return "\n".join(lines) + "\n"
 
 
 def evaluate_run(config: ml_collections.ConfigDict, workdir: str, trained: Any = None
@@ -298,49 +275,53 @@ def evaluate_run(config: ml_collections.ConfigDict, workdir: str, trained: Any =
     wall["eval_c_mujoco"] = time.time() - t
     wall["c_mujoco_parts"] = raw["c"]["wall_s"]
 
-  summary = {
-      "workdir": workdir,
-      "dataset": m.dataset_name,
-      "tasks": list(m.tasks),
-      "episodes": n,
-      "horizon": horizon,
-      "execute_steps": int(e.execute_steps),
-      "cameras": list(m.cameras),
-      "image_size": int(m.image_size),
-      "seed": int(e.seed),
-      "rollouts": {k: {"mean_success": r["mean_success"], "mean_ci95": list(r["mean_ci95"]),
-                       "episodes": r["episodes"],
-                       "named_block_closest": r.get("named_block_closest"),
-                       "per_task": {t: {f: x[f] for f in ("successes", "episodes",
-                                                          "success_rate", "ci95")}
-                                    for t, x in r["per_task"].items()}}
-                   for k, r in results.items()},
-      "wall_s": wall,
-  }
+  summary = summary_lib.run_summary(
+      workdir, m.dataset_name, m.tasks, "rollout", results, wall, extra=("named_block_closest",),
+      episodes=n, horizon=horizon, execute_steps=int(e.execute_steps), cameras=list(m.cameras),
+      image_size=int(m.image_size), seed=int(e.seed))
+  table = summary_lib.markdown(results, "rollout", {"named block closest": "named_block_closest"})
   if "c" in raw:
     agree = c_rollout.compare(raw["compiled"], raw["c"])
     lo, hi = results["compiled MJX"]["mean_ci95"]
     c_mean = results["C MuJoCo"]["mean_success"]
     agree["c_within_compiled_ci95"] = bool(lo - 1e-9 <= c_mean <= hi + 1e-9)   # float Wilson ends
     summary["agreement"] = agree
-  demo_stats = os.path.join(config.data.pipeline.data_dir, m.dataset_name, "1.0.0", _DEMO_STATS)
+    table += (f"\nSame outcome in {agree['same_outcome']}/{agree['episodes']} episodes (compiled "
+              f"only {agree['compiled_only']}, C only {agree['c_only']}); C mean within the "
+              f"compiled 95% CI: {agree['c_within_compiled_ci95']}.\n")
+  demo_stats = os.path.join(demo_cache.dataset_dir(config.data.pipeline.data_dir, m.dataset_name),
+                            _DEMO_STATS)
   if os.path.exists(demo_stats):
     with open(demo_stats) as f:
       summary["expert_demos"] = json.load(f)
-  with open(os.path.join(out_dir, "summary.json"), "w") as f:
-    json.dump(summary, f, indent=1)
-  with open(os.path.join(out_dir, "summary.md"), "w") as f:
-    f.write(summary_markdown(results))
-    if "agreement" in summary:
-      a = summary["agreement"]
-      f.write(f"\nSame outcome in {a['same_outcome']}/{a['episodes']} episodes (compiled only "
-              f"{a['compiled_only']}, C only {a['c_only']}); C mean within the compiled 95% CI: "
-              f"{a['c_within_compiled_ci95']}.\n")
+  summary_lib.write_run_summary(out_dir, summary, table)
   for k, r in results.items():
-    lo, hi = r["mean_ci95"]
-    print(f"{k}: mean success {r['mean_success']:.3f} (95% CI {lo:.2f}-{hi:.2f}, "
-          f"{r['episodes']} episodes)", flush=True)
+    print(summary_lib.headline(k, r), flush=True)
   return summary
+
+
+def _collect_round(m: ml_collections.ConfigDict, data_dir: str, name: str,
+                   spec: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+  """Rolls out and writes the DAgger round `spec` (`dagger.round_spec`) as dataset `name`."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from m2vla_jax.data import writer  # pylint: disable=g-import-not-at-top
+  from m2vla_jax.sim.mjx import dagger  # pylint: disable=g-import-not-at-top
+  from m2vla_jax.sim.mjx import experts  # pylint: disable=g-import-not-at-top
+  from m2vla_jax.sim.mjx import policy as policy_lib  # pylint: disable=g-import-not-at-top
+  trained = policy_lib.TrainedPolicy.from_workdir(spec["learner"])
+  env = dataclasses.replace(trained.env_params(tuple(m.tasks), tuple(m.cameras), 1), record=True)
+  episodes, rollout_summary = dagger.collect(
+      trained.policy_fn, trained.params, env, jax.random.key(spec["seed"]), spec["episodes"],
+      spec["horizon"], spec["beta"],
+      image_keys=tuple(key for _, key in experts.camera_slots(tuple(spec["cameras"]))),
+      post_success_steps=spec["post_success_steps"],
+      post_success_tasks=spec["post_success_tasks"])
+  path = writer.write_rlds_dataset(
+      episodes, data_dir, name, progress=False, image_encoding=spec["image_encoding"],
+      description=f"{name}: DAgger round {spec['round']} of {spec['learner']} (expert labels).")
+  print(f"DAgger round {spec['round']} (beta {spec['beta']:.3f}): {len(episodes)} episodes, "
+        f"mixed-policy success {rollout_summary['mean_success']:.3f} -> {name}", flush=True)
+  return path, rollout_summary
 
 
 def dagger_rounds(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]:
@@ -348,47 +329,31 @@ def dagger_rounds(config: ml_collections.ConfigDict, workdir: str) -> list[dict[
 
   Round k rolls out the policy of round k-1 (round 0: `workdir`) mixed with the expert (beta
   `dagger.beta * dagger.beta_decay ** (k - 1)`: the learner takes over as it improves), writes
-  the expert-labelled episodes as dataset `<demos>_dagger<k>_<digest of workdir>` next to the
-  demonstrations, trains a fresh policy on demonstrations + rounds 1..k (the demonstrations'
+  the expert-labelled episodes as dataset `<demos>_dagger<k>_<hash of dagger.round_spec>` in the
+  demo cache, trains a fresh policy on demonstrations + rounds 1..k (the demonstrations'
   statistics for all, steps as weights) in `workdir/dagger<k>` and evaluates it there. Returns
   one summary per round.
   """
   import copy  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
-  from m2vla_jax.data import oxe  # pylint: disable=g-import-not-at-top
-  from m2vla_jax.data import writer  # pylint: disable=g-import-not-at-top
   from m2vla_jax.sim.mjx import dagger  # pylint: disable=g-import-not-at-top
-  from m2vla_jax.sim.mjx import experts  # pylint: disable=g-import-not-at-top
-  from m2vla_jax.sim.mjx import policy as policy_lib  # pylint: disable=g-import-not-at-top
   from m2vla_jax.training import trainer  # pylint: disable=g-import-not-at-top
   m = _check(config)
   d = m.dagger
   data_dir = config.data.pipeline.data_dir
-  # Rollouts of this run's own policies: the datasets carry the run directory's digest.
-  tag = hashlib.sha1(os.path.abspath(workdir).encode()).hexdigest()[:8]
   # The rounds train on the demonstrations too: registered here as well, so rounds can be run on
   # a finished run directory without `prepare_data` in the same process.
-  oxe.register(dataset_spec(m.dataset_name, m.cameras), overwrite=True)
+  _register(m.dataset_name, m.cameras)
   summaries, names, prev = [], [], workdir
   for k in range(1, int(d.rounds) + 1):
     t0 = time.time()
-    name = dagger.round_name(m.dataset_name, k) + f"_{tag}"
-    oxe.register(dataset_spec(name, m.cameras), overwrite=True)
     beta = float(d.beta) * float(d.get("beta_decay", 1.0)) ** (k - 1)
-    if cached_path(data_dir, name) is None:
-      trained = policy_lib.TrainedPolicy.from_workdir(prev)
-      env = dataclasses.replace(trained.env_params(tuple(m.tasks), tuple(m.cameras), 1),
-                                record=True)
-      episodes, rollout_summary = dagger.collect(
-          trained.policy_fn, trained.params, env,
-          jax.random.key(int(d.seed) + k), int(d.episodes_per_task) * len(m.tasks),
-          int(m.demo_horizon), beta,
-          image_keys=tuple(key for _, key in experts.camera_slots(tuple(m.cameras))),
-          **_post_success(m))
-      writer.write_rlds_dataset(episodes, data_dir, name, progress=False, image_encoding="png",
-                                description=f"{name}: DAgger round {k} of {prev} (expert labels).")
-      print(f"DAgger round {k} (beta {beta:.3f}): {len(episodes)} episodes, mixed-policy success "
-            f"{rollout_summary['mean_success']:.3f} -> {name}", flush=True)
+    n_envs, seed = int(d.episodes_per_task) * len(m.tasks), int(d.seed) + k
+    spec = dagger.round_spec(m.dataset_name, k, prev, beta, seed, n_envs, int(m.demo_horizon),
+                             m.cameras, **_post_success(m))
+    name = demo_cache.cache_name(dagger.round_name(m.dataset_name, k), spec)
+    _register(name, m.cameras)
+    demo_cache.ensure(data_dir, name, spec,
+                      functools.partial(_collect_round, m, data_dir, name, spec))
     names.append(name)
     t1 = time.time()
     wd = os.path.join(workdir, f"dagger{k}")
@@ -419,7 +384,7 @@ def dagger_rounds(config: ml_collections.ConfigDict, workdir: str) -> list[dict[
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """prepare_data -> prepare_backbone -> trainer.train -> evaluate_run (-> dagger_rounds), with
   wall-clock per phase in the summary."""
-  from m2vla_jax.sim import phases  # pylint: disable=g-import-not-at-top
+  from m2vla_jax.sim.common import phases  # pylint: disable=g-import-not-at-top
   _check(config)
   summary = phases.run_phases(
       config, workdir,

@@ -1,8 +1,9 @@
 """The run skeleton the simulation workflows share: prepare -> train -> evaluate, timed per phase.
 
-Owns `run_phases`, used by `m2vla_jax.sim.workflow` (Meta-World) and `m2vla_jax.sim.mjx.workflow`
-(MJX): each workflow supplies its own preparation phases (demonstrations, backbone pretraining) and
-its evaluation; the trainer call, the wall-clock bookkeeping and the summary file are the same.
+Owns `PhaseTimer` and `run_phases`, used by `m2vla_jax.sim.workflow` (Meta-World) and
+`m2vla_jax.sim.mjx.workflow` (MJX): each workflow supplies its own preparation phases
+(demonstrations, backbone pretraining) and its evaluation; the trainer call, the wall-clock
+bookkeeping and the summary file are the same.
 """
 from __future__ import annotations
 
