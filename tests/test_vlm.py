@@ -6,8 +6,10 @@ camera, an unpadded instruction): masking is correct iff the masked parts leave 
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.special
 
 from m2vla_jax.models import vlm
 
@@ -171,3 +173,43 @@ def test_query_attention_decides_whether_queries_change_the_prefix(mode):
 def test_unknown_query_attention_names_the_choices():
   with pytest.raises(ValueError, match="query_attention='causal'.*readout"):
     vlm.get_config("tiny", query_attention="causal")
+
+
+@pytest.mark.parametrize("pool,feature_layer,include_cls", [(1, None, False), (2, -2, False), (2, None, True)])
+def test_dinov2_tower_tokens_are_pooled_chosen_layer_patches(pool, feature_layer, include_cls):
+  """VLM.image_features against the DINOv2 module's own outputs, pooled in numpy float64."""
+  from m2vla_jax.models import dinov2
+  cfg = vlm.get_config("tiny_dinov2", img_proj_pool=pool, img_feature_layer=feature_layer,
+                       include_cls=include_cls)
+  model = vlm.VLM(cfg)
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (2, 2, 56, 56, 3)).astype(np.uint8)
+  tokens = np.ones((2, 3), np.int32)
+  params = model.init(jax.random.PRNGKey(0), images, np.ones((2, 2), bool), tokens,
+                      np.ones((2, 3), bool))["params"]
+  got = np.asarray(model.apply({"params": params}, images, method=vlm.VLM.image_features), np.float64)
+  _, out = dinov2.DINOv2(cfg.img).apply({"params": params["img"]}, images.reshape(4, 56, 56, 3))
+  seq = np.asarray(out["encoded"] if feature_layer is None else out["blocks"][feature_layer], np.float64)
+  cls, patches = seq[:, :1], seq[:, 1:].reshape(4, 4, 4, -1)
+  pooled = patches.reshape(4, 4 // pool, pool, 4 // pool, pool, -1).mean(axis=(2, 4)).reshape(4, -1, 32)
+  want = np.concatenate([cls, pooled], axis=1) if include_cls else pooled
+  assert cfg.tokens_per_camera == want.shape[1]
+  np.testing.assert_allclose(got, want.reshape(2, 2 * want.shape[1], 32), rtol=1e-5, atol=1e-5)
+  # The projector maps them to the LLM width: Prismatic's Linear -> exact GELU -> Linear.
+  p = params["img_proj"]
+  h = got @ np.asarray(p["fc1"]["kernel"], np.float64) + np.asarray(p["fc1"]["bias"], np.float64)
+  h = 0.5 * h * (1 + scipy.special.erf(h / np.sqrt(2)))
+  h = h @ np.asarray(p["fc2"]["kernel"], np.float64) + np.asarray(p["fc2"]["bias"], np.float64)
+  proj = np.asarray(model.apply({"params": params}, jnp.asarray(got, jnp.float32), method=vlm.VLM.project))
+  np.testing.assert_allclose(proj, h, rtol=1e-4, atol=1e-5)
+
+
+def test_dinov2_vlm_config_errors_name_the_field():
+  with pytest.raises(ValueError, match="img_proj.pool=3 does not divide"):
+    vlm.get_config("tiny_dinov2", img_proj_pool=3)
+  with pytest.raises(ValueError, match="feature_layer=5 outside"):
+    vlm.get_config("tiny_dinov2", img_feature_layer=5)
+  with pytest.raises(ValueError, match="do not apply"):
+    vlm.get_config("tiny", img_proj_pool=2)
+  with pytest.raises(ValueError, match="do not apply"):
+    vlm.get_config("tiny_dinov2", posemb_init="sincos2d")
