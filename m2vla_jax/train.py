@@ -14,6 +14,7 @@ traceback. Exit status: 0 when training finished or was preempted (SIGTERM, afte
 non-finite loss or a config error.
 """
 import difflib
+import logging as std_logging
 import os
 import sys
 
@@ -61,6 +62,8 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
+    # Ours stay at INFO: what was read, what the frozen-feature cache built or reused, and why.
+    std_logging.getLogger("m2vla_jax").setLevel(std_logging.INFO)
   config = _CONFIG.value
   if config is None:
     raise app.UsageError("--config is required")

@@ -55,3 +55,31 @@ def test_bf16_bundle(run, tmp_path):
 def test_export_without_checkpoint_fails(tmp_path):
   with pytest.raises(FileNotFoundError, match="no checkpoint"):
     inference.export(str(tmp_path / "empty"), str(tmp_path / "out"))
+
+
+def test_restore_refuses_frozen_weights_that_changed_since_training(run, monkeypatch):
+  # Frozen weights are rebuilt from the config, not saved; a changed pretrained file or init must not
+  # silently pair with the trained head. Simulated: the rebuilt frozen weights come out scaled.
+  setup = trainer.setup
+
+  def changed_setup(*args, **kwargs):
+    s = setup(*args, **kwargs)
+    key = sorted(s.state.frozen)[0]
+    frozen = dict(s.state.frozen, **{key: s.state.frozen[key] * 1.5 + 0.1})
+    s.state = s.state.replace(frozen=frozen)
+    return s
+
+  inference.restore.restore_run(str(run))        # unchanged: restores
+  monkeypatch.setattr(trainer, "setup", changed_setup)
+  with pytest.raises(ValueError, match="frozen weights rebuilt from the run's config differ"):
+    inference.restore.restore_run(str(run))
+
+
+def test_frozen_fingerprint_tolerates_last_bit_differences():
+  rng = np.random.default_rng(0)
+  a = {"w": rng.normal(size=(64, 64)).astype(np.float32)}
+  nudged = {"w": np.nextafter(a["w"], np.float32(np.inf))}   # one ulp: another CPU's init
+  assert freezing.fingerprint_mismatches(freezing.fingerprint(a), freezing.fingerprint(nudged)) == []
+  other = {"w": a["w"] * 1.01}
+  assert freezing.fingerprint_mismatches(freezing.fingerprint(a), freezing.fingerprint(other)) == ["w"]
+  assert freezing.fingerprint_mismatches(freezing.fingerprint(a), {}) == ["w"]

