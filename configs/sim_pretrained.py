@@ -58,6 +58,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.sim.image_size = int(a.image_size)
     c.sim.eval.paraphrased_episodes = 5
     c.sim.eval.held_out_episodes = 5
+    # Appearance never seen in training (sim/visual_shift.py): the pretrained tower's claim.
+    c.sim.eval.shift_episodes = 5
+    c.sim.eval.variants = ("seen", "paraphrased", "held_out_tasks", "shift_camera", "shift_lighting",
+                           "shift_colors")
     c.sim.dataset_name = workflow.name_from_config(c.sim)
     c.model.vlm = "dinov2s_gemma3_270m"
     c.model.vlm_overrides.image_size = int(a.image_size)

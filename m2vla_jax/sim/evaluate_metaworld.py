@@ -6,7 +6,9 @@ environments, executing each predicted action chunk open-loop for `execute_steps
 (receding horizon), scoring success as Meta-World does (an episode succeeds at the first step
 whose `info['success']` is True and ends there), and the report (JSON and bar plot with Wilson
 intervals through `m2vla_jax.sim.common.summary`; rollout GIFs). Evaluation variants:
-instructions seen in training, held-out paraphrases, and held-out tasks.
+instructions seen in training, held-out paraphrases, held-out tasks, and the seen tasks under visual
+shifts never seen in training ('shift_camera', 'shift_lighting', 'shift_colors', 'shift_all';
+`sim/visual_shift.py`).
 
 The policy contract (what the simulator hands a policy and what it expects back):
 ```
@@ -39,12 +41,14 @@ import numpy as np
 
 from m2vla_jax.sim import instructions
 from m2vla_jax.sim import metaworld_env
+from m2vla_jax.sim import visual_shift
 from m2vla_jax.sim.common import summary as summary_lib
 
 log = logging.getLogger(__name__)
 
 Policy = Callable[[dict[str, Any]], Any]
 VARIANTS = ("seen", "paraphrased", "held_out_tasks")
+SHIFT_VARIANTS = tuple(f"shift_{k}" for k in visual_shift.KINDS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -265,7 +269,8 @@ def evaluate_variants(policy: Policy, suite: str, config: EvalConfig, out_dir: s
 
   'seen': the training tasks with training paraphrases; 'paraphrased': the same tasks with
   held-out paraphrases; 'held_out_tasks': `metaworld_env.HELD_OUT_TASKS[suite]` with training
-  paraphrases (the task itself was never trained on). `tasks` / `held_out_tasks` replace the
+  paraphrases (the task itself was never trained on); 'shift_<kind>': 'seen' with the environment's
+  appearance shifted (`visual_shift.KINDS`). `tasks` / `held_out_tasks` replace the
   suite's lists (a run trained on a subset of the suite); `episodes_per_variant` overrides
   `config.episodes_per_task` per variant name.
   """
@@ -274,15 +279,18 @@ def evaluate_variants(policy: Policy, suite: str, config: EvalConfig, out_dir: s
               else metaworld_env.HELD_OUT_TASKS[suite])
   results = {}
   for variant in variants:
-    if variant not in VARIANTS:
-      raise ValueError(f"variant={variant!r} is unknown; use some of {VARIANTS}")
+    if variant not in VARIANTS + SHIFT_VARIANTS:
+      raise ValueError(f"variant={variant!r} is unknown; use some of {VARIANTS + SHIFT_VARIANTS}")
     variant_tasks = held_out if variant == "held_out_tasks" else train
     if not variant_tasks:
       continue
     episodes = (episodes_per_variant or {}).get(variant, config.episodes_per_task)
+    env = config.env
+    if variant in SHIFT_VARIANTS:
+      env = dataclasses.replace(env, visual_shift=variant[len("shift_"):])
     cfg = dataclasses.replace(
         config, instruction_variant="paraphrased" if variant == "paraphrased" else "seen",
-        episodes_per_task=episodes)
+        episodes_per_task=episodes, env=env)
     results[variant] = evaluate(policy, variant_tasks, cfg, out_dir, name=f"{suite}_{variant}")
   return results
 

@@ -48,6 +48,8 @@ import numpy as np
 
 from metaworld import env_dict as _mw_env_dict
 
+from m2vla_jax.sim import visual_shift
+
 SUITES: dict[str, tuple[str, ...]] = {
     "mt10": tuple(_mw_env_dict.MT10_V3),
     "mt50": tuple(_mw_env_dict.MT50_V3),
@@ -125,6 +127,8 @@ class EnvConfig:
     max_episode_steps: step limit; None uses the benchmark's `max_path_length`.
     isolate_process: `make_env` builds a `ProcessEnv` (required when TensorFlow is or will be
       imported in the same process; see module docstring) instead of an in-process env.
+    visual_shift: None, or a `visual_shift.KINDS` name: an appearance change never seen in
+      training, applied to the model once (robustness evaluation; `sim/visual_shift.py`).
   """
   image_size: int = 224
   primary_camera: str = "corner"
@@ -132,8 +136,12 @@ class EnvConfig:
   fast_render: bool = True
   max_episode_steps: int | None = None
   isolate_process: bool = True
+  visual_shift: str | None = None
 
   def __post_init__(self):
+    if self.visual_shift is not None and self.visual_shift not in visual_shift.KINDS:
+      raise ValueError(f"EnvConfig.visual_shift={self.visual_shift!r}; use None or one of "
+                       f"{visual_shift.KINDS}")
     if self.image_size < 8:
       raise ValueError(f"EnvConfig.image_size={self.image_size} is too small; use >= 8 pixels")
     for field in ("primary_camera", "wrist_camera"):
@@ -177,6 +185,8 @@ class MetaWorldEnv:
       raise ValueError(f"EnvConfig.max_episode_steps={config.max_episode_steps} exceeds the "
                        f"benchmark's max_path_length={env.max_path_length} for {task}")
     model = env.model
+    if config.visual_shift is not None:
+      visual_shift.apply(model, visual_shift.VisualShift(config.visual_shift), config.primary_camera)
     if config.fast_render:
       # Must be set before the renderer allocates its framebuffer.
       model.vis.quality.offsamples = 0

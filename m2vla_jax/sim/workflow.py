@@ -17,7 +17,8 @@ trainer:
 (demonstrations), data_dir (demo cache), image_size / primary_camera / wrist_camera ('' = none),
 post_success_steps, dataset_name (derived by `name_from_config`: the demo cache's name,
 `m2vla_jax.sim.common.demo_cache`), and `eval`: episodes_per_task, paraphrased_episodes,
-held_out_episodes, batch_size, execute_steps, max_episode_steps, num_videos, variants, out_subdir.
+held_out_episodes, shift_episodes (per task, for the 'shift_*' variants; default episodes_per_task),
+batch_size, execute_steps, max_episode_steps, num_videos, variants, out_subdir.
 """
 from __future__ import annotations
 
@@ -129,6 +130,8 @@ def evaluate_run(config: ml_collections.ConfigDict, workdir: str, policy: Any = 
   episodes = {"seen": int(sim.eval.episodes_per_task),
               "paraphrased": int(sim.eval.paraphrased_episodes),
               "held_out_tasks": int(sim.eval.held_out_episodes)}
+  for v in evaluate_metaworld.SHIFT_VARIANTS:
+    episodes[v] = int(sim.eval.get("shift_episodes", sim.eval.episodes_per_task))
   variants = [v for v in sim.eval.variants if episodes.get(v, 1) > 0]
   results = {}
   for variant in variants:
