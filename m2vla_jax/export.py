@@ -24,5 +24,10 @@ def main(argv):
   print(f"wrote {_OUT.value}")
 
 
-if __name__ == "__main__":
+def cli():
+  """Console script `m2vla-export`."""
   app.run(main)
+
+
+if __name__ == "__main__":
+  cli()

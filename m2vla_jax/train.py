@@ -140,6 +140,11 @@ def check_overrides(argv: list[str]) -> None:
       node, walked = node[part], walked + [part]
 
 
-if __name__ == "__main__":
+def cli():
+  """Console script `m2vla-train`."""
   check_overrides(sys.argv[1:])
   app.run(main)
+
+
+if __name__ == "__main__":
+  cli()
