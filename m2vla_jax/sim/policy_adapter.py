@@ -1,13 +1,13 @@
 """Raw simulator observation -> model observation -> Meta-World actions, for any trained M²-VLA.
 
-Owns the inverse of the data pipeline's per-frame transforms at inference time, so that a policy
-trained on RLDS demonstrations runs in the closed loop of `sim.evaluate_metaworld`:
+Owns the simulator's side of inference, so that a policy trained on RLDS demonstrations runs in the
+closed loop of `sim.evaluate_metaworld`: which simulator camera fills which training camera slot
+(sim camera 0 is 'primary', camera 1 'wrist') and the per-call sampling rng. The raw -> batch-contract
+transforms (resize, tokenize, normalize state) are `inference.observation.ObservationEncoder`'s, shared
+with the policy server:
 
-  images   uint8 [B, C_sim, H, W, 3] -> resized (OpenCV bilinear, as `data.transforms.decode_resize`)
-           to the training `image_size` and placed in the training camera slots (sim camera 0 is
-           'primary', camera 1 'wrist'); slots the simulator does not render are zeros, mask False
-  instruction list[str] -> tokens / token_mask with the training tokenizer (`text.tokenizers.Tokenize`)
-  state    float [B, S_sim] -> normalized with the dataset statistics, zero-padded to the model's S
+  images   uint8 [B, C_sim, H, W, 3], image_mask [B, C_sim], state float [B, S_sim],
+           instruction list[str] -> the batch contract (`inference.observation`)
   actions  normalized [B, H, A] -> the dataset's units (first A_d dims) -> float64 [B, H, A_d]
 
 The model call (`sample_actions`) is jitted once; a fixed evaluation batch size compiles once.
@@ -22,8 +22,8 @@ from typing import Any, Mapping, Sequence
 import jax
 import numpy as np
 
-from m2vla_jax.data import transforms
 from m2vla_jax.inference import normalization
+from m2vla_jax.inference import observation
 from m2vla_jax.inference.policy import InferencePolicy
 from m2vla_jax.text import tokenizers
 
@@ -51,16 +51,12 @@ class SimPolicyAdapter:
                tokenizer: Any, max_tokens: int, image_size: Sequence[int], cameras: Sequence[str],
                state_dim: int, dataset: str | None = None, seed: int = 0):
     self.normalization = normalization.RunNormalization.from_statistics(statistics, state_dim, dataset)
-    bad = [c for c in cameras if c not in SIM_CAMERA_INDEX]
-    if bad:
-      raise ValueError(f"cameras={list(cameras)}: slots {bad} have no simulator camera; the "
-                       f"simulator renders {sorted(SIM_CAMERA_INDEX)}")
+    self.encoder = observation.ObservationEncoder(self.normalization, tokenizer, max_tokens, image_size,
+                                                  cameras, camera_index=SIM_CAMERA_INDEX)
     self.dataset = self.normalization.dataset
     self.policy, self.params, self.state = policy, params, state
-    self.image_size = tuple(int(x) for x in image_size)
-    self.cameras = tuple(cameras)
+    self.image_size, self.cameras = self.encoder.image_size, self.encoder.cameras
     self.state_dim = int(state_dim)
-    self._tokenize = tokenizers.Tokenize(tokenizer, max_tokens)
     self._sample = jax.jit(policy.sample_actions)
     self._rng = jax.random.PRNGKey(seed)
     self._calls = 0
@@ -92,46 +88,8 @@ class SimPolicyAdapter:
 
   # ------------------------------------------------------------------ transforms
   def model_observation(self, obs: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """The batch-contract observation for a raw simulator observation (see module docstring)."""
-    if not hasattr(obs, "keys"):
-      raise ValueError(f"observation must be a dict, got {type(obs).__name__}")
-    missing = [k for k in ("images", "image_mask", "state", "instruction") if k not in obs]
-    if missing:
-      raise ValueError(f"observation is missing {missing} (has {sorted(obs)}); the simulator "
-                       "observation has images [B,C,H,W,3] uint8, image_mask [B,C], state [B,S], "
-                       "instruction list[str]")
-    images = np.asarray(obs["images"])
-    if images.ndim != 5 or images.shape[-1] != 3 or images.dtype != np.uint8:
-      raise ValueError(f"observation['images'] is {images.dtype} {images.shape}; expected uint8 "
-                       f"[B, C, H, W, 3]")
-    b, c_sim = images.shape[:2]
-    image_mask = np.asarray(obs["image_mask"], bool)
-    if image_mask.shape != (b, c_sim):
-      raise ValueError(f"observation['image_mask'] has shape {image_mask.shape}; expected {(b, c_sim)}")
-    state = np.asarray(obs["state"], np.float64)
-    d = self.normalization.state_dim
-    if state.shape != (b, d):
-      raise ValueError(f"observation['state'] has shape {state.shape}; expected {(b, d)} (the "
-                       f"training dataset's state dims)")
-    instructions = obs["instruction"]
-    if isinstance(instructions, str) or len(instructions) != b or not all(
-        isinstance(t, str) for t in instructions):
-      raise ValueError(f"observation['instruction'] must be a list of {b} strings, got "
-                       f"{instructions!r:.200}")
-    out_images = np.zeros((b, len(self.cameras), *self.image_size, 3), np.uint8)
-    out_mask = np.zeros((b, len(self.cameras)), bool)
-    for slot, name in enumerate(self.cameras):
-      k = SIM_CAMERA_INDEX[name]
-      if k >= c_sim:
-        continue  # the simulator does not render this camera: absent, as in training data
-      for i in range(b):
-        if image_mask[i, k]:
-          out_images[i, slot] = transforms.decode_resize(images[i, k], self.image_size)
-          out_mask[i, slot] = True
-    norm_state = self.normalization.normalize_state(state).astype(np.float32)
-    tokens, token_mask = zip(*(self._tokenize(t) for t in instructions))
-    return {"images": out_images, "image_mask": out_mask, "state": norm_state,
-            "tokens": np.stack(tokens).astype(np.int32), "token_mask": np.stack(token_mask)}
+    """The batch-contract observation for a raw simulator observation (`inference.observation`)."""
+    return self.encoder(obs)
 
   def normalize_actions(self, actions: np.ndarray) -> np.ndarray:
     """Dataset units [..., A_d] -> normalized float32 [..., A_d] (the training targets)."""
