@@ -1,0 +1,109 @@
+"""The comparison table: closed-loop success of several rows (model x setting), each over several seeds.
+
+Owns pooling runs into table cells, so every row of docs/results/ is computed the same way from the
+runs' own `summary.json` files rather than typed by hand: per row and evaluation variant, the episodes
+of all seeds pooled (rate and 95% Wilson interval), the per-seed rates, and their spread (sample std).
+A row lists one or more summary files per seed (e.g. the run's `sim_eval/summary.json` and a later
+`sim_eval_shift/summary.json`); a variant found twice for one seed is an error.
+
+    python -m m2vla_jax.sim.common.compare --spec docs/results/metaworld_rows.json \
+        --out docs/results/metaworld.md
+
+spec: [{"label": str, "command": str, "seeds": {"0": [summary.json, ...], "1": [...]}}, ...]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from m2vla_jax.sim.common import summary as summary_lib
+
+
+def _variants(paths: Sequence[str]) -> dict[str, Mapping[str, Any]]:
+  out: dict[str, Mapping[str, Any]] = {}
+  for path in paths:
+    with open(path) as f:
+      summary = json.load(f)
+    groups = summary.get("variants") or summary.get("rollouts")
+    if groups is None:
+      raise ValueError(f"{path}: no 'variants' (Meta-World) or 'rollouts' (MJX) in the summary")
+    for name, result in groups.items():
+      if name in out:
+        raise ValueError(f"{path}: variant {name!r} appears in two summaries of one seed")
+      out[name] = result
+  return out
+
+
+def row_cells(seeds: Mapping[str, Sequence[str]]) -> dict[str, dict[str, Any]]:
+  """{variant: {successes, episodes, rate, ci95, per_seed {seed: rate}, seed_std}} for one row."""
+  per_seed = {seed: _variants(paths) for seed, paths in seeds.items()}
+  names = sorted({v for variants in per_seed.values() for v in variants})
+  cells = {}
+  for name in names:
+    succ, eps, rates = 0, 0, {}
+    for seed, variants in per_seed.items():
+      if name not in variants:
+        continue
+      r = variants[name]
+      n = int(r["episodes"])
+      k = int(round(float(r["mean_success"]) * n))
+      succ, eps, rates[seed] = succ + k, eps + n, k / n
+    lo, hi = summary_lib.wilson_interval(succ, eps)
+    values = list(rates.values())
+    cells[name] = {"successes": succ, "episodes": eps, "rate": succ / eps if eps else float("nan"),
+                   "ci95": [lo, hi], "per_seed": rates,
+                   "seed_std": float(np.std(values, ddof=1)) if len(values) > 1 else None}
+  return cells
+
+
+def table(rows: Sequence[Mapping[str, Any]], variants: Sequence[str]) -> str:
+  """Markdown: one line per row; a cell is 'pooled rate (Wilson 95%) · per-seed rates'."""
+  head = "| row | seeds | " + " | ".join(variants) + " |"
+  lines = [head, "|" + "---|" * (len(variants) + 2)]
+  for row in rows:
+    cells = row["cells"]
+    out = []
+    for v in variants:
+      c = cells.get(v)
+      if c is None:
+        out.append("—")
+        continue
+      seeds = " / ".join(f"{r:.2f}" for r in c["per_seed"].values())
+      out.append(f"**{c['rate']:.3f}** ({c['ci95'][0]:.2f}–{c['ci95'][1]:.2f}, n={c['episodes']}) · {seeds}")
+    lines.append(f"| {row['label']} | {len(row['seeds'])} | " + " | ".join(out) + " |")
+  lines.append("")
+  lines.append("Commands (one per row; seed S replaces `$S`):")
+  for row in rows:
+    lines.append(f"- {row['label']}: `{row['command']}`")
+  return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--spec", required=True, help="JSON list of rows (see the module docstring)")
+  p.add_argument("--variants", default="seen,paraphrased,held_out_tasks,shift_camera,shift_lighting,"
+                                       "shift_colors")
+  p.add_argument("--out", required=True, help="markdown file; a .json with the cells is written beside")
+  args = p.parse_args(argv)
+  with open(args.spec) as f:
+    rows = json.load(f)
+  for row in rows:
+    missing = [x for paths in row["seeds"].values() for x in paths if not os.path.exists(x)]
+    if missing:
+      raise SystemExit(f"row {row['label']!r}: summary files not found: {missing}")
+    row["cells"] = row_cells(row["seeds"])
+  variants = [v for v in args.variants.split(",") if v]
+  text = table(rows, variants)
+  with open(args.out, "w") as f:
+    f.write(text)
+  with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
+    json.dump(rows, f, indent=1)
+  print(text)
+
+
+if __name__ == "__main__":
+  main()

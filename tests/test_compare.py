@@ -1,0 +1,36 @@
+"""The comparison table pools seeds by episodes (checked against hand counts) and refuses a variant
+reported twice for one seed."""
+import json
+
+import pytest
+
+from m2vla_jax.sim.common import compare, summary
+
+
+def _summary(path, variants):
+  path.write_text(json.dumps({"variants": {k: {"mean_success": s / n, "episodes": n}
+                                           for k, (s, n) in variants.items()}}))
+  return str(path)
+
+
+def test_row_pools_episodes_of_every_seed(tmp_path):
+  seeds = {"0": [_summary(tmp_path / "a.json", {"seen": (30, 40)}),
+                 _summary(tmp_path / "a_shift.json", {"shift_camera": (10, 20)})],
+           "1": [_summary(tmp_path / "b.json", {"seen": (20, 40), "shift_camera": (5, 20)})]}
+  cells = compare.row_cells(seeds)
+  assert cells["seen"]["successes"] == 50 and cells["seen"]["episodes"] == 80
+  assert cells["seen"]["rate"] == pytest.approx(50 / 80)
+  assert cells["seen"]["ci95"] == list(summary.wilson_interval(50, 80))
+  assert cells["seen"]["per_seed"] == {"0": 0.75, "1": 0.5}
+  assert cells["seen"]["seed_std"] == pytest.approx(0.1767767, rel=1e-6)   # std of (0.75, 0.5), ddof 1
+  assert cells["shift_camera"]["successes"] == 15 and cells["shift_camera"]["episodes"] == 40
+  text = compare.table([{"label": "r", "command": "cmd $S", "seeds": seeds, "cells": cells}],
+                       ["seen", "held_out_tasks"])
+  assert "**0.625** (" in text and "| — |" in text and "`cmd $S`" in text
+
+
+def test_a_variant_twice_for_one_seed_is_an_error(tmp_path):
+  a = _summary(tmp_path / "a.json", {"seen": (1, 2)})
+  b = _summary(tmp_path / "b.json", {"seen": (2, 2)})
+  with pytest.raises(ValueError, match="'seen' appears in two summaries"):
+    compare.row_cells({"0": [a, b]})
