@@ -34,3 +34,6 @@ def test_a_variant_twice_for_one_seed_is_an_error(tmp_path):
   b = _summary(tmp_path / "b.json", {"seen": (2, 2)})
   with pytest.raises(ValueError, match="'seen' appears in two summaries"):
     compare.row_cells({"0": [a, b]})
+  c = _summary(tmp_path / "c.json", {"seen": (2, 2), "shift_colors": (0, 2)})
+  cells = compare.row_cells({"0": [a, c + "#shift_colors"]})       # only the named variants of c
+  assert cells["seen"]["successes"] == 1 and cells["shift_colors"]["episodes"] == 2

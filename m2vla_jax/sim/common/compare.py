@@ -4,7 +4,8 @@ Owns pooling runs into table cells, so every row of docs/results/ is computed th
 runs' own `summary.json` files rather than typed by hand: per row and evaluation variant, the episodes
 of all seeds pooled (rate and 95% Wilson interval), the per-seed rates, and their spread (sample std).
 A row lists one or more summary files per seed (e.g. the run's `sim_eval/summary.json` and a later
-`sim_eval_shift/summary.json`); a variant found twice for one seed is an error.
+`sim_eval_shift/summary.json`); `path#v1,v2` takes only those variants from a file; a variant found
+twice for one seed is an error.
 
     python -m m2vla_jax.sim.common.compare --spec docs/results/metaworld_rows.json \
         --out docs/results/metaworld.md
@@ -25,13 +26,17 @@ from m2vla_jax.sim.common import summary as summary_lib
 
 def _variants(paths: Sequence[str]) -> dict[str, Mapping[str, Any]]:
   out: dict[str, Mapping[str, Any]] = {}
-  for path in paths:
+  for item in paths:
+    path, _, only = item.partition("#")
+    keep = set(only.split(",")) if only else None
     with open(path) as f:
       summary = json.load(f)
     groups = summary.get("variants") or summary.get("rollouts")
     if groups is None:
       raise ValueError(f"{path}: no 'variants' (Meta-World) or 'rollouts' (MJX) in the summary")
     for name, result in groups.items():
+      if keep is not None and name not in keep:
+        continue
       if name in out:
         raise ValueError(f"{path}: variant {name!r} appears in two summaries of one seed")
       out[name] = result
@@ -92,7 +97,8 @@ def main(argv: Sequence[str] | None = None) -> None:
   with open(args.spec) as f:
     rows = json.load(f)
   for row in rows:
-    missing = [x for paths in row["seeds"].values() for x in paths if not os.path.exists(x)]
+    missing = [x for paths in row["seeds"].values() for x in paths
+               if not os.path.exists(x.partition("#")[0])]
     if missing:
       raise SystemExit(f"row {row['label']!r}: summary files not found: {missing}")
     row["cells"] = row_cells(row["seeds"])
