@@ -230,8 +230,8 @@ def test_training_from_the_cache_and_its_lifecycle(data_root, tmp_path, caplog):
 
 
 @pytest.mark.parametrize("rules,stage", [
+    # 'prefix' trains through the trainer in the test above.
     ([("vlm/queries", True), ("vlm/img_proj/.*", True), ("vlm/.*", False), (".*", True)], "image_features"),
-    ([("vlm/queries", True), ("vlm/.*", False), (".*", True)], "prefix"),
     ([("vlm/.*", False), (".*", True)], "outputs"),
 ])
 def test_loss_and_gradient_from_each_stage_equal_the_live_ones(rules, stage):
@@ -243,16 +243,16 @@ def test_loss_and_gradient_from_each_stage_equal_the_live_ones(rules, stage):
          "state": rng.normal(size=(3, 3)).astype(np.float32)}
   batch = {"observation": obs, "actions": rng.normal(size=(3, 4, 4)).astype(np.float32),
            "action_mask": np.ones((3, 4), bool), "frame_id": np.arange(3, dtype=np.int32)}
-  params, state = policy.init(jax.random.PRNGKey(0), batch)
+  params, state = jax.jit(policy.init)(jax.random.PRNGKey(0), batch)
   assert policy.cache_stage(params) == stage
   feats = jax.jit(lambda p, o: policy.frozen_features(p, o, stage))(params, obs)
   cached_obs = {k: v for k, v in obs.items() if k != "images"}
   cached_obs["frozen_features"] = jax.device_get(feats)
   cached_batch = {**batch, "observation": cached_obs}
-  grad = jax.jit(jax.grad(lambda p, b: policy.loss(p, state, b, jax.random.PRNGKey(3))[0]))
-  live_g, cached_g = grad(params, batch), grad(params, cached_batch)
-  loss = jax.jit(lambda p, b: policy.loss(p, state, b, jax.random.PRNGKey(3))[0])
-  np.testing.assert_allclose(float(loss(params, cached_batch)), float(loss(params, batch)), rtol=1e-5)
+  value_and_grad = jax.value_and_grad(lambda p, b: policy.loss(p, state, b, jax.random.PRNGKey(3))[0])
+  live_loss, live_g = jax.jit(value_and_grad)(params, batch)
+  cached_loss, cached_g = jax.jit(value_and_grad)(params, cached_batch)
+  np.testing.assert_allclose(float(cached_loss), float(live_loss), rtol=1e-5)
   trainable = tree_util.flatten(policy.frozen_mask(params))
   flat_live, flat_cached = tree_util.flatten(live_g), tree_util.flatten(cached_g)
   for path, trains in trainable.items():

