@@ -2,7 +2,7 @@
 
 The reference for MFU is measured in the same run: the FLOP/s this machine reaches on a dense float32
 matmul (jitted, [N, N] @ [N, N]), i.e. MFU here is "fraction of this CPU's practical matmul peak". The
-step's FLOPs come from XLA's cost analysis of the compiled step (`trainer.step_flops`), the same number
+step's FLOPs come from XLA's cost analysis of the compiled step (`perf.step_flops`), the same number
 the trainer logs as perf/mfu on accelerators with a known peak.
 
   python bench/train.py [--steps 20] [--batch 16] [--devices 1]
@@ -36,6 +36,7 @@ def main():
   from m2vla_jax.training import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
   from m2vla_jax.training import train_state  # pylint: disable=g-import-not-at-top
   from m2vla_jax.training import trainer  # pylint: disable=g-import-not-at-top
+  from m2vla_jax.training import perf  # pylint: disable=g-import-not-at-top
 
   jax.config.update("jax_threefry_partitionable", True)
   spec = importlib.util.spec_from_file_location("debug", os.path.join(REPO, "configs", "debug.py"))
@@ -51,7 +52,7 @@ def main():
                  out_shardings=(s.shardings, sharding_lib.replicated(s.mesh)))
   gb = [sharding_lib.host_to_global(b, s.mesh) for b in batches]
   compiled = step.lower(s.state, gb[0]).compile()
-  flops = trainer.step_flops(compiled) or float("nan")
+  flops = perf.step_flops(compiled) or float("nan")
   state = s.state
   for b in gb[:3]:  # warm-up
     state, m = compiled(state, b)

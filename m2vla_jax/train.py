@@ -27,6 +27,7 @@ from m2vla_jax.data import errors as data_errors
 from m2vla_jax.training import config_base
 from m2vla_jax.training import sharding
 from m2vla_jax.training import trainer
+from m2vla_jax.training import validation
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py[:args]).",
                                           lock_config=True)
@@ -74,7 +75,7 @@ def main(argv):
   # A simulator workflow records its demonstrations (and MJX its pretrained backbone) before
   # training, so its paths are checked by the trainer once they exist.
   try:
-    trainer.validate_config(config, workdir=_WORKDIR.value, check_paths=workflow is None)
+    validation.validate_config(config, workdir=_WORKDIR.value, check_paths=workflow is None)
   except _USER_ERRORS as e:
     _exit_with_error(str(e))
   try:

@@ -13,6 +13,7 @@ import pytest
 
 from m2vla_jax.training import config_base
 from m2vla_jax.training import trainer
+from m2vla_jax.training import validation
 import conftest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -60,14 +61,14 @@ def test_batch_not_divisible_by_data_parallel_devices():
   # data=-1 takes all 8 devices: 6 examples cannot split over them.
   with pytest.raises(trainer.ConfigError, match=r"config.batch_size: 6 is not divisible by the 8 "
                      r"data-parallel devices .*--config.batch_size=8"):
-    trainer.validate_config(_debug("batch=6"))
+    validation.validate_config(_debug("batch=6"))
   # fsdp=2 x data=4 is still 8 data-parallel devices (FSDP shards hold distinct examples).
   with pytest.raises(trainer.ConfigError, match=r"config.batch_size: 12 .* 8 data-parallel devices "
                      r"\(mesh data=4 x fsdp=2"):
-    trainer.validate_config(_debug("batch=12,fsdp=2"))
+    validation.validate_config(_debug("batch=12,fsdp=2"))
   # A model axis takes devices away from data parallelism: data=4, model=2 -> 4-way; 12 splits.
-  trainer.validate_config(_debug("batch=12", **{"mesh.model": 2}))
-  trainer.validate_config(_debug("batch=8,fsdp=2"))
+  validation.validate_config(_debug("batch=12", **{"mesh.model": 2}))
+  validation.validate_config(_debug("batch=8,fsdp=2"))
 
 
 @pytest.mark.parametrize("mesh,match", [
@@ -79,7 +80,7 @@ def test_batch_not_divisible_by_data_parallel_devices():
 ])
 def test_mesh_that_does_not_fit_the_devices(mesh, match):
   with pytest.raises(trainer.ConfigError, match=match):
-    trainer.validate_config(_debug(**{f"mesh.{k}": v for k, v in mesh.items()}))
+    validation.validate_config(_debug(**{f"mesh.{k}": v for k, v in mesh.items()}))
 
 
 # ---- input paths and workdir -------------------------------------------------------------------------
@@ -106,28 +107,28 @@ def _oxe(tmp_path, **paths):
     ("init.checkpoint", "oxe", r"config.init.checkpoint: '.*oxe' is a directory"),
 ])
 def test_required_input_path_does_not_exist(tmp_path, field, value, match):
-  trainer.validate_config(_oxe(tmp_path), check_paths=True)  # all present: accepted
+  validation.validate_config(_oxe(tmp_path), check_paths=True)  # all present: accepted
   with pytest.raises(trainer.ConfigError, match=match):
-    trainer.validate_config(_oxe(tmp_path, **{field: str(tmp_path / value)}), check_paths=True)
+    validation.validate_config(_oxe(tmp_path, **{field: str(tmp_path / value)}), check_paths=True)
 
 
 def test_input_paths_are_checked_only_when_asked_and_only_locally(tmp_path):
   # A workflow creates its data_dir after validation (sim configs), so the default does not look.
-  trainer.validate_config(_oxe(tmp_path, **{"init.checkpoint": str(tmp_path / "later.npz")}))
+  validation.validate_config(_oxe(tmp_path, **{"init.checkpoint": str(tmp_path / "later.npz")}))
   # Remote inputs are left to their readers (checking needs credentials).
-  trainer.validate_config(_oxe(tmp_path, **{"data.pipeline.data_dir": "gs://bucket/oxe"}), check_paths=True)
+  validation.validate_config(_oxe(tmp_path, **{"data.pipeline.data_dir": "gs://bucket/oxe"}), check_paths=True)
   # Named tokenizers are not paths.
-  trainer.validate_config(_debug("data=rlds", **{"data.pipeline.data_dir": str(tmp_path)}), check_paths=True)
+  validation.validate_config(_debug("data=rlds", **{"data.pipeline.data_dir": str(tmp_path)}), check_paths=True)
 
 
 def test_workdir_that_is_a_file(tmp_path):
   f = tmp_path / "run"
   f.write_text("")
   with pytest.raises(trainer.ConfigError, match=r"--workdir='.*run' is a file, not a directory"):
-    trainer.validate_config(_debug(), workdir=str(f))
+    validation.validate_config(_debug(), workdir=str(f))
   with pytest.raises(trainer.ConfigError, match=r"--workdir='.*run/sub' is under the file '.*run'"):
-    trainer.validate_config(_debug(), workdir=str(f / "sub"))
-  trainer.validate_config(_debug(), workdir=str(tmp_path / "new" / "run"))  # creatable: accepted
+    validation.validate_config(_debug(), workdir=str(f / "sub"))
+  validation.validate_config(_debug(), workdir=str(tmp_path / "new" / "run"))  # creatable: accepted
 
 
 # ---- the entry point: one line, exit status 1, no traceback, before any work ---------------------------

@@ -124,7 +124,7 @@ def test_errors_cm_scores_positions_in_cm():
 
 def test_pretrain_writes_a_backbone_the_policy_loads_and_is_cached(tmp_path):
   from m2vla_jax.policies import m2vla
-  from m2vla_jax.training import trainer
+  from m2vla_jax.training import pretrained
   c = config_base.load_config_file(CONFIG).get_config(
       f"vlm=tiny,ground=2,freeze_vlm=True,data_dir={tmp_path}")
   assert os.path.basename(c.init.checkpoint) == (
@@ -148,7 +148,7 @@ def test_pretrain_writes_a_backbone_the_policy_loads_and_is_cached(tmp_path):
   shapes = jax.eval_shape(lambda: policy.init(jax.random.key(0), batch)[0])
   from m2vla_jax.core import tree_util
   flat = {k: v.shape for k, v in tree_util.flatten(shapes).items()}
-  loaded = trainer.load_init_checkpoint(c)
+  loaded = pretrained.load_init_checkpoint(c)
   vlm_keys = {k for k in flat if k.startswith("vlm/")}
   assert set(loaded) == vlm_keys                       # img, llm and the query tokens
   assert all(loaded[k].shape == flat[k] for k in loaded)

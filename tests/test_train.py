@@ -15,6 +15,7 @@ import pytest
 from m2vla_jax.training import checkpoints as ckpt_lib
 from m2vla_jax.training import train_state
 from m2vla_jax.training import trainer
+from m2vla_jax.training import validation
 import conftest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -227,13 +228,13 @@ def test_config_errors_name_the_key():
   with pytest.raises(ValueError, match="unknown config argument 'stepz'"):
     _config("stepz=3")
   with pytest.raises(trainer.ConfigError, match=r"config.batch_size: 10 is not divisible by .*grad_accum"):
-    trainer.validate_config(_config(**{"batch_size": 10, "grad_accum_steps": 4}))
+    validation.validate_config(_config(**{"batch_size": 10, "grad_accum_steps": 4}))
   with pytest.raises(trainer.ConfigError, match=r"config.trainable\[0\]"):
-    trainer.validate_config(_config(**{"trainable": [("vlm/.*", "no"), (".*", True)]}))
+    validation.validate_config(_config(**{"trainable": [("vlm/.*", "no"), (".*", True)]}))
   with pytest.raises(trainer.ConfigError, match=r"config.policy='nope'"):
-    trainer.validate_config(_config(**{"policy": "nope"}))
+    validation.validate_config(_config(**{"policy": "nope"}))
   with pytest.raises(trainer.ConfigError, match=r"config.optimizer.lr: must be >= 0"):
-    trainer.validate_config(_config(**{"optimizer.lr": -1.0}))
+    validation.validate_config(_config(**{"optimizer.lr": -1.0}))
 
 
 @pytest.mark.parametrize("override,expected", [

@@ -110,7 +110,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.profile_steps = config_dict.placeholder(tuple)         # (first, last) step of a profiler trace
   c.peak_flops_per_device = config_dict.placeholder(float)  # MFU denominator; None: by device kind
   c.progress_bar = True
-  c.required_fields = []            # dotted names that must be set (checked by trainer.validate_config)
+  c.required_fields = []            # dotted names that must be set (checked by validation.validate_config)
   return c
 
 

