@@ -282,8 +282,7 @@ class WithFrozenFeatures:
     return self._data.statistics()
 
 
-def attach(config: ml_collections.ConfigDict, policy: Any, params: Any, data: Any, *,
-           tokenizer: Any = None, build_jit: Any = None) -> Any:
+def attach(config: ml_collections.ConfigDict, policy: Any, params: Any, data: Any) -> Any:
   """`data` with cached frozen features, or `data` unchanged when the cache is off or invalid.
 
   Args:
@@ -318,19 +317,19 @@ def attach(config: ml_collections.ConfigDict, policy: Any, params: Any, data: An
   root = str(fc.get("dir", "") or "")
   if not root and str(full_pcfg.data_dir).startswith("gs://"):
     raise ValueError("config.feature_cache.dir is empty but the data is on gs://; set a local directory")
-  tok = tokenizer if tokenizer is not None else tokenizers.make_tokenizer(config.data.tokenizer)
-  datasets = pipeline.ordered_datasets(full_pcfg, tokenizer=tok, split="train")
+  datasets = pipeline.ordered_datasets(full_pcfg, tokenizer=tokenizers.make_tokenizer(config.data.tokenizer),
+                                       split="train")
   flat = tree_util.flatten(params)
   prefixes, exclude = stage_params(stage)
   weights = params_digest(flat, prefixes, exclude)
   preprocessing = {"image_size": list(full_pcfg.image_size), "cameras": list(full_pcfg.cameras),
                    "max_tokens": int(full_pcfg.max_tokens), "tokenizer": str(config.data.tokenizer)}
   vlm_cfg = policy.vlm_config
-  # Only what the stage computes: the queries never reach either stage, the LLM not the first.
+  # Only what the stage computes: the LLM is not in the first stage, the queries only in the last.
   backbone = {"image_features": repr((vlm_cfg.img, vlm_cfg.img_proj)),
               "prefix": repr(dataclasses.replace(vlm_cfg, num_queries=0)),
               "outputs": repr(vlm_cfg)}[stage]
-  compute = build_jit or jax.jit(lambda p, obs: policy.frozen_features(p, obs, stage))
+  compute = jax.jit(lambda p, obs: policy.frozen_features(p, obs, stage))
   slots = []
   for ds in datasets:
     manifest = manifest_for(stage=stage, weights=weights, backbone=backbone, preprocessing=preprocessing,
