@@ -320,6 +320,17 @@ def validate_inputs(config: VLMConfig, images, image_mask, tokens, token_mask, *
                        f"{np.abs(im.astype(np.float32)).max():.3g}); pass uint8 or scale x/127.5 - 1")
 
 
+def valid_positions(mask: jax.Array) -> jax.Array:
+  """[B, S] bool -> int32 positions counting valid tokens only, so padding never creates gaps."""
+  return jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
+
+
+def suffix_positions(prefix_mask: jax.Array, n: int) -> jax.Array:
+  """Positions [B, n] of n tokens appended after a prefix's valid tokens."""
+  n_valid = jnp.sum(prefix_mask, axis=1, dtype=jnp.int32)
+  return n_valid[:, None] + jnp.arange(n, dtype=jnp.int32)[None]
+
+
 class Projector(nn.Module):
   """DINOv2 tokens [N, Wt] -> LLM tokens [N, D] (see `ProjectorConfig`)."""
   config: ProjectorConfig
@@ -468,9 +479,8 @@ class VLM(nn.Module):
     text_mask = jnp.asarray(token_mask, bool)
     query_mask = jnp.ones((b, cfg.num_queries), bool)
     prefix_mask = jnp.concatenate([visual_mask, text_mask], axis=1)
-    positions = jnp.maximum(jnp.cumsum(prefix_mask, axis=1) - 1, 0).astype(jnp.int32)
-    n_valid = jnp.sum(prefix_mask, axis=1, dtype=jnp.int32)
-    query_pos = n_valid[:, None] + jnp.arange(cfg.num_queries, dtype=jnp.int32)[None]
+    positions = valid_positions(prefix_mask)
+    query_pos = suffix_positions(prefix_mask, cfg.num_queries)
     return {"visual": visual, "visual_mask": visual_mask, "text_mask": text_mask,
             "query": query, "query_mask": query_mask,
             "mask": jnp.concatenate([prefix_mask, query_mask], axis=1),
@@ -514,7 +524,7 @@ class VLM(nn.Module):
     mask = jnp.concatenate(masks, axis=1)
     # Zeroed so that an absent camera's pixels / a pad token's id cannot reach any output.
     x = jnp.where(mask[..., None], x, jnp.zeros((), x.dtype))
-    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
+    positions = valid_positions(mask)
     out = self.llm(x, positions, gemma.prefix_lm_mask(mask, jnp.ones_like(mask)))
     return out, mask, positions
 
@@ -523,7 +533,7 @@ class VLM(nn.Module):
     prefix = jnp.concatenate(parts[:2], axis=1)
     prefix_mask = jnp.concatenate(masks[:2], axis=1)
     prefix = jnp.where(prefix_mask[..., None], prefix, jnp.zeros((), prefix.dtype))
-    prefix_pos = jnp.maximum(jnp.cumsum(prefix_mask, axis=1) - 1, 0).astype(jnp.int32)
+    prefix_pos = valid_positions(prefix_mask)
     pre = self.llm(prefix, prefix_pos, gemma.prefix_lm_mask(prefix_mask, jnp.ones_like(prefix_mask)))
     return pre, prefix_mask, prefix_pos
 
@@ -531,8 +541,7 @@ class VLM(nn.Module):
     """The queries as a causal suffix over the prefix's per-layer keys / values [L, B, S_p, K, H]."""
     b, nq = queries.shape[:2]
     query_mask = jnp.ones((b, nq), bool)
-    n_valid = jnp.sum(prefix_mask, axis=1, dtype=jnp.int32)
-    query_pos = n_valid[:, None] + jnp.arange(nq, dtype=jnp.int32)[None]
+    query_pos = suffix_positions(prefix_mask, nq)
     context = {"key": key, "value": value, "positions": prefix_pos,
                "mask": jnp.broadcast_to(prefix_mask[:, None, :], (b, nq, prefix_mask.shape[1]))}
     post = self.llm(queries, query_pos, gemma.causal_mask(query_mask), context=context)
@@ -570,7 +579,7 @@ class VLM(nn.Module):
                        f"{visual_mask.shape[1]}; the cache was built for another backbone or batch")
     text_mask = jnp.asarray(token_mask, bool)
     prefix_mask = jnp.concatenate([visual_mask, text_mask], axis=1)
-    prefix_pos = jnp.maximum(jnp.cumsum(prefix_mask, axis=1) - 1, 0).astype(jnp.int32)
+    prefix_pos = valid_positions(prefix_mask)
     from_batch_major = lambda x: jnp.moveaxis(x, 1, 0).astype(dtype)
     visual = from_batch_major(cached["prefix_visual"])
     queries = jnp.broadcast_to(self.queries.astype(dtype)[None], (b, cfg.num_queries, cfg.llm.width))
