@@ -58,10 +58,17 @@ def fingerprint(frozen: dict) -> dict[str, list[float]]:
   the frozen weights are rebuilt from the config (pretrained files, random init from the seed) rather
   than saved. Statistics, not a hash: the same init on another CPU may differ in its last bits."""
   import numpy as np  # pylint: disable=g-import-not-at-top
+  chunk = 1 << 20   # float64 sums a chunk at a time: no full-size float64 copy of a large embedding
   out = {}
   for path in sorted(frozen):
-    a = np.asarray(jax.device_get(frozen[path])).astype(np.float64)
-    out[path] = [float(a.mean()) if a.size else 0.0, float(np.sqrt((a * a).mean())) if a.size else 0.0]
+    flat = np.asarray(jax.device_get(frozen[path])).reshape(-1)
+    total = squares = 0.0
+    for i in range(0, flat.size, chunk):
+      part = flat[i:i + chunk].astype(np.float64)
+      total += float(part.sum())
+      squares += float(np.dot(part, part))
+    n = max(flat.size, 1)
+    out[path] = [total / n, float(np.sqrt(squares / n))]
   return out
 
 
