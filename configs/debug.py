@@ -66,7 +66,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.slow_after_batch = -1
   c.data.slow_seconds = 0.0
   c.data.val_batches = 4           # held-out synthetic batches (evaluation)
-  c.trainable = list(c.model.trainable) if a.model == "m2vla" else [("vlm/.*", False), (".*", True)]
   c.optimizer.lr = 1e-2
   c.optimizer.warmup_steps = 1
   c.mesh.data = -1

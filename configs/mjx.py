@@ -148,8 +148,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if a.image != 32:   # the tiny variants' own size; only a change is written, so cache names stay
     overrides["image_size"] = a.image
   c.model.vlm_overrides = ml_collections.ConfigDict(overrides)
-  c.trainable = list(rules)
-  c.frozen_dtype = "float32"
 
   from m2vla_jax.sim.mjx import experts  # pylint: disable=g-import-not-at-top
   c.data.kind = "rlds"

@@ -32,9 +32,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.action_dim = 7
   c.model.memory.size = 65536           # FIFO entries, sharded over the data axis
   c.model.memory.shard_axis = "data"
-  # Frozen backbone except the learnable queries; the trainer and the model read the same rules.
-  c.trainable = list(c.model.trainable)
-  c.frozen_dtype = "bfloat16"
+  # Frozen backbone except the learnable queries (config.model.trainable's default), in bfloat16.
+  c.model.frozen_dtype = "bfloat16"
 
   c.init = ml_collections.ConfigDict()
   c.init.checkpoint = config_dict.placeholder(str)   # REQUIRED: PaliGemma big_vision .npz (local/gs://)

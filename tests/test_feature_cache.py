@@ -142,8 +142,6 @@ def _train_config(root, stage, *, seed=0, trainable_extra=(), rules=None, **fiel
     c.model.action_dim = 4
     c.model.frozen_dtype = "float32"
     c.model.trainable = rules
-    c.trainable = rules
-    c.frozen_dtype = "float32"
     c.data.pipeline.datasets = NAME
     c.data.pipeline.cameras = ("primary",)
     c.data.pipeline.image_size = (56, 56)

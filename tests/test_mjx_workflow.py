@@ -91,7 +91,7 @@ def test_config_is_consistent_and_short_args_apply():
   assert (tower.image_size, tower.num_patches) == (64, 16)
   assert "_64px_" in h.init.checkpoint and workflow._check(h) is h.mjx  # pylint: disable=protected-access
   # freeze_queries: nothing of the VLM trains
-  assert _config("freeze_queries=True").trainable == [("vlm/.*", False), (".*", True)]
+  assert _config("freeze_queries=True").model.trainable == [("vlm/.*", False), (".*", True)]
 
 
 def test_config_errors_name_the_field():

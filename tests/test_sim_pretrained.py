@@ -40,11 +40,11 @@ def test_config_is_sim_on_the_pretrained_frozen_backbone():
   validation.validate_config(c)
   assert c.total_steps == 10 and not c.model.mol
   assert c.model.vlm == "dinov2s_gemma3_270m" and c.init.img_onnx == "package"
-  assert ("vlm/queries", True) in [tuple(r) for r in c.trainable]
+  assert ("vlm/queries", True) in [tuple(r) for r in c.model.trainable]
   assert c.sim.image_size == 112 and tuple(c.data.pipeline.image_size) == (112, 112)
   assert c.feature_cache.stage == "auto" and not c.data.pipeline.augment
   default = _config()
-  assert [tuple(r) for r in default.trainable] == [("vlm/.*", False), (".*", True)]
+  assert [tuple(r) for r in default.model.trainable] == [("vlm/.*", False), (".*", True)]
   with pytest.raises(config_base.ConfigError, match="queries"):
     _config("queries=sometimes")
 

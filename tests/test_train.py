@@ -229,8 +229,13 @@ def test_config_errors_name_the_key():
     _config("stepz=3")
   with pytest.raises(trainer.ConfigError, match=r"config.batch_size: 10 is not divisible by .*grad_accum"):
     validation.validate_config(_config(**{"batch_size": 10, "grad_accum_steps": 4}))
-  with pytest.raises(trainer.ConfigError, match=r"config.trainable\[0\]"):
-    validation.validate_config(_config(**{"trainable": [("vlm/.*", "no"), (".*", True)]}))
+  with pytest.raises(trainer.ConfigError, match=r"config.model.trainable\[0\]"):
+    validation.validate_config(_config(**{"model.trainable": [("vlm/.*", "no"), (".*", True)]}))
+  stale = _config()
+  with stale.unlocked():
+    stale.trainable = [(".*", True)]   # the old trainer-level field
+  with pytest.raises(trainer.ConfigError, match=r"config.trainable: is a policy fact now"):
+    validation.validate_config(stale)
   with pytest.raises(trainer.ConfigError, match=r"config.policy='nope'"):
     validation.validate_config(_config(**{"policy": "nope"}))
   with pytest.raises(trainer.ConfigError, match=r"config.optimizer.lr: must be >= 0"):

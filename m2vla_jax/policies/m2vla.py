@@ -142,6 +142,8 @@ class M2VLA:
     if c.memory.k < 1:
       raise ValueError(f"memory.k={c.memory.k} must be >= 1")
     self.rules = [tuple(r) for r in c.trainable]
+    self.trainable_rules = self.rules      # the policy contract's names (policies/registry.py)
+    self.frozen_dtype = c.frozen_dtype
 
   # ---------------------------------------------------------------- validation
   def _validate_observation(self, observation: Mapping[str, Any]) -> None:

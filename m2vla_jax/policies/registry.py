@@ -6,6 +6,11 @@ constructor takes a mesh, e.g. to shard its memory) and provides pure functions 
   init(rng, example_batch) -> (params, state)        params: nested dict ('vlm/...', 'head/...')
   loss(params, state, batch, rng) -> (loss, (metrics, new_state))
   sample_actions(params, state, observation, rng) -> float [B, horizon, action_dim] (normalized)
+  trainable_rules: [(regex, bool), ...] over parameter paths (first full match decides; core/freezing.py)
+  frozen_dtype: dtype name of the frozen parameters (core/dtypes.py)
+
+The last two are the policy's config facts (`config.model.trainable` / `.frozen_dtype`); the trainer
+reads them from the policy, so a run states them once.
 
 The batch and observation layouts are in docs/ARCHITECTURE.md. Adding a policy: one file in
 `policies/` and one line below; a 'module:Class' string in the config works without a line.

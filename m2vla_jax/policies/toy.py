@@ -20,7 +20,9 @@ import ml_collections
 def default_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       width=32, num_cameras=2, image_size=16, state_dim=7, vocab=64, num_tokens=8, horizon=4,
-      action_dim=7, memory_size=64, num_layers=2))
+      action_dim=7, memory_size=64, num_layers=2,
+      # Which parameters train (first full regex match decides) and the frozen ones' dtype.
+      trainable=[("vlm/.*", False), (".*", True)], frozen_dtype="bfloat16"))
 
 
 class _Net(nn.Module):
@@ -85,6 +87,9 @@ class ToyPolicy:
   def __init__(self, config: ml_collections.ConfigDict):
     self.config = config
     self.net = _Net(config)
+    defaults = default_config()
+    self.trainable_rules = [tuple(r) for r in config.get("trainable", defaults.trainable)]
+    self.frozen_dtype = config.get("frozen_dtype", defaults.frozen_dtype)
 
   def _retrieve(self, memory, feats, frame_id):
     """Value of the nearest valid memory entry by L1 distance, never the query's own frame. [B, H, A]."""

@@ -86,9 +86,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   c.data = ml_collections.ConfigDict()
   c.data.kind = "rlds"              # data/sources.py name or 'module:function'
-  # First fully-matching regex decides; every path must match (freezing.py).
-  c.trainable = [("vlm/img/.*", False), ("vlm/llm/.*", False), (".*", True)]
-  c.frozen_dtype = "bfloat16"
+  # What trains and the frozen parameters' dtype are the policy's facts (`config.model.trainable`,
+  # `config.model.frozen_dtype`); the trainer reads them from the policy, so they are set once.
   c.optimizer = ml_collections.ConfigDict(dict(
       lr=1e-4, warmup_steps=100, end_lr_factor=0.1, b1=0.9, b2=0.95, eps=1e-8, weight_decay=1e-4,
       clip_grad_norm=1.0))

@@ -70,7 +70,7 @@ def choose_stage(request: str, valid: str | None, *, augment: bool) -> tuple[str
   if request == "auto":
     return valid, f"stage '{valid}' (the deepest frozen one)"
   if STAGES.index(request) > STAGES.index(valid):
-    return valid, (f"config.feature_cache.stage='{request}' is not frozen under config.trainable; "
+    return valid, (f"config.feature_cache.stage='{request}' is not frozen under config.model.trainable; "
                    f"using '{valid}'")
   return request, f"stage '{request}' as configured"
 

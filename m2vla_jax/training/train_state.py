@@ -1,8 +1,8 @@
 """The training state pytree and the pure init / train-step / eval-step functions built around a policy.
 
 Owns `TrainState` and the functions the trainer jits. Only `trainable` (a flat `{path: array}` dict chosen
-by `freezing.trainable_mask(params, config.trainable)`) is differentiated and has optimizer state and an
-EMA; `frozen` holds the rest in `config.frozen_dtype`. The policy state (`{'msm': memory}`) threads through
+by `freezing.trainable_mask(params, policy.trainable_rules)`) is differentiated and has optimizer state
+and an EMA; `frozen` holds the rest in `policy.frozen_dtype`. The policy state (`{'msm': memory}`) threads through
 every micro-batch of a step. Step randomness is `fold_in(rng, step)`, so it does not depend on how many
 steps a process ran before a resume.
 """
@@ -43,7 +43,7 @@ def make_init_fn(policy: Any, tx: optax.GradientTransformation, example_batch: A
     mask = freezing.trainable_mask(params, rules)
     trainable, frozen = freezing.split(params, mask)
     if not trainable:
-      raise ValueError("config.trainable freezes every parameter; nothing would train")
+      raise ValueError("config.model.trainable freezes every parameter; nothing would train")
     trainable = jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), trainable)
     frozen = freezing.cast_frozen(frozen, frozen_dtype)
     return TrainState(

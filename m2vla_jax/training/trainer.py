@@ -122,8 +122,8 @@ def setup(config: ml_collections.ConfigDict, example_batch: Any, devices: Any = 
   policy = build_policy(config, mesh)
   tx, schedule = optimizer_lib.make_optimizer(config)
   example = jax.tree_util.tree_map(lambda x: np.asarray(x)[:1], example_batch)
-  init_fn = ts_lib.make_init_fn(policy, tx, example, [tuple(r) for r in config.trainable],
-                                dtypes_lib.DTYPES[config.frozen_dtype], config.ema_decay > 0)
+  init_fn = ts_lib.make_init_fn(policy, tx, example, policy.trainable_rules,
+                                dtypes_lib.DTYPES[policy.frozen_dtype], config.ema_decay > 0)
   rng = jax.random.PRNGKey(config.seed)
   abstract = jax.eval_shape(init_fn, rng)
   shardings = _shardings(abstract, mesh, config)
