@@ -91,6 +91,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer = ml_collections.ConfigDict(dict(
       lr=1e-4, warmup_steps=100, end_lr_factor=0.1, b1=0.9, b2=0.95, eps=1e-8, weight_decay=1e-4,
       clip_grad_norm=1.0))
+  # Per-group peak learning rates: [(name, regex over trainable paths, lr)], first full match decides;
+  # unmatched trainable parameters are group 'default' at optimizer.lr (training/optimizer.py).
+  c.optimizer.groups = ()            # a tuple, so that --config.optimizer.groups=... parses
   c.ema_decay = 0.0                 # 0 disables the EMA of trainable params
   c.feature_cache = feature_cache.default_config()   # frozen-feature cache (training/feature_cache.py)
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1))

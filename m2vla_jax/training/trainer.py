@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import logging as std_logging
 import signal
 import time
 from typing import Any, Iterator, Mapping
@@ -36,6 +37,11 @@ from m2vla_jax.training import pretrained
 from m2vla_jax.training import sharding as sharding_lib
 from m2vla_jax.training import train_state as ts_lib
 from m2vla_jax.training import validation
+
+# What the run is made of goes through the package logger, which the entry point keeps at INFO (absl's
+# root verbosity stays at WARNING for orbax's per-file messages).
+_log = std_logging.getLogger(__name__)
+
 
 class NonFiniteLossError(RuntimeError):
   """Training produced a NaN/Inf loss or gradient norm; the message names the step."""
@@ -126,6 +132,12 @@ def setup(config: ml_collections.ConfigDict, example_batch: Any, devices: Any = 
                                 dtypes_lib.DTYPES[policy.frozen_dtype], config.ema_decay > 0)
   rng = jax.random.PRNGKey(config.seed)
   abstract = jax.eval_shape(init_fn, rng)
+  for i, (name, regex, _) in enumerate(optimizer_lib.groups(config)):
+    if not any(optimizer_lib.group_of(k, [(name, regex, 0.0)]) == name for k in abstract.trainable):
+      raise ConfigError(f"config.optimizer.groups[{i}]: {name!r} regex {regex!r} matches no trainable "
+                        f"parameter (trainable paths start with "
+                        f"{sorted({k.rsplit('/', 2)[0] for k in abstract.trainable})[:6]}); fix the regex "
+                        "or config.model.trainable")
   shardings = _shardings(abstract, mesh, config)
   state = jax.jit(init_fn, out_shardings=shardings)(rng)
   if "init" in config and any(config.init.get(k) for k in pretrained.INIT_SOURCES):
@@ -200,6 +212,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                        async_save=config.checkpoint.async_save,
                                        use_ocdbt=config.checkpoint.get("use_ocdbt", True))
   state = s.state
+  if is_main:
+    _log.info("Parameters by optimizer group (policy %s):\n%s", config.policy,
+                 optimizer_lib.describe_groups(s.abstract.trainable, s.abstract.frozen,
+                                               s.abstract.opt_state, config))
   restored = checkpointer.restore_latest(abstract_for_restore(s))
   if restored is not None:
     state, data_state, _ = restored

@@ -106,6 +106,15 @@ def validate_config(config: ml_collections.ConfigDict, *, workdir: Optional[str]
       _require(isinstance(rule, (list, tuple)) and len(rule) == 2 and isinstance(rule[0], str)
                and isinstance(rule[1], bool), f"model.trainable[{i}]",
                f"must be a (regex, bool) pair, got {rule!r}")
+  names = set()
+  for i, rule in enumerate(config.optimizer.get("groups") or ()):
+    _require(isinstance(rule, (list, tuple)) and len(rule) == 3 and isinstance(rule[0], str)
+             and isinstance(rule[1], str) and isinstance(rule[2], (int, float))
+             and not isinstance(rule[2], bool) and rule[2] >= 0, f"optimizer.groups[{i}]",
+             f"must be a (name, regex, lr >= 0) triple, got {rule!r}")
+    _require(rule[0] != "default" and rule[0] not in names, f"optimizer.groups[{i}]",
+             f"name {rule[0]!r} is 'default' (the unmatched parameters' group) or used twice")
+    names.add(rule[0])
   mesh = get("mesh")
   for axis in mesh:
     _require(axis in sharding_lib.AXES, f"mesh.{axis}", f"unknown mesh axis; use {sharding_lib.AXES}")
