@@ -37,9 +37,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import pickle
-import subprocess
-import sys
 import zlib
 from typing import Any
 
@@ -49,6 +46,7 @@ import numpy as np
 from metaworld import env_dict as _mw_env_dict
 
 from m2vla_jax.sim import visual_shift
+from m2vla_jax.sim.common import worker
 
 SUITES: dict[str, tuple[str, ...]] = {
     "mt10": tuple(_mw_env_dict.MT10_V3),
@@ -324,7 +322,7 @@ def inject_nan_state(env: MetaWorldEnv) -> None:
 _REMOTE_FUNCTIONS = {"reference_render": reference_render, "inject_nan_state": inject_nan_state}
 
 
-class ProcessEnv:
+class ProcessEnv(worker.WorkerClient):
   """A `MetaWorldEnv` in its own process (see module docstring), with the same interface.
 
   `step_async` / `step_wait` split a step so that a batch of environments simulates and renders
@@ -333,102 +331,33 @@ class ProcessEnv:
   """
 
   def __init__(self, task: str, config: EnvConfig = EnvConfig()):
-    self.task, self.config = task, config
     _env_class(task)  # fail here, in the caller's process, on a bad name
-    child_env = dict(os.environ)
-    child_env.setdefault("MUJOCO_GL", "egl")
-    self._proc = subprocess.Popen(
-        [sys.executable, "-m", "m2vla_jax.sim.metaworld_env"], stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE, env=child_env)
-    self._pending = False
+    self.task, self.config = task, config
     self.steps = 0
     self.last_rand_vec = None
-    self.max_episode_steps = self._request("init", task, config)
+    child_env = dict(os.environ)
+    child_env.setdefault("MUJOCO_GL", "egl")
+    super().__init__("m2vla_jax.sim.metaworld_env", task, _REMOTE_FUNCTIONS, env=child_env)
+    self.max_episode_steps = self.request("init", task, config)
 
   def set_task(self, task: str) -> None:
     """Switches the worker to another task (cheaper than starting a new process)."""
     _env_class(task)
-    self.max_episode_steps = self._request("init", task, self.config)
-    self.task = task
-
-  def _send(self, *msg) -> None:
-    if self._proc is None:
-      raise RuntimeError(f"{self.task}: environment is closed")
-    try:
-      pickle.dump(msg, self._proc.stdin, protocol=pickle.HIGHEST_PROTOCOL)
-      self._proc.stdin.flush()
-    except (BrokenPipeError, OSError) as e:
-      raise RuntimeError(f"{self.task}: environment worker died (exit code "
-                         f"{self._proc.poll()})") from e
-
-  def _receive(self) -> Any:
-    try:
-      status, payload, steps, rand_vec = pickle.load(self._proc.stdout)
-    except (EOFError, pickle.UnpicklingError) as e:
-      raise RuntimeError(f"{self.task}: environment worker died (exit code "
-                         f"{self._proc.wait()})") from e
-    self.steps, self.last_rand_vec = steps, rand_vec
-    if status == "error":
-      raise payload
-    return payload
-
-  def _request(self, *msg) -> Any:
-    if self._pending:
-      raise RuntimeError(f"{self.task}: step_async is pending; call step_wait first")
-    self._send(*msg)
-    return self._receive()
+    self.max_episode_steps = self.request("init", task, self.config)
+    self.task = self.label = task
 
   def reset(self, seed: int, render: bool = True) -> dict[str, np.ndarray]:
-    return self._request("reset", int(seed), render)
+    return self.request("reset", int(seed), render)
 
   def step(self, action: np.ndarray, render: bool = True):
     self.step_async(action, render)
     return self.step_wait()
 
   def step_async(self, action: np.ndarray, render: bool = True) -> None:
-    self._send("step", np.asarray(action), render)
-    self._pending = True
-
-  def step_wait(self):
-    self._pending = False
-    return self._receive()
+    super().step_async(np.asarray(action), render)
 
   def render(self, camera: str, flip: bool | None = None) -> np.ndarray:
-    return self._request("render", camera, flip)
-
-  def call(self, function: str, *args) -> Any:
-    """Runs `function(env, *args)` in the worker; `function` names an entry of _REMOTE_FUNCTIONS."""
-    if function not in _REMOTE_FUNCTIONS:
-      raise ValueError(f"function={function!r}; use one of {sorted(_REMOTE_FUNCTIONS)}")
-    return self._request("call", function, *args)
-
-  def close(self) -> None:
-    if self._proc is None:
-      return
-    try:
-      if self._pending:
-        self.step_wait()
-      self._request("close")
-    except Exception:  # pylint: disable=broad-except
-      pass  # closing a crashed worker: nothing to say goodbye to
-    finally:
-      try:
-        self._proc.stdin.close()
-        self._proc.wait(timeout=10)
-      except Exception:  # pylint: disable=broad-except
-        self._proc.kill()
-        self._proc.wait()
-      self._proc = None
-
-  def __del__(self):
-    if getattr(self, "_proc", None) is not None:
-      self.close()
-
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *exc):
-    self.close()
+    return self.request("render", camera, flip)
 
 
 def make_env(task: str, config: EnvConfig = EnvConfig()):
@@ -436,55 +365,19 @@ def make_env(task: str, config: EnvConfig = EnvConfig()):
   return ProcessEnv(task, config) if config.isolate_process else MetaWorldEnv(task, config)
 
 
+def _step(env: MetaWorldEnv, action, render):
+  obs, reward, success, truncated, info = env.step(action, render)
+  info = {k: (float(v) if np.isscalar(v) else v) for k, v in info.items()}
+  return obs, reward, success, truncated, info
+
+
 def _serve() -> None:
-  """Worker loop of `ProcessEnv`: pickled requests on stdin, pickled replies on stdout."""
-  requests = sys.stdin.buffer
-  replies = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
-  os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # stray prints must not corrupt the protocol
-  env = None
-
-  def reply(status, payload):
-    steps = env.steps if env is not None else 0
-    rand_vec = env.last_rand_vec if env is not None else None
-    pickle.dump((status, payload, steps, rand_vec), replies, protocol=pickle.HIGHEST_PROTOCOL)
-    replies.flush()
-
-  while True:
-    try:
-      msg = pickle.load(requests)
-    except EOFError:
-      break
-    command, args = msg[0], msg[1:]
-    try:
-      if command == "init":
-        if env is not None:
-          env.close()
-          env = None
-        env = MetaWorldEnv(*args)
-        reply("ok", env.max_episode_steps)
-      elif command == "reset":
-        reply("ok", env.reset(*args))
-      elif command == "step":
-        obs, reward, success, truncated, info = env.step(*args)
-        info = {k: (float(v) if np.isscalar(v) else v) for k, v in info.items()}
-        reply("ok", (obs, reward, success, truncated, info))
-      elif command == "render":
-        reply("ok", env.render(*args))
-      elif command == "call":
-        reply("ok", _REMOTE_FUNCTIONS[args[0]](env, *args[1:]))
-      elif command == "close":
-        env.close()
-        env = None
-        reply("ok", None)
-        break
-      else:
-        reply("error", ValueError(f"unknown command {command!r}"))
-    except Exception as e:  # pylint: disable=broad-except
-      try:
-        pickle.dumps(e)
-      except Exception:  # pylint: disable=broad-except
-        e = RuntimeError(f"{type(e).__name__}: {e}")
-      reply("error", e)
+  """Worker loop of `ProcessEnv` (sim/common/worker.py's protocol)."""
+  worker.serve(MetaWorldEnv, describe=lambda env: env.max_episode_steps,
+               handlers={"reset": MetaWorldEnv.reset, "step": _step, "render": MetaWorldEnv.render},
+               remote_functions=_REMOTE_FUNCTIONS,
+               extras=lambda env: {"steps": env.steps if env is not None else 0,
+                                   "last_rand_vec": env.last_rand_vec if env is not None else None})
 
 
 if __name__ == "__main__":

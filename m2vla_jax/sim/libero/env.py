@@ -58,12 +58,11 @@ import dataclasses
 import math
 import os
 import pathlib
-import pickle
-import subprocess
-import sys
 from typing import Any
 
 import numpy as np
+
+from m2vla_jax.sim.common import worker
 
 # Step limits of the policy (after the no-op steps), per suite: openpi's / OpenVLA's values.
 SUITE_MAX_STEPS: dict[str, int] = {
@@ -297,7 +296,7 @@ _REMOTE_FUNCTIONS = {"raw_observation": raw_observation, "object_poses": object_
                      "simulator_steps": simulator_steps}
 
 
-class ProcessEnv:
+class ProcessEnv(worker.WorkerClient):
   """A `LiberoEnv` in its own process (see module docstring), with the same interface.
 
   `step_async` / `step_wait` split a step so that a batch of environments steps in parallel.
@@ -307,6 +306,7 @@ class ProcessEnv:
 
   def __init__(self, task_index: int, config: EnvConfig = EnvConfig()):
     self.task_index, self.config = int(task_index), config
+    self.steps = 0
     child_env = dict(os.environ)
     child_env.setdefault("MUJOCO_GL", "egl")
     # robosuite 1.4's EGL context parses CUDA_VISIBLE_DEVICES as device numbers and fails on the
@@ -317,91 +317,23 @@ class ProcessEnv:
     root = str(pathlib.Path(__file__).resolve().parents[3])
     child_env["PYTHONPATH"] = os.pathsep.join(
         [root] + ([child_env["PYTHONPATH"]] if child_env.get("PYTHONPATH") else []))
-    self._proc = subprocess.Popen(
-        [config.worker_python or sys.executable, "-m", "m2vla_jax.sim.libero.env"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=child_env)
-    self._pending = False
-    self.steps = 0
-    info = self._request("init", task_index, config)
+    super().__init__("m2vla_jax.sim.libero.env", f"{config.suite} task {self.task_index}",
+                     _REMOTE_FUNCTIONS, python=config.worker_python, env=child_env,
+                     close_timeout_s=30.0)
+    info = self.request("init", task_index, config)
     self.instruction = info["instruction"]
     self.num_init_states = info["num_init_states"]
     self.max_episode_steps = info["max_episode_steps"]
 
-  def _send(self, *msg) -> None:
-    if self._proc is None:
-      raise RuntimeError(f"{self.config.suite} task {self.task_index}: environment is closed")
-    try:
-      pickle.dump(msg, self._proc.stdin, protocol=pickle.HIGHEST_PROTOCOL)
-      self._proc.stdin.flush()
-    except (BrokenPipeError, OSError) as e:
-      raise RuntimeError(f"{self.config.suite} task {self.task_index}: environment worker died "
-                         f"(exit code {self._proc.poll()})") from e
-
-  def _receive(self) -> Any:
-    try:
-      status, payload, steps = pickle.load(self._proc.stdout)
-    except (EOFError, pickle.UnpicklingError) as e:
-      raise RuntimeError(f"{self.config.suite} task {self.task_index}: environment worker died "
-                         f"(exit code {self._proc.wait()}); its stderr says why") from e
-    self.steps = steps
-    if status == "error":
-      raise payload
-    return payload
-
-  def _request(self, *msg) -> Any:
-    if self._pending:
-      raise RuntimeError("step_async is pending; call step_wait first")
-    self._send(*msg)
-    return self._receive()
-
   def reset(self, init_index: int) -> dict[str, np.ndarray]:
-    return self._request("reset", int(init_index))
+    return self.request("reset", int(init_index))
 
   def step(self, action: np.ndarray):
     self.step_async(action)
     return self.step_wait()
 
   def step_async(self, action: np.ndarray) -> None:
-    self._send("step", np.asarray(action))
-    self._pending = True
-
-  def step_wait(self):
-    self._pending = False
-    return self._receive()
-
-  def call(self, function: str, *args) -> Any:
-    """Runs `function(env, *args)` in the worker; `function` names an entry of _REMOTE_FUNCTIONS."""
-    if function not in _REMOTE_FUNCTIONS:
-      raise ValueError(f"function={function!r}; use one of {sorted(_REMOTE_FUNCTIONS)}")
-    return self._request("call", function, *args)
-
-  def close(self) -> None:
-    if self._proc is None:
-      return
-    try:
-      if self._pending:
-        self.step_wait()
-      self._request("close")
-    except Exception:  # pylint: disable=broad-except
-      pass  # closing a crashed worker: nothing to say goodbye to
-    finally:
-      try:
-        self._proc.stdin.close()
-        self._proc.wait(timeout=30)
-      except Exception:  # pylint: disable=broad-except
-        self._proc.kill()
-        self._proc.wait()
-      self._proc = None
-
-  def __del__(self):
-    if getattr(self, "_proc", None) is not None:
-      self.close()
-
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *exc):
-    self.close()
+    super().step_async(np.asarray(action))
 
 
 def make_env(task_index: int, config: EnvConfig = EnvConfig()):
@@ -410,52 +342,13 @@ def make_env(task_index: int, config: EnvConfig = EnvConfig()):
 
 
 def _serve() -> None:
-  """Worker loop of `ProcessEnv`: pickled requests on stdin, pickled replies on stdout."""
-  requests = sys.stdin.buffer
-  replies = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
-  os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # LIBERO prints; keep the protocol clean
-  env = None
-
-  def reply(status, payload):
-    pickle.dump((status, payload, env.steps if env is not None else 0), replies,
-                protocol=pickle.HIGHEST_PROTOCOL)
-    replies.flush()
-
-  while True:
-    try:
-      msg = pickle.load(requests)
-    except EOFError:
-      break
-    command, args = msg[0], msg[1:]
-    try:
-      if command == "init":
-        if env is not None:
-          env.close()
-        env = LiberoEnv(*args)
-        reply("ok", {"instruction": env.instruction, "num_init_states": env.num_init_states,
-                     "max_episode_steps": env.max_episode_steps})
-      elif command == "reset":
-        reply("ok", env.reset(*args))
-      elif command == "step":
-        reply("ok", env.step(*args))
-      elif command == "call":
-        reply("ok", _REMOTE_FUNCTIONS[args[0]](env, *args[1:]))
-      elif command == "close":
-        env.close()
-        env = None
-        reply("ok", None)
-        break
-      else:
-        reply("error", ValueError(f"unknown command {command!r}"))
-    except Exception as e:  # pylint: disable=broad-except
-      try:
-        pickle.dumps(e)
-      except Exception:  # pylint: disable=broad-except
-        e = RuntimeError(f"{type(e).__name__}: {e}")
-      reply("error", e)
-  replies.close()
-  sys.stdout.flush()
-  sys.stderr.flush()
+  """Worker loop of `ProcessEnv` (sim/common/worker.py's protocol)."""
+  worker.serve(LiberoEnv, describe=lambda env: {"instruction": env.instruction,
+                                                "num_init_states": env.num_init_states,
+                                                "max_episode_steps": env.max_episode_steps},
+               handlers={"reset": LiberoEnv.reset, "step": LiberoEnv.step},
+               remote_functions=_REMOTE_FUNCTIONS,
+               extras=lambda env: {"steps": env.steps if env is not None else 0})
   # robosuite's EGL contexts raise (harmless) errors from their finalizers at interpreter
   # shutdown; everything is closed and replied to, so leave without running them.
   os._exit(0)  # pylint: disable=protected-access
