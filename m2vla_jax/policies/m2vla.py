@@ -89,9 +89,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   return c
 
 
-def _merged(config: Mapping[str, Any] | None) -> ml_collections.ConfigDict:
-  """`config` over the defaults, so a partial config (e.g. from the trainer) keeps every default."""
-  base = get_config()
+def merged(config: Mapping[str, Any] | None, defaults=None) -> ml_collections.ConfigDict:
+  """`config` over `defaults` (a ConfigDict; M²-VLA's when None), so a partial config (e.g. from the
+  trainer) keeps every default; an unknown field is an error naming it."""
+  base = get_config() if defaults is None else defaults
   if config is None:
     return base
 
@@ -115,11 +116,13 @@ class M2VLA:
   """The policy (see module docstring). `mesh` is only needed for `memory.shard_axis` sharded search;
   without it the abstract mesh of the surrounding `jax.set_mesh` context is used when it has the axis."""
 
+  # A policy built on this one (e.g. policies/mole_vla.py) names its own defaults here.
+  default_config = staticmethod(get_config)
+
   def __init__(self, config: Mapping[str, Any] | None = None, *, mesh: jax.sharding.Mesh | None = None):
-    self.config = c = _merged(config)
+    self.config = c = merged(config, self.default_config())
     self.mesh = mesh
-    self.vlm_config = c.vlm if isinstance(c.vlm, vlm_lib.VLMConfig) else vlm_lib.get_config(
-        c.vlm, **dict(c.vlm_overrides))
+    self.vlm_config = self.make_vlm_config(c)
     self.vlm = vlm_lib.VLM(self.vlm_config)
     self.num_layers = self.vlm_config.llm.depth
     head = {f: c.head[f] for f in _HEAD_FIELDS}
@@ -144,6 +147,12 @@ class M2VLA:
     self.rules = [tuple(r) for r in c.trainable]
     self.trainable_rules = self.rules      # the policy contract's names (policies/registry.py)
     self.frozen_dtype = c.frozen_dtype
+
+  def make_vlm_config(self, c: ml_collections.ConfigDict) -> vlm_lib.VLMConfig:
+    """The backbone's config from the policy config (a subclass adds its parts, e.g. a router)."""
+    if isinstance(c.vlm, vlm_lib.VLMConfig):
+      return c.vlm
+    return vlm_lib.get_config(c.vlm, **dict(c.vlm_overrides))
 
   # ---------------------------------------------------------------- validation
   def _validate_observation(self, observation: Mapping[str, Any]) -> None:
@@ -330,6 +339,11 @@ class M2VLA:
     apply = self._head_fn(params["head"], feats, jnp.asarray(obs["state"], jnp.float32), retrieved)
     loss, aux = ah.objective_loss(apply, self.head_config, jnp.asarray(batch["actions"], jnp.float32),
                                   jnp.asarray(batch["action_mask"], bool), rng)
+    # Its own stream, so that the head's draws are the same with or without auxiliary terms.
+    extra_loss, extra_metrics, new_state = self.auxiliary_loss(params, new_state, obs, feats,
+                                                               jax.random.fold_in(rng, 0xA0C5))
+    loss = loss + extra_loss
+    metrics.update(extra_metrics)
     metrics["l1"] = aux["l1"]
     gates = aux["gates"]
     if gates:
@@ -337,6 +351,12 @@ class M2VLA:
       metrics["alpha_s"] = metrics["alpha_s_heads"].mean(axis=-1)
       metrics["alpha_v"] = gates["alpha_v"]
     return loss, (metrics, new_state)
+
+  def auxiliary_loss(self, params: Any, state: dict, observation: Mapping[str, Any],
+                     feats: Mapping[str, jax.Array], rng: jax.Array) -> tuple[jax.Array, dict, dict]:
+    """(loss added to the action loss, metrics, state) of a policy built on this one; none here."""
+    del params, observation, feats, rng
+    return jnp.zeros((), jnp.float32), {}, state
 
   def sample_actions(self, params: Any, state: Mapping[str, Any], observation: Mapping[str, Any],
                      rng: jax.Array) -> jax.Array:
