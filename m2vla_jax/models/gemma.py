@@ -41,6 +41,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from m2vla_jax.models import layer_skip
+
 # Masked attention logits; finite so that fully masked rows (padding queries) give a uniform softmax
 # instead of NaN. Same constant as the reference gemma implementation.
 _BIG_NEG = -2.3819763e38
@@ -355,6 +357,26 @@ class Block(nn.Module):
     return x, (x, own_kv)
 
 
+class _At(nn.Module):
+  """A `Block` at module path `names` (nested pass-through scopes), so that applying it on its own to
+  one layer's parameters looks, to a method interceptor, like the scanned layers of the full model."""
+  config: GemmaConfig
+  names: tuple[str, ...]
+
+  @nn.compact
+  def __call__(self, *args):
+    head, *rest = self.names
+    if rest:
+      return _At(self.config, tuple(rest), name=head)(*args)
+    return Block(self.config, name=head)(*args)
+
+  def nest(self, params):
+    """One layer's parameters -> the variables tree of this module."""
+    for name in reversed(self.names):
+      params = {name: params}
+    return params
+
+
 class Embedder(nn.Module):
   """The token embedding table `input_embedding [V, D]`, shared by input and output (tied)."""
   vocab_size: int
@@ -379,6 +401,13 @@ class Gemma(nn.Module):
       earlier call, 'positions': [B, P], 'mask': [B, T, P] bool (which context token each of x's
       tokens may see)}. Context tokens never see x's tokens, and no gradient flows through them
       unless their own inputs need one.
+      `route` ({'ids': [k] or [B, k] int ascending, 'gates': [B, L]}, from `layer_skip`) runs only
+      the kept layers (MoLe-VLA layer skipping; `skip_impl` 'gather' / 'loop' say how per-sample
+      routes run, see `layer_skip.run_kept_layers`): 'hidden', 'key', 'value' then have k layers, a
+      kept layer's output is multiplied by its gate, and a context must be the k-layer key/value of
+      an earlier call with the same route. skip_impl='masked' computes every layer and masks
+      (`layer_skip.run_masked_layers`; L layers out, 'ids' unused). 'final' is after the last layer
+      that ran either way.
     logits(final [B, T, D]) -> [B, T, V] float32 (tied embedding, final soft-cap if configured).
   """
   config: GemmaConfig
@@ -391,8 +420,9 @@ class Gemma(nn.Module):
       block = nn.remat(Block, prevent_cse=False, policy=getattr(jax.checkpoint_policies, cfg.remat_policy))
     self.layers = nn.scan(
         block,
-        variable_axes={"params": 0},
-        split_rngs={"params": True},
+        # Per-layer dropout rngs and sown values (models/adapters.py: adapter dropout, GSE aux loss).
+        variable_axes={"params": 0, "intermediates": 0},
+        split_rngs={"params": True, "dropout": True},
         in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
         length=cfg.depth,
         unroll=cfg.scan_unroll,
@@ -406,8 +436,12 @@ class Gemma(nn.Module):
     return x * jnp.sqrt(jnp.float32(self.config.width)).astype(dtype)
 
   def __call__(self, x: jax.Array, positions: jax.Array, attn_mask: jax.Array,
-               context: dict[str, jax.Array] | None = None) -> dict[str, jax.Array]:
+               context: dict[str, jax.Array] | None = None, route: dict[str, jax.Array] | None = None,
+               skip_impl: str = "gather") -> dict[str, jax.Array]:
     cfg = self.config
+    n_run = cfg.depth
+    if route is not None:
+      n_run = self._check_route(route, skip_impl, x.shape[0])
     b, t, d = x.shape
     if d != cfg.width:
       raise ValueError(f"Gemma input x has width {d}, config.width is {cfg.width}")
@@ -418,11 +452,11 @@ class Gemma(nn.Module):
     ctx_kv, ctx = None, None
     if context is not None:
       p = context["positions"].shape[1]
-      kv_shape = (cfg.depth, b, p, cfg.num_kv_heads, cfg.head_dim)
+      kv_shape = (n_run, b, p, cfg.num_kv_heads, cfg.head_dim)
       if context["key"].shape != kv_shape or context["value"].shape != kv_shape:
         raise ValueError(f"Gemma context key/value have shapes {context['key'].shape} / "
                          f"{context['value'].shape}, expected {kv_shape} (the 'key'/'value' that an "
-                         f"earlier call on the context tokens returned)")
+                         f"earlier call on the context tokens returned, with the same route)")
       if context["mask"].shape != (b, t, p):
         raise ValueError(f"Gemma context mask has shape {context['mask'].shape}, expected {(b, t, p)}")
       ctx_kv = (context["key"], context["value"])
@@ -432,9 +466,70 @@ class Gemma(nn.Module):
     if self.is_initializing():
       self.embedder.table()  # so that init(x, positions, mask) also creates the (tied) embedding
     x = x.astype(cfg.dtype)
-    x, (hidden, (key, value)) = self.layers(x, (is_local, base, scale, ctx_kv),
-                                            positions.astype(jnp.int32), attn_mask.astype(bool), ctx)
+    positions, attn_mask = positions.astype(jnp.int32), attn_mask.astype(bool)
+    if route is None:
+      x, (hidden, (key, value)) = self.layers(x, (is_local, base, scale, ctx_kv), positions,
+                                              attn_mask, ctx)
+    else:
+      if self.is_initializing():  # create the stacked parameters that the routed scan gathers from
+        self.layers(x, (is_local, base, scale, None), positions, attn_mask, None)
+      x, hidden, key, value = self._routed(x, positions, attn_mask, ctx_kv, ctx, route, skip_impl)
     return {"hidden": hidden, "final": self.final_norm(x), "key": key, "value": value}
+
+  def _routed(self, x, positions, attn_mask, ctx_kv, ctx, route, skip_impl):
+    """The layers a route keeps (`layer_skip`), each one `Block` applied to its slice of the stacked
+    parameters at this scan's module path (so method interceptors, e.g. models/adapters.py, see the
+    usual 'llm/layers/...' paths), with a per-layer, per-sample 'dropout' rng when one is given."""
+    cfg = self.config
+    is_local = jnp.asarray(cfg.layer_is_local())
+    base, scale = (jnp.asarray(a) for a in cfg.layer_rope())
+    block = _At(cfg, (*self.path, "layers"), parent=None)
+    dropout = self.make_rng("dropout") if self.has_rng("dropout") else None
+
+    def layer_fn(layer, step_kv, h, batch):
+      params, (i, loc, rope_base, rope_scale) = layer
+      pos, mask, context_, sample = batch
+      rngs = {}
+      if dropout is not None:
+        rngs["dropout"] = jax.random.fold_in(jax.random.fold_in(dropout, i), sample[0])
+      (h, (_, kv)), sown = block.apply({"params": block.nest(params)}, h,
+                                       (loc, rope_base, rope_scale, step_kv), pos, mask, context_,
+                                       rngs=rngs, mutable=["intermediates"])
+      if jax.tree_util.tree_leaves(sown):
+        raise ValueError("Gemma route: the decoder layers sow values (e.g. the GSE adapters' aux loss, "
+                         "models/adapters.py), which layer skipping does not collect; run without a "
+                         "route (VLMConfig.router=None) or without sowing adapters")
+      return h, kv
+
+    layers = (self.variables["params"]["layers"],
+              (jnp.arange(cfg.depth, dtype=jnp.int32), is_local, base, scale))
+    batch = (positions, attn_mask, ctx, jnp.arange(x.shape[0], dtype=jnp.int32))
+    common = dict(remat_policy=cfg.remat_policy, unroll=cfg.scan_unroll)
+    if skip_impl == "masked":
+      x, hidden, (key, value) = layer_skip.run_masked_layers(layer_fn, layers, x, route["gates"], batch,
+                                                             ctx_kv, **common)
+    else:
+      x, hidden, (key, value) = layer_skip.run_kept_layers(
+          layer_fn, layers, x, route["ids"], route["gates"], batch, ctx_kv, per_sample=skip_impl,
+          **common)
+    return x, hidden, key, value
+
+  def _check_route(self, route, skip_impl: str, b: int) -> int:
+    """Validates a route; returns how many layers it runs."""
+    cfg = self.config
+    if skip_impl not in layer_skip.SKIP_IMPLS:
+      raise ValueError(f"Gemma skip_impl={skip_impl!r}; use one of {layer_skip.SKIP_IMPLS}")
+    if np.shape(route.get("gates")) != (b, cfg.depth):
+      raise ValueError(f"Gemma route['gates'] has shape {np.shape(route.get('gates'))}, expected "
+                       f"{(b, cfg.depth)} (batch, layers)")
+    if skip_impl == "masked":
+      return cfg.depth
+    ids = route.get("ids")
+    if ids is None or not jnp.issubdtype(ids.dtype, jnp.integer) or ids.ndim not in (1, 2) or (
+        ids.ndim == 2 and ids.shape[0] != b) or not 0 < ids.shape[-1] <= cfg.depth:
+      raise ValueError(f"Gemma route['ids'] must be int [k] or [B, k] with B={b}, 0 < k <= "
+                       f"{cfg.depth}; got {None if ids is None else (ids.dtype, ids.shape)}")
+    return ids.shape[-1]
 
   def logits(self, final: jax.Array) -> jax.Array:
     cfg = self.config

@@ -162,7 +162,9 @@ class Encoder(nn.Module):
     block = Encoder1DBlock
     if cfg.remat_policy != "none":
       block = nn.remat(block, prevent_cse=False, policy=getattr(jax.checkpoint_policies, cfg.remat_policy))
-    x, blocks = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+    # Per-layer dropout rngs and sown values (models/adapters.py: adapter dropout, GSE aux loss).
+    x, blocks = nn.scan(block, variable_axes={"params": 0, "intermediates": 0},
+                        split_rngs={"params": True, "dropout": True},
                         in_axes=nn.broadcast, length=cfg.depth, unroll=cfg.scan_unroll)(
                             cfg, name="encoderblock")(x, None)
     x = nn.LayerNorm(epsilon=cfg.norm_eps, dtype=jnp.dtype(cfg.dtype), name="encoder_norm")(x)

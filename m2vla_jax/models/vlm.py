@@ -42,6 +42,16 @@ hidden states only the image tokens' are kept ('prefix_visual' [B, L, C*Np, D]):
 those and the queries' states, and the text's would double a cache that is already ~1 MB per frame
 for Gemma 3 270M. With the queries frozen too, {'visual': [B, L, C*Np, D], 'query': [B, L, Nq, D]}
 ('outputs', from `outputs`) is the whole backbone's contribution and skips the VLM entirely.
+
+Layer skipping (MoLe-VLA, `VLMConfig.router`, `layer_skip.py`): a STAR router (params 'router') scores
+the LLM layers once per sample from the prefix's input embeddings (images + text, padding zeroed), and
+only the k = L - num_skip kept layers run, for the prefix pass and the queries' pass alike (the
+queries read the kept layers' key/value cache). The per-layer outputs keep their [L, ...] shape: slot l
+holds the state after the last kept layer <= l (a skipped layer's slot carries the state passed
+through), so Mixture-of-Layers reads "the layers that ran"; 'final' is after the last kept layer, and
+'route' holds {'logits', 'probs', 'gates', 'ids'}. `full_depth=True` runs every layer and ignores the
+router (CogKD's teacher when the backbone is frozen). The router trains and decides which layers run,
+so with a router only the 'image_features' stage can be cached (it sits before the router).
 """
 from __future__ import annotations
 
@@ -55,6 +65,7 @@ import numpy as np
 
 from m2vla_jax.models import dinov2
 from m2vla_jax.models import gemma
+from m2vla_jax.models import layer_skip
 from m2vla_jax.models import siglip
 
 
@@ -106,6 +117,8 @@ class VLMConfig:
       setting, default) or 'bidirectional' (queries join the bidirectional prefix). See the module
       docstring.
     img_proj: the projector of a DINOv2 tower (None for SigLIP, whose head projects).
+    router: MoLe-VLA layer skipping (`layer_skip.RouterConfig`; None: every layer runs, no 'router'
+      parameters). num_skip must be < llm.depth.
   """
   img: siglip.SigLIPConfig | dinov2.DINOv2Config | None
   llm: gemma.GemmaConfig
@@ -113,6 +126,7 @@ class VLMConfig:
   max_text_tokens: int = 48
   query_attention: str = "readout"
   img_proj: ProjectorConfig | None = None
+  router: layer_skip.RouterConfig | None = None
 
   def __post_init__(self):
     if isinstance(self.img, dinov2.DINOv2Config):
@@ -142,6 +156,13 @@ class VLMConfig:
                        f"{QUERY_ATTENTION}")
     if self.max_text_tokens < 1:
       raise ValueError(f"VLMConfig.max_text_tokens={self.max_text_tokens} must be >= 1")
+    if self.router is not None:
+      if not isinstance(self.router, layer_skip.RouterConfig):
+        raise ValueError(f"VLMConfig.router must be a layer_skip.RouterConfig or None, got "
+                         f"{type(self.router).__name__}")
+      if not self.router.num_skip < self.llm.depth:
+        raise ValueError(f"VLMConfig.router.num_skip={self.router.num_skip} must be < llm.depth="
+                         f"{self.llm.depth} (at least one layer has to run)")
 
   @property
   def tokens_per_camera(self) -> int:
@@ -200,7 +221,7 @@ def get_config(name: str, **overrides) -> VLMConfig:
   'tiny_dinov2', and for simulation suites trained from scratch at 32 px 'tiny_p8', 'tiny_p4' (8x8 /
   4x4 patches) and 'mini_p8' (both towers width 64).
 
-  `overrides` may set VLMConfig fields (num_queries, max_text_tokens, query_attention), the tower
+  `overrides` may set VLMConfig fields (num_queries, max_text_tokens, query_attention, router), the tower
   fields `dtype`, `remat_policy` and `scan_unroll`, which apply to both towers, the Gemma field
   `attn_impl`, the image-tower field `image_size` (a multiple of the patch size), the SigLIP field
   `posemb_init`, the DINOv2 fields `include_cls` and `posemb_interp`, and the projector fields
@@ -367,6 +388,11 @@ class VLM(nn.Module):
     mask   [B, S], positions [B, S].
   Hidden states are the output of each decoder layer (before the final norm), in the compute dtype.
   `cached`: an earlier stage's output for these inputs (module docstring); images may then be None.
+  With `config.router` (layer skipping, module docstring) the output also has
+    route  {'logits', 'probs' [B, L] float32, 'gates' [B, L] (0/1 straight-through), 'ids' [B, k]}
+  unless `full_depth=True`, which runs every layer and ignores the router. `skip_impl` overrides
+  `config.router.skip_impl` for this call (same parameters, same forward; e.g. 'masked' for training,
+  'loop' for batched CPU inference: `layer_skip.RouterConfig`).
   """
   config: VLMConfig
 
@@ -378,6 +404,8 @@ class VLM(nn.Module):
     elif cfg.img is not None:
       self.img = siglip.SigLIP(cfg.img)
     self.llm = gemma.Gemma(cfg.llm)
+    if cfg.router is not None:
+      self.router = layer_skip.STARRouter(cfg.router, cfg.llm.depth)
     if cfg.num_queries:
       self.queries = self.param("queries", nn.initializers.normal(stddev=1.0),
                                 (cfg.num_queries, cfg.llm.width), jnp.float32)
@@ -446,6 +474,7 @@ class VLM(nn.Module):
     if cfg.query_attention != "readout":
       raise ValueError("VLM.prefix needs query_attention='readout' (bidirectional queries change the "
                        "prefix states, so the prefix cannot be computed without them)")
+    self._refuse_cache_with_router("VLM.prefix")
     validate_inputs(cfg, images, image_mask, tokens, token_mask)
     parts, masks = self._parts(images, image_mask, tokens, token_mask, None)
     pre, _, _ = self._prefix_pass(parts, masks)
@@ -458,8 +487,15 @@ class VLM(nn.Module):
   def outputs(self, images, image_mask, tokens, token_mask) -> dict[str, jax.Array]:
     """The states the action head reads, batch-major for caching: {'visual' [B, L, C*Np, D],
     'query' [B, L, Nq, D]} (valid to cache only when the queries are frozen too)."""
+    self._refuse_cache_with_router("VLM.outputs")
     out = self(images, image_mask, tokens, token_mask)
     return {"visual": jnp.moveaxis(out["visual"], 0, 1), "query": jnp.moveaxis(out["query"], 0, 1)}
+
+  def _refuse_cache_with_router(self, what: str) -> None:
+    if self.config.router is not None:
+      raise ValueError(f"{what}: VLMConfig.router is set; the router trains and picks the layers per "
+                       "sample, so only the 'image_features' stage can be cached (it precedes the "
+                       "router); use VLM.image_features or cache_stage='image_features'")
 
   def _from_cached_outputs(self, cached, image_mask, tokens, token_mask):
     cfg = self.config
@@ -487,8 +523,8 @@ class VLM(nn.Module):
             "positions": jnp.concatenate([positions, query_pos], axis=1)}
 
   def __call__(self, images: jax.Array | None, image_mask: jax.Array | None, tokens: jax.Array,
-               token_mask: jax.Array, cached: dict[str, jax.Array] | None = None
-               ) -> dict[str, jax.Array]:
+               token_mask: jax.Array, cached: dict[str, jax.Array] | None = None,
+               full_depth: bool = False, skip_impl: str | None = None) -> dict[str, jax.Array]:
     cfg = self.config
     cached = dict(cached or {})
     unknown = sorted(set(cached) - {"image_features", "prefix_visual", "prefix_key", "prefix_value",
@@ -497,7 +533,11 @@ class VLM(nn.Module):
       raise ValueError(f"cached has unknown entries {unknown}; expected the output of "
                        f"VLM.image_features ('image_features') or VLM.prefix ('prefix_*')")
     validate_inputs(cfg, images, image_mask, tokens, token_mask, images_cached=bool(cached))
+    if skip_impl is not None and skip_impl not in layer_skip.SKIP_IMPLS:
+      raise ValueError(f"VLM skip_impl={skip_impl!r}; use one of {layer_skip.SKIP_IMPLS}")
     b, t = tokens.shape
+    if set(cached) - {"image_features"}:
+      self._refuse_cache_with_router(f"cached {sorted(set(cached) - {'image_features'})}")
     if "query" in cached:
       return self._from_cached_outputs(cached, image_mask, tokens, token_mask)
     if "prefix_visual" in cached:
@@ -505,56 +545,81 @@ class VLM(nn.Module):
         raise ValueError("a cached prefix needs query_attention='readout' and num_queries > 0")
       return self._from_cached_prefix(cached, image_mask, tokens, token_mask)
     parts, masks = self._parts(images, image_mask, tokens, token_mask, cached)
+    route, routing = None, None
+    if cfg.router is not None and (not full_depth or self.is_initializing()):
+      zeroed = [jnp.where(m[..., None], x, jnp.zeros((), x.dtype)) for x, m in zip(parts, masks)]
+      logits = self.router(zeroed[0], masks[0], zeroed[1], masks[1])
+      if not full_depth:
+        route = layer_skip.route_from_logits(logits, cfg.router.num_skip)
+        routing = (route, cfg.router.skip_impl if skip_impl is None else skip_impl)
     if cfg.query_attention == "readout" and cfg.num_queries:
-      out, mask, positions = self._readout(parts, masks)
+      out, mask, positions = self._readout(parts, masks, routing)
     else:
-      out, mask, positions = self._single_pass(parts, masks)
+      out, mask, positions = self._single_pass(parts, masks, routing)
     n_vis = parts[0].shape[1]
     hidden = out["hidden"]
-    return {
+    result = {
         "visual": hidden[:, :, :n_vis], "visual_mask": masks[0],
         "text": hidden[:, :, n_vis:n_vis + t], "text_mask": masks[1],
         "query": hidden[:, :, n_vis + t:], "query_mask": masks[2],
         "final": out["final"], "mask": mask, "positions": positions,
     }
+    if route is not None:
+      result["route"] = route
+    return result
 
-  def _single_pass(self, parts, masks):
+  def _llm(self, x, positions, attn_mask, context=None, routing=None):
+    """The decoder, with layer skipping when routing = (route, skip_impl) is given; 'hidden' always has
+    L layers (the kept layers' states laid onto the layer slots), 'key' / 'value' the layers that ran."""
+    if routing is None:
+      return self.llm(x, positions, attn_mask, context=context)
+    route, impl = routing
+    out = self.llm(x, positions, attn_mask, context=context, route=route, skip_impl=impl)
+    if impl != "masked":
+      out = {**out, "hidden": layer_skip.expand_hidden(out["hidden"], x.astype(out["hidden"].dtype),
+                                                       route["ids"], self.config.llm.depth)}
+    return out
+
+  def _single_pass(self, parts, masks, routing=None):
     """All tokens in one bidirectional prefix (also the query-free case)."""
     x = jnp.concatenate(parts, axis=1)
     mask = jnp.concatenate(masks, axis=1)
     # Zeroed so that an absent camera's pixels / a pad token's id cannot reach any output.
     x = jnp.where(mask[..., None], x, jnp.zeros((), x.dtype))
     positions = valid_positions(mask)
-    out = self.llm(x, positions, gemma.prefix_lm_mask(mask, jnp.ones_like(mask)))
+    out = self._llm(x, positions, gemma.prefix_lm_mask(mask, jnp.ones_like(mask)), routing=routing)
     return out, mask, positions
 
-  def _prefix_pass(self, parts, masks):
+  def _prefix_pass(self, parts, masks, routing=None):
     """Images + text as the bidirectional prefix: (Gemma output [L, B, ...], mask, positions)."""
     prefix = jnp.concatenate(parts[:2], axis=1)
     prefix_mask = jnp.concatenate(masks[:2], axis=1)
     prefix = jnp.where(prefix_mask[..., None], prefix, jnp.zeros((), prefix.dtype))
     prefix_pos = valid_positions(prefix_mask)
-    pre = self.llm(prefix, prefix_pos, gemma.prefix_lm_mask(prefix_mask, jnp.ones_like(prefix_mask)))
+    pre = self._llm(prefix, prefix_pos, gemma.prefix_lm_mask(prefix_mask, jnp.ones_like(prefix_mask)),
+                    routing=routing)
     return pre, prefix_mask, prefix_pos
 
-  def _query_pass(self, queries, key, value, prefix_mask, prefix_pos):
+  def _query_pass(self, queries, key, value, prefix_mask, prefix_pos, routing=None):
     """The queries as a causal suffix over the prefix's per-layer keys / values [L, B, S_p, K, H]."""
     b, nq = queries.shape[:2]
     query_mask = jnp.ones((b, nq), bool)
     query_pos = suffix_positions(prefix_mask, nq)
     context = {"key": key, "value": value, "positions": prefix_pos,
                "mask": jnp.broadcast_to(prefix_mask[:, None, :], (b, nq, prefix_mask.shape[1]))}
-    post = self.llm(queries, query_pos, gemma.causal_mask(query_mask), context=context)
+    post = self._llm(queries, query_pos, gemma.causal_mask(query_mask), context=context,
+                     routing=routing)
     return post, query_pos
 
-  def _readout(self, parts, masks):
+  def _readout(self, parts, masks, routing=None):
     """Prefix (images + text) pass, then the queries as a causal suffix over its key/value cache.
 
     Equals one pass over [prefix, queries] with `prefix_lm_mask(mask, ~is_query)`; the tests check
     this.
     """
-    pre, prefix_mask, prefix_pos = self._prefix_pass(parts, masks)
-    post, query_pos = self._query_pass(parts[2], pre["key"], pre["value"], prefix_mask, prefix_pos)
+    pre, prefix_mask, prefix_pos = self._prefix_pass(parts, masks, routing)
+    post, query_pos = self._query_pass(parts[2], pre["key"], pre["value"], prefix_mask, prefix_pos,
+                                       routing)
     out = {"hidden": jnp.concatenate([pre["hidden"], post["hidden"]], axis=2),
            "final": jnp.concatenate([pre["final"], post["final"]], axis=1)}
     mask = jnp.concatenate([prefix_mask, masks[2]], axis=1)
