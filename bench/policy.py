@@ -37,7 +37,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from m2vla_jax.models import gemma, m2vla, siglip, vlm  # noqa: E402
+from m2vla_jax.models import gemma, siglip, vlm  # noqa: E402
+from m2vla_jax.policies import m2vla  # noqa: E402
 from m2vla_jax.training import train_state  # noqa: E402
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}

@@ -22,9 +22,23 @@ measures the step against computing the backbone); `queries=train` is the paper'
 The frozen-feature cache (training/feature_cache.py) is built once per backbone beside the demos and
 shared by every run and seed that freezes the same stage; evaluation runs the full backbone live.
 
+The comparison's other rows (`method=`, same tasks, demos, head and budget; README's table):
+  m2     (default) M²-VLA on the frozen backbone, as above.
+  full   full fine-tuning: every VLM parameter trains, at `backbone_lr` (the head at `lr`).
+  lora   LoRA (rank `rank`, alpha = rank) on the LLM's linear layers (adapter.targets 'llm/.*'; '.*'
+         adds the image tower and projector, which then run live every step), merged at export.
+  gse    VLA-GSE on the same layers at the same total rank (1 generalized + 7 specialized experts,
+         top-2), spectrally initialised from the pretrained weights, aux loss 0.01.
+  mole   MoLe-VLA (policies/mole_vla.py): the router skips `skip` of the 18 Gemma layers per sample;
+         the frozen backbone is CogKD's teacher (weight `kd`; 0 turns it off).
+Adapter and full fine-tuning rows train the backbone through the frozen-feature cache's
+'image_features' stage (the DINOv2 tower stays frozen unless the targets reach it).
+
 Short args: those of configs/sim.py (steps, batch, episodes, eval_episodes (default 10 here), mol,
 msm, horizon, execute (default 4 here), lr, width, data_dir) plus queries ('frozen' | 'train'), projector ('frozen' | 'train'),
-image_size (a multiple of 14 divisible into 2 x 2 pools: 56, 112, 168, 224).
+image_size (a multiple of 14 divisible into 2 x 2 pools: 56, 112, 168, 224), method (above), rank
+(adapters, 16), backbone_lr (full / lora / gse, 1e-5: VLA-GSE's adapter rate), skip (mole, 9), kd
+(mole, 0.5).
 """
 import ml_collections
 
@@ -34,16 +48,20 @@ from m2vla_jax.training import config_base
 # Gemma 3 tokens of an instruction (BOS included): the longest of the 6 tasks' 30 instructions has 10
 # (tests/test_sim_pretrained.py checks them all); every cached frame stores this many text positions.
 MAX_TOKENS = 12
+METHODS = ("m2", "full", "lora", "gse", "mole")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  own = ("queries", "projector", "image_size")
+  own = ("queries", "projector", "image_size", "method", "rank", "backbone_lr", "skip", "kd")
   items = [i for i in (arg or "").split(",") if i]
   a = config_base.parse_arg(",".join(i for i in items if i.split("=", 1)[0] in own),
-                            queries="frozen", projector="frozen", image_size=112)
+                            queries="frozen", projector="frozen", image_size=112, method="m2", rank=16,
+                            backbone_lr=1e-5, skip=9, kd=0.5)
   for name in ("queries", "projector"):
     if a[name] not in ("frozen", "train"):
       raise config_base.ConfigError(f"config argument {name}={a[name]!r}: use 'frozen' or 'train'")
+  if a.method not in METHODS:
+    raise config_base.ConfigError(f"config argument method={a.method!r}: use one of {METHODS}")
   # configs/sim.py's arguments, with this config's defaults first (a later item wins): evaluation
   # runs the 22M + 270M backbone live, so fewer episodes and 4 of 8 actions per policy call.
   rest = ["eval_episodes=10", "execute=4"] + [i for i in items if i.split("=", 1)[0] not in own]
@@ -80,5 +98,38 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.pipeline.max_tokens = MAX_TOKENS
     c.feature_cache.stage = "auto"
     c.feature_cache.dtype = "bfloat16"
+    _method(c, a)
   c.lock()
   return c
+
+
+def _method(c: ml_collections.ConfigDict, a: ml_collections.ConfigDict) -> None:
+  """In place: the comparison row `a.method` (module docstring) on the M²-VLA config built above."""
+  from m2vla_jax.policies import m2vla  # pylint: disable=g-import-not-at-top
+  from m2vla_jax.policies import mole_vla  # pylint: disable=g-import-not-at-top
+  if a.method == "full":
+    c.model.trainable = [(".*", True)]
+    c.optimizer.groups = (("backbone", "vlm/.*", float(a.backbone_lr)),)
+  elif a.method in ("lora", "gse"):
+    c.model.adapter.kind = a.method
+    c.model.adapter.targets = "llm/.*"
+    c.model.adapter.rank = int(a.rank)
+    c.model.adapter.alpha = float(a.rank)
+    queries = [("vlm/queries", True)] if a.queries == "train" else []
+    c.model.trainable = queries + m2vla.adapter_trainable_rules()
+    c.optimizer.groups = (("adapters", "vlm/.*", float(a.backbone_lr)),)
+  elif a.method == "mole":
+    model = mole_vla.get_config()
+    for key in ("vlm", "vlm_overrides", "num_cameras", "state_dim", "horizon", "action_dim", "head",
+                "memory", "backbone_seed", "frozen_dtype"):
+      model[key] = c.model[key]
+    model.mol, model.msm = c.model.mol, c.model.msm
+    model.head_reads = "layers" if c.model.mol else "last"
+    model.router.num_skip = int(a.skip)
+    model.cogkd.weight = float(a.kd)
+    model.router.width, model.router.mlp_dim, model.router.ff_dim = 256, 256, 512
+    model.router.num_heads = 4
+    queries = [("vlm/queries", True)] if a.queries == "train" else []
+    model.trainable = [("vlm/router/.*", True)] + queries + [("vlm/.*", False), (".*", True)]
+    c.policy = "mole_vla"
+    c.model = model

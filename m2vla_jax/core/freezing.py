@@ -18,18 +18,18 @@ from m2vla_jax.core import tree_util
 Rules = Sequence[tuple[str, bool]]
 
 
+def trains(path: str, rules: Rules) -> bool:
+  """Whether the parameter at `path` trains: the first rule whose regex fully matches decides."""
+  for pattern, trainable in rules:
+    if re.fullmatch(pattern, path):
+      return bool(trainable)
+  raise ValueError(f"parameter {path!r} matches no freezing rule; add a rule for it or end "
+                   f"config.model.trainable with ('.*', True) or ('.*', False)")
+
+
 def trainable_mask(params: Any, rules: Rules) -> Any:
   """A tree of bools, True where the parameter trains."""
-  compiled = [(re.compile(pattern), bool(trainable)) for pattern, trainable in rules]
-
-  def decide(path, _):
-    for pattern, trainable in compiled:
-      if pattern.fullmatch(path):
-        return trainable
-    raise ValueError(f"parameter {path!r} matches no freezing rule; add a rule for it or end "
-                     f"config.trainable with ('.*', True) or ('.*', False)")
-
-  return tree_util.map_with_path(decide, params)
+  return tree_util.map_with_path(lambda path, _: trains(path, rules), params)
 
 
 def split(params: Any, mask: Any) -> tuple[dict, dict]:

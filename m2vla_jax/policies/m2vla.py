@@ -19,6 +19,14 @@ error (a policy trained with MSM needs the memory from its checkpoint).
 
 With `msm=False` (ablation) the state is `{}` and the head has no memory attention.
 
+Adapting the backbone (`config.adapter`, `models/adapters.py`): with adapter.kind 'lora' or 'gse' the
+chosen VLM layers carry LoRA or VLA-GSE adapters (parameters beside the wrapped weights, e.g.
+vlm/llm/layers/attn/q_einsum/w_lora_a); `adapter_trainable_rules` says which paths then train. GSE's
+spectral initialisation runs in `prepare` (after pretrained weights are in), its load-balancing loss is
+added to the action loss with adapter.aux_weight, and adapter dropout is active in `loss` only. Full
+fine-tuning needs no adapter: `trainable` rules that train vlm/... (configs/sim_pretrained.py
+`method=full`).
+
 Frozen-feature cache (optional policy contract, `training/feature_cache.py`): `cache_stage(params)`
 names the deepest VLM stage that no trainable parameter feeds ('outputs' when the whole VLM is frozen,
 queries included; 'prefix' when everything but the queries is; 'image_features' when the image tower
@@ -39,9 +47,12 @@ from m2vla_jax.core import dtypes
 from m2vla_jax.core import freezing
 from m2vla_jax.core import tree_util
 from m2vla_jax.models import action_head as ah
+from m2vla_jax.models import adapters as adapters_lib
 from m2vla_jax.models import msm as msm_lib
 from m2vla_jax.models import vlm as vlm_lib
 
+_ADAPTER_FIELDS = ("targets", "rank", "alpha", "num_generalized", "num_specialized", "top_k", "rho", "eta",
+                   "svd", "svd_iters", "svd_seed", "balance_grad_scale", "s_base", "aux_weight")
 _HEAD_FIELDS = ("width", "num_heads", "head_dim", "mlp_dim", "num_blocks", "layer_for_block", "objective",
                 "flow_steps", "alpha_v_init")
 
@@ -62,6 +73,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       shard_axis (mesh axis name that shards the entry axis; None = let XLA partition the plain search).
     trainable: freezing rules (first full regex match decides).
     frozen_dtype: dtype of frozen parameters returned by `init` ('bfloat16', 'float32', 'none').
+    adapter: kind (None: no adapters; 'lora' | 'gse'), targets (regex over weight paths inside the
+      VLM, e.g. 'llm/.*' or '.*'), rank, alpha, dropout (None: the kind's default), and VLA-GSE's
+      fields (`adapters.AdapterConfig` documents each).
     backbone_seed: None initialises the VLM's random parts (those no pretrained file fills: e.g. a
       DINOv2 projector, the queries) from the run's rng; an int from PRNGKey(backbone_seed), so runs
       with other training seeds share one frozen backbone (and one frozen-feature cache).
@@ -86,7 +100,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.trainable = [("vlm/queries", True), ("vlm/.*", False), (".*", True)]
   c.frozen_dtype = "bfloat16"
   c.backbone_seed = ml_collections.config_dict.placeholder(int)
+  adapter_defaults = adapters_lib.AdapterConfig()
+  c.adapter = ml_collections.ConfigDict({f: getattr(adapter_defaults, f) for f in _ADAPTER_FIELDS})
+  c.adapter.kind = ml_collections.config_dict.placeholder(str)
+  c.adapter.dropout = ml_collections.config_dict.placeholder(float)
   return c
+
+
+def adapter_trainable_rules(head: bool = True) -> list[tuple[str, bool]]:
+  """Freezing rules for an adapted backbone: adapters and GSE routers train (GSE's expert scales are
+  constants), the rest of the VLM is frozen, the head trains (when `head`)."""
+  return [(adapters_lib.ADAPTER_CONSTANT_REGEX, False), ("vlm/" + adapters_lib.ADAPTER_PARAM_REGEX, True),
+          ("vlm/.*", False), (".*", head)]
 
 
 def merged(config: Mapping[str, Any] | None, defaults=None) -> ml_collections.ConfigDict:
@@ -145,6 +170,14 @@ class M2VLA:
     if c.memory.k < 1:
       raise ValueError(f"memory.k={c.memory.k} must be >= 1")
     self.rules = [tuple(r) for r in c.trainable]
+    self.adapter_config = None
+    if c.adapter.kind is not None:
+      fields = {f: c.adapter[f] for f in _ADAPTER_FIELDS}
+      self.adapter_config = adapters_lib.AdapterConfig(kind=c.adapter.kind, dropout=c.adapter.dropout,
+                                                       **fields)
+      if self.vlm_config.router is not None:
+        raise ValueError("config.model.adapter and a layer-skipping router are both set: the router "
+                         "runs the kept layers in their own apply, which adapters do not wrap; use one")
     self.trainable_rules = self.rules      # the policy contract's names (policies/registry.py)
     self.frozen_dtype = c.frozen_dtype
 
@@ -203,13 +236,23 @@ class M2VLA:
     mask = self.frozen_mask(params)
     return jax.tree_util.tree_map(lambda p, m: p if m else jax.lax.stop_gradient(p), params, mask)
 
-  def backbone(self, vlm_params: Any, observation: Mapping[str, Any]) -> dict[str, jax.Array]:
+  def backbone(self, vlm_params: Any, observation: Mapping[str, Any], train_rng: jax.Array | None = None
+               ) -> dict[str, jax.Array]:
     """One VLM forward pass: per-layer visual / text / query states (see `vlm.VLM`); the stages in
-    observation['frozen_features'] are read instead of computed."""
+    observation['frozen_features'] are read instead of computed. With adapters the output also holds
+    'adapter_aux' (GSE's unweighted load-balancing loss; 0 for LoRA); `train_rng` turns their dropout on.
+    """
     images = observation.get("images") if self.vlm_config.img is not None else None
     image_mask = observation.get("image_mask") if self.vlm_config.img is not None else None
-    return self.vlm.apply({"params": vlm_params}, images, image_mask, observation["tokens"],
-                          observation["token_mask"], cached=observation.get("frozen_features"))
+    args = (images, image_mask, observation["tokens"], observation["token_mask"])
+    cached = observation.get("frozen_features")
+    if self.adapter_config is None:
+      return self.vlm.apply({"params": vlm_params}, *args, cached=cached)
+    train = train_rng is not None
+    out, aux = adapters_lib.apply(self.adapter_config, self.vlm, {"params": vlm_params}, *args,
+                                  cached=cached, deterministic=not train,
+                                  rngs={"dropout": train_rng} if train else None)
+    return {**out, "adapter_aux": aux}
 
   def cache_stage(self, params: Any) -> str | None:
     """The deepest VLM stage no trainable parameter feeds, for `params`' tree and config.trainable."""
@@ -287,7 +330,8 @@ class M2VLA:
     images = obs.get("images") if self.vlm_config.img is not None else None
     image_mask = obs.get("image_mask") if self.vlm_config.img is not None else None
     if vlm_params is None:
-      vlm_params = self.vlm.init(vlm_rng, images, image_mask, obs["tokens"], obs["token_mask"])["params"]
+      vlm_params = adapters_lib.init(self.adapter_config, self.vlm, vlm_rng, images, image_mask,
+                                     obs["tokens"], obs["token_mask"])["params"]
     feats = jax.eval_shape(lambda p: self.backbone(p, obs), vlm_params)
     b = obs["state"].shape[0]
     zeros = lambda s: jnp.zeros(s.shape, s.dtype)
@@ -326,7 +370,7 @@ class M2VLA:
     self._validate_batch(batch)
     params = self._stop_frozen(params)
     obs = batch["observation"]
-    feats = self.backbone(params["vlm"], obs)
+    feats = self.backbone(params["vlm"], obs, train_rng=jax.random.fold_in(rng, 0xD409))
     retrieved, new_state, metrics = None, dict(state), {}
     if c.msm:
       if "msm" not in state:
@@ -344,6 +388,9 @@ class M2VLA:
                                                                jax.random.fold_in(rng, 0xA0C5))
     loss = loss + extra_loss
     metrics.update(extra_metrics)
+    if self.adapter_config is not None and self.adapter_config.kind == "gse":
+      metrics["gse_aux"] = feats["adapter_aux"]
+      loss = loss + self.adapter_config.aux_weight * feats["adapter_aux"]
     metrics["l1"] = aux["l1"]
     gates = aux["gates"]
     if gates:
@@ -351,6 +398,14 @@ class M2VLA:
       metrics["alpha_s"] = metrics["alpha_s_heads"].mean(axis=-1)
       metrics["alpha_v"] = gates["alpha_v"]
     return loss, (metrics, new_state)
+
+  def prepare(self, params: Any, state: dict) -> tuple[Any, dict]:
+    """(params, state) once the backbone holds its final weights (the trainer calls it after `init` and
+    any pretrained weights): GSE's spectral initialisation of the adapters from those weights (the
+    frozen W' it writes is rebuilt the same way on every start, so checkpoints need not hold it)."""
+    if self.adapter_config is not None and self.adapter_config.kind == "gse":
+      params = {**params, "vlm": adapters_lib.gse_spectral_init(params["vlm"], self.adapter_config)}
+    return params, state
 
   def auxiliary_loss(self, params: Any, state: dict, observation: Mapping[str, Any],
                      feats: Mapping[str, jax.Array], rng: jax.Array) -> tuple[jax.Array, dict, dict]:

@@ -9,7 +9,11 @@ constructor takes a mesh, e.g. to shard its memory) and provides pure functions 
   trainable_rules: [(regex, bool), ...] over parameter paths (first full match decides; core/freezing.py)
   frozen_dtype: dtype name of the frozen parameters (core/dtypes.py)
 
-The last two are the policy's config facts (`config.model.trainable` / `.frozen_dtype`); the trainer
+Optional: prepare(params, state) -> (params, state), called by the trainer once per start after `init`
+and any pretrained weights, for parts derived from the backbone's final weights (an EMA teacher,
+spectrally initialised adapters).
+
+trainable_rules and frozen_dtype are the policy's config facts (`config.model.trainable` / `.frozen_dtype`); the trainer
 reads them from the policy, so a run states them once.
 
 The batch and observation layouts are in docs/ARCHITECTURE.md. Adding a policy: one file in
@@ -24,6 +28,7 @@ from m2vla_jax.core import registry
 POLICIES = {
     "toy": "m2vla_jax.policies.toy:ToyPolicy",
     "m2vla": "m2vla_jax.policies.m2vla:M2VLA",
+    "mole_vla": "m2vla_jax.policies.mole_vla:MoLeVLA",
 }
 
 

@@ -25,6 +25,7 @@ import numpy as np
 
 from m2vla_jax.core import dtypes as dtypes_lib
 from m2vla_jax.core import freezing
+from m2vla_jax.core import tree_util
 from m2vla_jax.data import sources
 from m2vla_jax.policies import registry as policy_registry
 from m2vla_jax.training import checkpoints as ckpt_lib
@@ -90,14 +91,12 @@ def _shardings(abstract: ts_lib.TrainState, mesh, config) -> ts_lib.TrainState:
 
 def batch_spec(batch: Any) -> dict:
   """{path: {'shape', 'dtype'}} of a batch, stored with checkpoints so export needs no data pipeline."""
-  from m2vla_jax.core import tree_util  # pylint: disable=g-import-not-at-top
   return {k: {"shape": list(np.shape(v)), "dtype": str(np.asarray(v).dtype)}
           for k, v in tree_util.flatten(batch).items()}
 
 
 def example_from_spec(spec: Mapping[str, Any], batch_size: int = 1) -> dict:
   """Zeros shaped like a stored batch spec (leading dim replaced by batch_size); masks all True."""
-  from m2vla_jax.core import tree_util  # pylint: disable=g-import-not-at-top
   flat = {}
   for k, v in spec.items():
     shape = [batch_size] + list(v["shape"][1:])
@@ -144,6 +143,18 @@ def setup(config: ml_collections.ConfigDict, example_batch: Any, devices: Any = 
     # Pretrained weights are merged outside jit, so a multi-GB backbone is never a compile-time constant.
     state = pretrained.merge_into_state(state, shardings,
                                        pretrained.load_init_checkpoint(config, abstract.params()))
+  if hasattr(policy, "prepare"):
+    # Parts derived from the backbone's final weights (an EMA teacher, spectrally initialised
+    # adapters) are computed from them, the same way on every start (frozen weights are rebuilt, not
+    # restored, so a resumed or exported run recomputes exactly what its first start did).
+    before = tree_util.flatten(state.params())
+    params, policy_state = policy.prepare(state.params(), state.policy_state)
+    # Only what prepare replaced moves (a multi-GB backbone it leaves alone is not copied).
+    changed = {k: v for k, v in tree_util.flatten(params).items() if v is not before.get(k)}
+    if changed:
+      state = pretrained.merge_into_state(state, shardings, changed)
+    if policy_state is not state.policy_state:
+      state = state.replace(policy_state=jax.device_put(policy_state, shardings.policy_state))
   return Setup(mesh, policy, tx, schedule, state, shardings, abstract, example)
 
 
