@@ -5,7 +5,8 @@ Runs the policy over held-out episodes (the data pipeline's non-train split: eac
 file order), compares its action chunks with the recorded ones in the datasets' own units, and writes
 `metrics.json` (per dataset: action L1 / MSE, per-dimension errors, gripper accuracy; see
 `evaluation/offline.py`) and `trajectories_<dataset>.png`. `--checkpoint` is an export bundle or a
-training workdir (its newest checkpoint).
+training workdir (its newest checkpoint). A layer-skipping policy (mole_vla) also gets `router` in
+metrics.json (keep frequency per LLM layer, mean router entropy) and `router_keep.png`.
 """
 from __future__ import annotations
 
@@ -55,6 +56,9 @@ def evaluate(policy: InferencePolicy, *, dataset: Optional[str] = None, data_dir
       names, {n: stats[n].get("action_gripper_mask", []) for n in names},
       {n: _thresholds(stats[n]) for n in names})
   rng = jax.random.PRNGKey(seed)
+  route_fn = getattr(policy.policy, "route", None)     # layer-skipping policies (mole_vla)
+  router = offline.RouterStatistics() if route_fn is not None else None
+  route_fn = jax.jit(route_fn) if route_fn is not None else None
   n = 0
   for batch in data:
     if max_batches is not None and n >= max_batches:
@@ -78,12 +82,19 @@ def evaluate(policy: InferencePolicy, *, dataset: Optional[str] = None, data_dir
         dims = min(dims, d)
         pred[rows, ..., :d], true[rows, ..., :d] = p, t
     metrics.add(ids, pred[..., :dims], true[..., :dims], batch["action_mask"])
+    if router is not None:
+      route = route_fn(policy.params, dict(batch["observation"]))
+      router.add(np.asarray(route["gates"]), np.asarray(route["probs"]))
     n += 1
   result = {"datasets": metrics.summary(), "num_batches": n}
+  if router is not None:
+    result["router"] = router.summary()
   if out:
     out_path = epath.Path(out)
     out_path.mkdir(parents=True, exist_ok=True)
     result["plots"] = offline.plot_trajectories(metrics, out)
+    if router is not None:
+      result["plots"].append(offline.plot_router(result["router"], out))
     (out_path / "metrics.json").write_text(json.dumps(result, indent=1, sort_keys=True))
   return result
 

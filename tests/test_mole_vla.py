@@ -152,3 +152,20 @@ def test_only_the_image_features_stage_is_cacheable(frozen_regime):
 def test_bad_config_names_the_field(override, match):
   with pytest.raises((ValueError, TypeError), match=match):
     mole_vla.MoLeVLA(_config(**override))
+
+
+def test_router_statistics_over_frames(frozen_regime, tmp_path):
+  from m2vla_jax.evaluation import offline  # pylint: disable=g-import-not-at-top
+  policy, params, _, batch = frozen_regime
+  route = jax.jit(policy.route)(params, batch["observation"])
+  gates, probs = np.asarray(route["gates"]), np.asarray(route["probs"])
+  stats = offline.RouterStatistics()
+  stats.add(gates[:2], probs[:2])
+  stats.add(gates[2:], probs[2:])
+  summary = stats.summary()
+  # Brute force over the 4 frames: the mean of the 0/1 keep decisions and of the entropies.
+  np.testing.assert_allclose(summary["keep_frequency"], gates.astype(np.float64).mean(0), atol=1e-12)
+  entropy = np.mean([-(p * np.log(p)).sum() for p in probs.astype(np.float64)])
+  np.testing.assert_allclose(summary["mean_entropy_nats"], entropy, rtol=1e-9)
+  assert summary["layers_kept_per_frame"] == pytest.approx(4.0) and summary["num_frames"] == 4
+  assert (tmp_path / "router_keep.png").name in offline.plot_router(summary, str(tmp_path))

@@ -7,6 +7,10 @@
                      of the dimension's q01..q99 range (open/closed), None if the dataset has no gripper dim
   num_frames, num_steps
 Pure numpy float64; `plot_trajectories` draws predicted vs true first-step actions (matplotlib, Agg).
+
+`RouterStatistics` (layer-skipping policies, policies/mole_vla.py): how often each LLM layer is kept
+over the evaluated frames and the router's mean entropy; `plot_router` draws the keep frequency per
+layer (MoLe-VLA's layer-usage figure).
 """
 from __future__ import annotations
 
@@ -64,6 +68,54 @@ class OfflineMetrics:
           "num_steps": s["steps"],
       }
     return out
+
+
+class RouterStatistics:
+  """Accumulates a layer-skipping router's decisions: gates [N, L] (0/1), probs [N, L]."""
+
+  def __init__(self):
+    self._kept = None
+    self._entropy = 0.0
+    self._frames = 0
+
+  def add(self, gates: np.ndarray, probs: np.ndarray) -> None:
+    gates, probs = np.asarray(gates, np.float64), np.asarray(probs, np.float64)
+    if self._kept is None:
+      self._kept = np.zeros(gates.shape[-1])
+    self._kept += gates.sum(0)
+    self._entropy += float(-(probs * np.log(np.maximum(probs, 1e-300))).sum())
+    self._frames += gates.shape[0]
+
+  def summary(self) -> dict:
+    n = max(self._frames, 1)
+    kept = [] if self._kept is None else (self._kept / n).tolist()
+    return {"keep_frequency": kept, "mean_entropy_nats": self._entropy / n, "num_frames": self._frames,
+            "layers_kept_per_frame": float(sum(kept))}
+
+
+def plot_router(summary: dict, out_dir: str) -> str:
+  """A bar chart of the keep frequency per LLM layer; returns the PNG's path."""
+  import io  # pylint: disable=g-import-not-at-top
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  keep = summary["keep_frequency"]
+  fig, ax = plt.subplots(figsize=(max(4, 0.35 * len(keep)), 2.6))
+  ax.bar(range(len(keep)), keep, color="tab:blue")
+  ax.set_xlabel("LLM layer")
+  ax.set_ylabel("fraction of frames keeping it")
+  ax.set_ylim(0, 1)
+  ax.set_title(f"router: {summary['layers_kept_per_frame']:.0f} layers kept per frame, "
+               f"{summary['num_frames']} frames")
+  fig.tight_layout()
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png", dpi=80)
+  plt.close(fig)
+  path = epath.Path(out_dir) / "router_keep.png"
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_bytes(buf.getvalue())
+  return str(path)
 
 
 def plot_trajectories(metrics: OfflineMetrics, out_dir: str, max_frames: int = 200) -> list[str]:
