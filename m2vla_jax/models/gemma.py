@@ -407,7 +407,8 @@ class Gemma(nn.Module):
       kept layer's output is multiplied by its gate, and a context must be the k-layer key/value of
       an earlier call with the same route. skip_impl='masked' computes every layer and masks
       (`layer_skip.run_masked_layers`; L layers out, 'ids' unused). 'final' is after the last layer
-      that ran either way.
+      that ran either way. Each layer runs at its usual module path (adapters apply) with a 'dropout'
+      rng per layer and sample when one is given; values sown inside the layers are refused.
     logits(final [B, T, D]) -> [B, T, V] float32 (tied embedding, final soft-cap if configured).
   """
   config: GemmaConfig

@@ -53,7 +53,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   router: num_skip (None: half the LLM's layers, rounded down, as MoLe-16 of 32), width / mlp_dim /
     num_heads / ff_dim (the public code's 1024 / 512 / 8 / 2048), temperature_bias_init (1),
-    skip_impl ('gather' | 'loop' | 'masked', see layer_skip.RouterConfig).
+    skip_impl (inference: 'gather' | 'loop' | 'masked', see layer_skip.RouterConfig; bench/mole.py
+    measures them), train_impl (the training loss's: 'masked' by default — every layer computed and
+    masked, which gives the skipped layers' gates the public code's gradient; measured no slower
+    than real skipping in a training step on CPU, where the backward dominates).
   head_reads: 'last' | 'layers' (module docstring).
   balance_weight: weight of the balance loss (the released recipe's effective 0.01).
   cogkd: weight (0.5), mix (m, the MSE share, 0.5), teacher ('frozen' | 'ema' | 'off'), ema_decay.
@@ -64,6 +67,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   defaults = layer_skip.RouterConfig(num_skip=0)
   c.router = ml_collections.ConfigDict({f: getattr(defaults, f) for f in _ROUTER_FIELDS})
   c.router.num_skip = config_dict.placeholder(int)
+  c.router.train_impl = "masked"
   c.head_reads = "last"
   c.balance_weight = 0.01
   c.cogkd = ml_collections.ConfigDict(dict(weight=0.5, mix=0.5, teacher="frozen", ema_decay=0.999))
@@ -82,6 +86,9 @@ class MoLeVLA(m2vla.M2VLA):
     c = m2vla.merged(config, get_config())
     if c.head_reads not in HEAD_READS:
       raise ValueError(f"config.model.head_reads={c.head_reads!r}; use one of {HEAD_READS}")
+    if c.router.train_impl not in layer_skip.SKIP_IMPLS:
+      raise ValueError(f"config.model.router.train_impl={c.router.train_impl!r}; use one of "
+                       f"{layer_skip.SKIP_IMPLS}")
     if c.cogkd.teacher not in TEACHERS:
       raise ValueError(f"config.model.cogkd.teacher={c.cogkd.teacher!r}; use one of {TEACHERS}")
     if not 0.0 <= c.cogkd.ema_decay < 1.0:
@@ -133,6 +140,17 @@ class MoLeVLA(m2vla.M2VLA):
   def _ema_teacher(self) -> bool:
     c = self.config
     return c.cogkd.teacher == "ema" and c.cogkd.weight > 0
+
+  def backbone(self, vlm_params: Any, observation: Mapping[str, Any], train_rng: jax.Array | None = None
+               ) -> dict[str, jax.Array]:
+    """M²-VLA's backbone pass; in training (`train_rng` given) with `router.train_impl`."""
+    if train_rng is None:
+      return super().backbone(vlm_params, observation)
+    images = observation.get("images") if self.vlm_config.img is not None else None
+    image_mask = observation.get("image_mask") if self.vlm_config.img is not None else None
+    return self.vlm.apply({"params": vlm_params}, images, image_mask, observation["tokens"],
+                          observation["token_mask"], cached=observation.get("frozen_features"),
+                          skip_impl=self.config.router.train_impl)
 
   def cache_stage(self, params: Any) -> str | None:
     """Only the image tower's output can be cached: the router decides what runs after it."""
