@@ -28,10 +28,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -39,19 +39,7 @@ import numpy as np  # noqa: E402
 
 from m2vla_jax.models import gemma  # noqa: E402
 from m2vla_jax.models import layer_skip  # noqa: E402
-
-
-def timed_interleaved(fns: dict, rounds: int) -> dict:
-  """Best wall time per function, one call of each per round (a load change hits all alike)."""
-  for fn in fns.values():
-    fn()
-  best = {k: float("inf") for k in fns}
-  for _ in range(rounds):
-    for k, fn in fns.items():
-      t = time.perf_counter()
-      fn()
-      best[k] = min(best[k], time.perf_counter() - t)
-  return best
+from backbone import timed_interleaved  # noqa: E402  (bench/backbone.py)
 
 
 def random_params(shapes, seed: int):

@@ -655,6 +655,16 @@ def _with_slice(x: jax.Array, roles: str, lead: int) -> jax.Array:
   return x if "s" in roles else jnp.expand_dims(x, lead)
 
 
+def _adapter_leaves(params, suffix: str, caller: str, kind: str) -> tuple[dict, dict, list[str]]:
+  """(flat tree, a copy to write into, sorted paths ending in `suffix`); an error naming `caller` if none."""
+  flat = tree_util.flatten(params)
+  paths = [p for p in sorted(flat) if p.endswith(suffix)]
+  if not paths:
+    raise ValueError(f"{caller}: the tree has no '*{suffix}' leaves; was it made by adapters.init with "
+                     f"{kind}?")
+  return flat, dict(flat), paths
+
+
 def merge_lora(params, config: AdapterConfig):
   """params with W + (alpha / r) B A folded into every LoRA-wrapped weight and the *_lora_* leaves
   removed: the plain model (no `wrap`) then computes what the adapted one did (inference, export).
@@ -664,12 +674,7 @@ def merge_lora(params, config: AdapterConfig):
   if config.kind != "lora":
     raise ValueError(f"merge_lora needs AdapterConfig.kind='lora', got {config.kind!r} (GSE routes per "
                      f"token: it cannot be folded into W)")
-  flat = tree_util.flatten(params)
-  out = dict(flat)
-  paths = [p for p in sorted(flat) if p.endswith("_lora_a")]
-  if not paths:
-    raise ValueError("merge_lora: the tree has no '*_lora_a' leaves; was it made by adapters.init with "
-                     "a LoRA config?")
+  flat, out, paths = _adapter_leaves(params, "_lora_a", "merge_lora", "a LoRA config")
   for a_path in paths:
     base = a_path[:-len("_lora_a")]
     w, a, b = flat[base], flat[a_path], flat[base + "_lora_b"]
@@ -744,12 +749,7 @@ def gse_spectral_init(params, config: AdapterConfig):
   """
   if config.kind != "gse":
     raise ValueError(f"gse_spectral_init needs AdapterConfig.kind='gse', got {config.kind!r}")
-  flat = tree_util.flatten(params)
-  out = dict(flat)
-  paths = [p for p in sorted(flat) if p.endswith("_gse_a")]
-  if not paths:
-    raise ValueError("gse_spectral_init: the tree has no '*_gse_a' leaves; was it made by "
-                     "adapters.init with a GSE config?")
+  flat, out, paths = _adapter_leaves(params, "_gse_a", "gse_spectral_init", "a GSE config")
   e, r_e = config.num_experts, config.expert_rank
   for a_path in paths:
     base = a_path[:-len("_gse_a")]
