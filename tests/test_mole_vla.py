@@ -1,7 +1,6 @@
 """MoLe-VLA policy (policies/mole_vla.py): the contract on a skipping backbone, what trains, the two
 loss terms against their definitions, the EMA teacher, and the config errors."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -48,14 +47,23 @@ def frozen_regime():
   return policy, params, state, batch
 
 
-def test_contract_and_what_trains(frozen_regime):
+@pytest.fixture(scope="module")
+def computed(frozen_regime):
+  """One compile each of the loss with its gradient and of the (skipping) backbone, shared by tests."""
+  policy, params, state, batch = frozen_regime
+  loss_grad = jax.jit(jax.value_and_grad(
+      lambda p: policy.loss(p, state, batch, jax.random.PRNGKey(1)), has_aux=True))
+  (loss, (metrics, new_state)), grads = loss_grad(params)
+  feats = jax.jit(policy.backbone)(params["vlm"], batch["observation"])
+  return dict(loss=loss, metrics=metrics, new_state=new_state, grads=grads, feats=feats)
+
+
+def test_contract_and_what_trains(frozen_regime, computed):
   policy, params, state, batch = frozen_regime
   assert policy.vlm_config.router.num_skip == 2 and policy.vlm_config.llm.depth == 6
   # MoLe alone: every head block reads the last slot (the state after the last kept layer).
   assert policy.layer_for_block == (5, 5)
-  loss_fn = jax.jit(lambda p, s, b, r: policy.loss(p, s, b, r))
-  (loss, (metrics, new_state)), grads = jax.value_and_grad(
-      lambda p: loss_fn(p, state, batch, jax.random.PRNGKey(1)), has_aux=True)(params)
+  loss, metrics, new_state, grads = (computed[k] for k in ("loss", "metrics", "new_state", "grads"))
   assert np.isfinite(float(loss)) and new_state == {}
   keep = np.asarray(metrics["layer_keep"])
   # Each sample keeps exactly k = 4 of 6 layers: the batch-mean keep frequencies sum to 4.
@@ -74,17 +82,17 @@ def test_contract_and_what_trains(frozen_regime):
   assert actions.shape == (4, H, A) and np.isfinite(np.asarray(actions)).all()
 
 
-def test_loss_terms_match_their_definitions(frozen_regime):
-  policy, params, state, batch = frozen_regime
+def test_loss_terms_match_their_definitions(frozen_regime, computed):
+  policy, params, _, batch = frozen_regime
   c = policy.config
   obs = batch["observation"]
-  feats = jax.jit(policy.backbone)(params["vlm"], obs)
+  feats = computed["feats"]
   teacher = jax.jit(policy._full_depth)(params["vlm"], obs)  # pylint: disable=protected-access
   route = feats["route"]
   probs = np.asarray(route["probs"], np.float64)
   hard = np.asarray(route["gates"], np.float64)
   assert set(np.unique(hard)) <= {0.0, 1.0}
-  loss, (metrics, _) = jax.jit(policy.loss)(params, state, batch, jax.random.PRNGKey(1))
+  loss, metrics = computed["loss"], computed["metrics"]
   np.testing.assert_allclose(float(metrics["balance"]), np.mean(hard * probs), rtol=1e-6)
   kd = layer_skip.cogkd_loss(teacher["final"], feats["final"], feats["mask"], c.cogkd.mix)
   np.testing.assert_allclose(float(metrics["cogkd"]), float(kd), rtol=1e-5)
@@ -154,10 +162,9 @@ def test_bad_config_names_the_field(override, match):
     mole_vla.MoLeVLA(_config(**override))
 
 
-def test_router_statistics_over_frames(frozen_regime, tmp_path):
+def test_router_statistics_over_frames(computed, tmp_path):
   from m2vla_jax.evaluation import offline  # pylint: disable=g-import-not-at-top
-  policy, params, _, batch = frozen_regime
-  route = jax.jit(policy.route)(params, batch["observation"])
+  route = computed["feats"]["route"]
   gates, probs = np.asarray(route["gates"]), np.asarray(route["probs"])
   stats = offline.RouterStatistics()
   stats.add(gates[:2], probs[:2])
