@@ -44,19 +44,15 @@ def test_lora_trains_only_adapters_and_head_and_folds_for_export():
   trains = sorted(k for k, v in mask.items() if v)
   assert all(k.startswith("head/") or "_lora_" in k for k in trains)
   assert any(k.startswith("vlm/llm/layers/attn/") and k.endswith("_lora_b") for k in trains)
-  # The head's output layer starts at zero (no gradient reaches the backbone yet): a trained head.
+  # What trains is decided by the policy's rules; that no gradient reaches a frozen path is checked
+  # for the adapter layers in test_adapters.py and for the policy's stop-gradient in test_m2vla.py.
+  # A trained head (its output layer starts at zero, which would hide the backbone) and trained
+  # adapters (B perturbed), folded into the weights: the plain policy acts the same.
   r = np.random.default_rng(1)
   flat = tree_util.flatten(params)
   for k in flat:
     if k.startswith("head/"):
       flat[k] = flat[k] + r.normal(scale=0.1, size=flat[k].shape).astype(np.float32)
-  params = tree_util.unflatten(flat)
-  grads = tree_util.flatten(jax.jit(jax.grad(
-      lambda p: policy.loss(p, state, batch, jax.random.PRNGKey(1))[0]))(params))
-  assert all(not np.any(np.asarray(grads[k])) for k, v in mask.items() if not v)
-  # B starts at zero, so the loss moves every B (and, through B, nothing of A yet).
-  assert all(np.any(np.asarray(grads[k])) for k in trains if k.endswith("_lora_b"))
-  # Trained adapters (B perturbed) folded into the weights: the plain policy acts the same.
   for k in trains:
     if k.endswith("_lora_b"):
       flat[k] = r.normal(scale=0.05, size=flat[k].shape).astype(np.float32)
