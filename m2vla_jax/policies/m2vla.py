@@ -236,15 +236,20 @@ class M2VLA:
     mask = self.frozen_mask(params)
     return jax.tree_util.tree_map(lambda p, m: p if m else jax.lax.stop_gradient(p), params, mask)
 
+  def vlm_inputs(self, observation: Mapping[str, Any]) -> tuple:
+    """(images, image_mask, tokens, token_mask) for `VLM.__call__` (images None for a text-only VLM)."""
+    has_img = self.vlm_config.img is not None
+    return (observation.get("images") if has_img else None,
+            observation.get("image_mask") if has_img else None,
+            observation["tokens"], observation["token_mask"])
+
   def backbone(self, vlm_params: Any, observation: Mapping[str, Any], train_rng: jax.Array | None = None
                ) -> dict[str, jax.Array]:
     """One VLM forward pass: per-layer visual / text / query states (see `vlm.VLM`); the stages in
     observation['frozen_features'] are read instead of computed. With adapters the output also holds
     'adapter_aux' (GSE's unweighted load-balancing loss; 0 for LoRA); `train_rng` turns their dropout on.
     """
-    images = observation.get("images") if self.vlm_config.img is not None else None
-    image_mask = observation.get("image_mask") if self.vlm_config.img is not None else None
-    args = (images, image_mask, observation["tokens"], observation["token_mask"])
+    args = self.vlm_inputs(observation)
     cached = observation.get("frozen_features")
     if self.adapter_config is None:
       return self.vlm.apply({"params": vlm_params}, *args, cached=cached)
@@ -283,10 +288,8 @@ class M2VLA:
     if stage == "image_features":
       return {"image_features": self.vlm.apply(variables, obs["images"],
                                                method=vlm_lib.VLM.image_features)}
-    images = obs.get("images") if self.vlm_config.img is not None else None
-    image_mask = obs.get("image_mask") if self.vlm_config.img is not None else None
     method = vlm_lib.VLM.prefix if stage == "prefix" else vlm_lib.VLM.outputs
-    return self.vlm.apply(variables, images, image_mask, obs["tokens"], obs["token_mask"], method=method)
+    return self.vlm.apply(variables, *self.vlm_inputs(obs), method=method)
 
   def memory_keys(self, feats: Mapping[str, jax.Array]) -> jax.Array:
     """Eq. 10 keys [B, len(key_layers)·D] from the backbone output."""
@@ -327,11 +330,9 @@ class M2VLA:
     vlm_rng, head_rng = jax.random.split(rng)
     if c.backbone_seed is not None:
       vlm_rng = jax.random.PRNGKey(int(c.backbone_seed))
-    images = obs.get("images") if self.vlm_config.img is not None else None
-    image_mask = obs.get("image_mask") if self.vlm_config.img is not None else None
     if vlm_params is None:
-      vlm_params = adapters_lib.init(self.adapter_config, self.vlm, vlm_rng, images, image_mask,
-                                     obs["tokens"], obs["token_mask"])["params"]
+      vlm_params = adapters_lib.init(self.adapter_config, self.vlm, vlm_rng,
+                                     *self.vlm_inputs(obs))["params"]
     feats = jax.eval_shape(lambda p: self.backbone(p, obs), vlm_params)
     b = obs["state"].shape[0]
     zeros = lambda s: jnp.zeros(s.shape, s.dtype)

@@ -146,10 +146,8 @@ class MoLeVLA(m2vla.M2VLA):
     """M²-VLA's backbone pass; in training (`train_rng` given) with `router.train_impl`."""
     if train_rng is None:
       return super().backbone(vlm_params, observation)
-    images = observation.get("images") if self.vlm_config.img is not None else None
-    image_mask = observation.get("image_mask") if self.vlm_config.img is not None else None
-    return self.vlm.apply({"params": vlm_params}, images, image_mask, observation["tokens"],
-                          observation["token_mask"], cached=observation.get("frozen_features"),
+    return self.vlm.apply({"params": vlm_params}, *self.vlm_inputs(observation),
+                          cached=observation.get("frozen_features"),
                           skip_impl=self.config.router.train_impl)
 
   def cache_stage(self, params: Any) -> str | None:
@@ -185,11 +183,8 @@ class MoLeVLA(m2vla.M2VLA):
     return loss, metrics, state
 
   def _full_depth(self, vlm_params: Any, observation: Mapping[str, Any]) -> dict[str, jax.Array]:
-    images = observation.get("images") if self.vlm_config.img is not None else None
-    image_mask = observation.get("image_mask") if self.vlm_config.img is not None else None
-    return self.vlm.apply({"params": vlm_params}, images, image_mask, observation["tokens"],
-                          observation["token_mask"], cached=observation.get("frozen_features"),
-                          full_depth=True)
+    return self.vlm.apply({"params": vlm_params}, *self.vlm_inputs(observation),
+                          cached=observation.get("frozen_features"), full_depth=True)
 
   def route(self, params: Any, observation: Mapping[str, Any]) -> dict[str, jax.Array]:
     """The router's decision for a batch: {'logits', 'probs', 'gates', 'ids'} (see layer_skip)."""
