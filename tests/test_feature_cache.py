@@ -17,6 +17,7 @@ from m2vla_jax.models import vlm as vlm_lib
 from m2vla_jax.policies import m2vla
 from m2vla_jax.training import feature_cache
 from m2vla_jax.training import trainer
+from m2vla_jax.training import validation
 from test_train import _compilation_cache, _config  # noqa: F401  (fixture used by this module)
 
 F = oxe.Field
@@ -167,15 +168,22 @@ def _losses(config, workdir):
   return np.array([loss for _, loss in result["history"]])
 
 
+def _first_attached_batch(config):
+  """What `trainer.train` hands its step first: the data with the cache attached, or the data as it is."""
+  validation.validate_config(config)
+  data = trainer.build_data(config, "train")
+  s = trainer.setup(config, next(data))
+  data = feature_cache.attach(config, s.policy, s.state.params(), trainer.build_data(config, "train"))
+  return next(data)
+
+
 def _slot(root, stage):
   return os.path.join(root, NAME, "frozen_features", stage)
 
 
-def test_training_from_the_cache_and_its_lifecycle(data_root, tmp_path, caplog):
-  """One run per step of a cache's life; every run is the same 4-step training."""
+def test_training_from_the_cache_equals_training_without_it(data_root, tmp_path, caplog):
   caplog.set_level(logging.INFO, logger="m2vla_jax.training.feature_cache")
   live = _losses(_train_config(data_root, "off"), tmp_path / "live")
-
   cached = _losses(_train_config(data_root, "auto"), tmp_path / "cached")
   # Identical batches and parameters; the cached prefix came from another XLA program (float32).
   np.testing.assert_allclose(cached, live, rtol=1e-4)
@@ -184,40 +192,56 @@ def test_training_from_the_cache_and_its_lifecycle(data_root, tmp_path, caplog):
   assert sorted(manifest["features"]) == ["prefix_key", "prefix_value", "prefix_visual"]
   assert "building (none yet)" in caplog.text
 
-  caplog.clear()
-  _losses(_train_config(data_root, "auto"), tmp_path / "again")
-  assert "reusing 26 frames" in caplog.text and "building" not in caplog.text
+
+def test_a_cache_lives_while_its_key_is_unchanged(data_root, caplog):
+  """Each step of a cache's life, through what the trainer calls (no training: the test above trains)."""
+  caplog.set_level(logging.INFO, logger="m2vla_jax.training.feature_cache")
+  shutil.rmtree(os.path.join(data_root, NAME, "frozen_features"), ignore_errors=True)
+  f32 = _first_attached_batch(_train_config(data_root, "auto"))
+  assert "building (none yet)" in caplog.text and "images" not in f32["observation"]
+  features = f32["observation"]["frozen_features"]
+  assert sorted(features) == ["prefix_key", "prefix_value", "prefix_visual"]
 
   caplog.clear()
-  bf16 = _losses(_train_config(data_root, "auto", **{"feature_cache.dtype": "bfloat16"}), tmp_path / "bf16")
+  again = _first_attached_batch(_train_config(data_root, "auto"))
+  assert "reusing 26 frames" in caplog.text and "building" not in caplog.text
+  np.testing.assert_array_equal(again["frame_id"], f32["frame_id"])
+  for k, v in features.items():
+    np.testing.assert_array_equal(again["observation"]["frozen_features"][k], v, err_msg=k)
+
+  caplog.clear()
+  bf16 = _first_attached_batch(_train_config(data_root, "auto", **{"feature_cache.dtype": "bfloat16"}))
   assert "is stale (the storage dtype changed); rebuilding" in caplog.text
-  # bfloat16 keeps 8 bits of mantissa (relative error <= 2^-9 per element); the loss moves far less.
-  np.testing.assert_allclose(bf16, live, rtol=2e-2)
-  assert not np.allclose(bf16, live, rtol=1e-7, atol=0)   # it really read the rounded features
+  for k, v in features.items():
+    got = np.asarray(bf16["observation"]["frozen_features"][k], np.float32)
+    # bfloat16 keeps 8 bits of mantissa: relative rounding error <= 2^-9 per element.
+    np.testing.assert_allclose(got, v, rtol=2.0 ** -8, atol=1e-30, err_msg=k)
+    assert not np.array_equal(got, v), k           # it really stored the rounded features
 
   caplog.clear()
   # Another backbone seed initialises other random frozen parts (the projector).
-  _losses(_train_config(data_root, "auto", **{"feature_cache.dtype": "bfloat16", "model.backbone_seed": 7}),
-          tmp_path / "seed")
+  _first_attached_batch(_train_config(data_root, "auto", **{"feature_cache.dtype": "bfloat16",
+                                                            "model.backbone_seed": 7}))
   assert "is stale (the frozen weights changed); rebuilding" in caplog.text
 
   # An interrupted build (no manifest) is never read as a cache.
   os.remove(os.path.join(_slot(data_root, "prefix"), "manifest.json"))
   caplog.clear()
-  _losses(_train_config(data_root, "auto"), tmp_path / "interrupted")
+  _first_attached_batch(_train_config(data_root, "auto"))
   assert "building (none yet)" in caplog.text
 
   _write(data_root, seed=2)                # same name, other frames
   try:
     caplog.clear()
-    _losses(_train_config(data_root, "auto"), tmp_path / "regenerated")
+    _first_attached_batch(_train_config(data_root, "auto"))
     assert "the dataset's content" in caplog.text
   finally:
     _write(data_root, seed=1)
 
   caplog.clear()
-  _losses(_train_config(data_root, "auto", **{"data.pipeline.augment": True}), tmp_path / "augment")
+  augmented = _first_attached_batch(_train_config(data_root, "auto", **{"data.pipeline.augment": True}))
   assert "frozen-feature cache off" in caplog.text and "augment" in caplog.text
+  assert "frozen_features" not in augmented["observation"] and "images" in augmented["observation"]
 
 
 @pytest.mark.parametrize("rules,stage", [
