@@ -10,9 +10,25 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_threefry_partitionable", True)
 jax.config.update("jax_platforms", "cpu")
+
+# Many tests compile the same programs (the toy train step, a policy's loss, an MJX rollout) from
+# separate function objects, modules or processes; the persistent cache compiles each once per
+# machine. Keyed by the program, the compile options and XLA_FLAGS, so a hit is the same executable.
+CACHE_DIR = f"/tmp/m2vla_jax_test_compile_cache_{os.getuid()}"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _compilation_cache():
+  from jax._src import compilation_cache  # pylint: disable=g-import-not-at-top
+  jax.config.update("jax_compilation_cache_dir", CACHE_DIR)
+  # Programs that compile in under 0.3 s are not worth a file each.
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.3)
+  compilation_cache.reset_cache()
+  yield
 
 
 def xla_flags_with_devices(n: int) -> str:

@@ -12,7 +12,7 @@ from m2vla_jax import inference
 from m2vla_jax.core import tree_util
 from m2vla_jax.training import trainer
 from m2vla_jax.weights import npz
-from test_train import ARG6, _compilation_cache, _config  # noqa: F401  (fixture used by this module)
+from test_train import ARG6, _config
 
 PARAM = "head/out/kernel"   # the toy policy's output layer: [hidden, horizon * action_dim]
 

@@ -29,7 +29,7 @@ from m2vla_jax.training import checkpoints as ckpt_lib
 from m2vla_jax.training import trainer
 import conftest
 from test_gcs import BUCKET, gcs  # noqa: F401
-from test_train import ARG6, REPO, _compilation_cache, _config  # noqa: F401
+from test_train import ARG6, REPO, _config
 
 # pylint: disable=protected-access
 _state_item, _files_under, _array_report = ckpt_lib._state_item, ckpt_lib._files_under, ckpt_lib._array_report

@@ -10,7 +10,7 @@ from m2vla_jax import evaluate
 from m2vla_jax import inference
 from m2vla_jax.data import testing as data_testing
 from m2vla_jax.training import trainer
-from test_train import ARG6, _compilation_cache, _config  # noqa: F401  (fixture used by this module)
+from test_train import ARG6, _config
 
 
 @pytest.fixture(scope="module")

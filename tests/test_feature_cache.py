@@ -18,7 +18,7 @@ from m2vla_jax.policies import m2vla
 from m2vla_jax.training import feature_cache
 from m2vla_jax.training import trainer
 from m2vla_jax.training import validation
-from test_train import _compilation_cache, _config  # noqa: F401  (fixture used by this module)
+from test_train import _config
 
 F = oxe.Field
 NAME = "toy_feature_cache"

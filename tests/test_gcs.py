@@ -24,7 +24,7 @@ import gcs_emulator
 from m2vla_jax import inference
 from m2vla_jax.training import checkpoints as ckpt_lib
 from m2vla_jax.training import trainer
-from test_train import ARG6, DEBUG, REPO, _assert_bitwise_equal, _cli, _compilation_cache, _config  # noqa: F401
+from test_train import ARG6, DEBUG, REPO, _assert_bitwise_equal, _cli, _config
 
 BUCKET = "m2vla-test"
 

@@ -39,8 +39,10 @@ def _free_port() -> int:
 
 
 def _env(devices: int, extra: dict | None = None) -> dict:
+  # Every run compiles the same few programs: they share test_train's persistent compilation cache.
   env = dict(os.environ, XLA_FLAGS=conftest.xla_flags_with_devices(devices), JAX_PLATFORMS="cpu",
-             PYTHONPATH=str(REPO))
+             PYTHONPATH=str(REPO), JAX_COMPILATION_CACHE_DIR=test_train.CACHE_DIR,
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
   for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
     env.pop(k, None)
   env.update(extra or {})

@@ -27,7 +27,7 @@ from m2vla_jax.serving import client as client_lib
 from m2vla_jax.serving import protocol
 from m2vla_jax.training import trainer
 import conftest
-from test_train import CACHE_DIR, _compilation_cache, _config  # noqa: F401  (fixture used by this module)
+from test_train import CACHE_DIR, _config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TOKEN = "s3cret-token"

@@ -69,23 +69,7 @@ def _cli(workdir, *args, env_extra=None):
 
 
 ARG6 = "steps=6,fsdp=2,batch=8"
-CACHE_DIR = f"/tmp/m2vla_jax_test_compile_cache_{os.getuid()}"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _compilation_cache():
-  """Every run here compiles the same toy train step: share compiled programs across runs and processes.
-
-  Scoped to this module; the previous settings are restored afterwards."""
-  from jax._src import compilation_cache  # pylint: disable=g-import-not-at-top
-  old = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
-  jax.config.update("jax_compilation_cache_dir", CACHE_DIR)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-  compilation_cache.reset_cache()
-  yield
-  jax.config.update("jax_compilation_cache_dir", old[0])
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
-  compilation_cache.reset_cache()
+CACHE_DIR = conftest.CACHE_DIR     # subprocesses share the test session's compilation cache
 
 
 @pytest.fixture(scope="module")
