@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from m2vla_jax.sim.common import demo_cache
-from m2vla_jax.sim.common import summary as summary_lib
+from m2vla_jax.evaluation import summary as summary_lib
 
 SPEC = {"simulator": "test", "tasks": ("a", "b"), "episodes_per_task": 2, "noise": 0.3}
 

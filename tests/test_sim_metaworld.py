@@ -11,7 +11,7 @@ from m2vla_jax.sim import evaluate_metaworld as ev  # noqa: E402
 from m2vla_jax.sim import instructions  # noqa: E402
 from m2vla_jax.sim import metaworld_env as me  # noqa: E402
 from m2vla_jax.sim.common import demo_cache  # noqa: E402
-from m2vla_jax.sim.common import summary as summary_lib  # noqa: E402
+from m2vla_jax.evaluation import summary as summary_lib  # noqa: E402
 
 SMALL = me.EnvConfig(image_size=32)
 

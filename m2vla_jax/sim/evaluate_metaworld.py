@@ -1,11 +1,11 @@
 """Closed-loop Meta-World evaluation of a chunked policy, scored the benchmark's way.
 
-Owns: running N episodes per task from held-out seeds (`episode_seed(task, i, 'eval')`, disjoint
-from the demonstration seeds) with the benchmark's step limit, batching the policy across B
-environments, executing each predicted action chunk open-loop for `execute_steps` steps
-(receding horizon), scoring success as Meta-World does (an episode succeeds at the first step
-whose `info['success']` is True and ends there), and the report (JSON and bar plot with Wilson
-intervals through `m2vla_jax.sim.common.summary`; rollout GIFs). Evaluation variants:
+Owns: which episodes run (N per task from held-out seeds, `episode_seed(task, i, 'eval')`, disjoint
+from the demonstration seeds; the benchmark's step limit), Meta-World behind the shared closed loop
+(`evaluation.closed_loop`: B environments batched, each chunk executed open loop for
+`execute_steps` steps; success as Meta-World scores it, at the first step whose
+`info['success']` is True, where the episode ends), and the report (JSON and bar plot with Wilson
+intervals through `m2vla_jax.evaluation.summary`; rollout GIFs). Evaluation variants:
 instructions seen in training, held-out paraphrases, held-out tasks, and the seen tasks under visual
 shifts never seen in training ('shift_camera', 'shift_lighting', 'shift_colors', 'shift_all';
 `sim/visual_shift.py`).
@@ -31,7 +31,6 @@ concerned; the reason is logged and stored with the episode, and evaluation cont
 """
 from __future__ import annotations
 
-import collections
 import dataclasses
 import logging
 import os
@@ -39,10 +38,11 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from m2vla_jax.evaluation import closed_loop
 from m2vla_jax.sim import instructions
 from m2vla_jax.sim import metaworld_env
 from m2vla_jax.sim import visual_shift
-from m2vla_jax.sim.common import summary as summary_lib
+from m2vla_jax.evaluation import summary as summary_lib
 
 log = logging.getLogger(__name__)
 
@@ -81,32 +81,47 @@ class EvalConfig:
                        f"or 'paraphrased'")
 
 
-@dataclasses.dataclass
-class _Slot:
-  env: Any = None
-  job: tuple[str, int] | None = None
-  seed: int = 0
-  instruction: str = ""
-  obs: dict[str, np.ndarray] | None = None
-  frames: list[np.ndarray] | None = None
-
-
 def _instruction(task: str, index: int, variant: str) -> str:
   pool = (instructions.held_out_instructions(task) if variant == "paraphrased"
           else instructions.train_instructions(task))
   return pool[index % len(pool)]
 
 
-def _stack(slots: Sequence[_Slot], fill: _Slot) -> dict[str, Any]:
-  rows = [s if s.job is not None else fill for s in slots]
-  return {
-      "images": np.stack([s.obs["images"] for s in rows]),
-      "image_mask": np.stack([s.obs["image_mask"] for s in rows]),
-      "state": np.stack([s.obs["state"] for s in rows]),
-      "privileged": np.stack([s.obs["privileged"] for s in rows]),
-      "instruction": [s.instruction for s in rows],
-      "task": [s.job[0] for s in rows],
-  }
+class _MetaWorld:
+  """Meta-World behind `evaluation.closed_loop.Simulator`: a worker process is kept across tasks
+  (`set_task`), and frames nobody reads are not rendered."""
+  action_dim = metaworld_env.ACTION_DIM
+
+  def __init__(self, env_factory: Callable[[str, metaworld_env.EnvConfig], Any],
+               env_config: metaworld_env.EnvConfig):
+    self._make, self._config = env_factory, env_config
+    self._done: dict[int, Any] = {}    # in-process environments step in step_async
+
+  def open(self, task: str, env: Any | None) -> Any:
+    if env is not None and env.task != task:
+      if hasattr(env, "set_task"):  # a ProcessEnv keeps its worker process
+        env.set_task(task)
+      else:
+        env.close()
+        env = None
+    return env if env is not None else self._make(task, self._config)
+
+  def reset(self, env: Any, episode: closed_loop.Episode) -> dict[str, np.ndarray]:
+    return env.reset(episode.reset_arg, render=True)
+
+  def step_async(self, env: Any, action: np.ndarray, render: bool) -> None:
+    if hasattr(env, "step_async"):
+      env.step_async(action, render=render)
+    else:
+      self._done[id(env)] = env.step(action, render=render)
+
+  def step_wait(self, env: Any) -> tuple[dict[str, np.ndarray], bool, bool]:
+    result = self._done.pop(id(env), None)
+    obs, _, success, truncated, _ = env.step_wait() if result is None else result
+    return obs, success, truncated
+
+  def frame(self, obs: dict[str, np.ndarray]) -> np.ndarray:
+    return obs["images"][0]
 
 
 def run_episodes(policy: Policy, tasks: Sequence[str], config: EvalConfig,
@@ -120,121 +135,17 @@ def run_episodes(policy: Policy, tasks: Sequence[str], config: EvalConfig,
     seed, instruction, success, steps, reason ('success', 'timeout' or the failure); and
     {(task, index): list of uint8 [H, W, 3] primary-camera frames} for the recorded episodes.
   """
-  jobs = collections.deque((t, i) for t in tasks for i in range(config.episodes_per_task))
-  video_jobs = {(t, 0) for t in list(tasks)[:config.num_videos]}
-  slots = [_Slot() for _ in range(config.batch_size)]
-  records: dict[tuple[str, int], dict[str, Any]] = {}
-  videos: dict[tuple[str, int], list[np.ndarray]] = {}
-
-  def finish(slot: _Slot, success: bool, reason: str, steps: int) -> None:
-    task, index = slot.job
-    if reason not in ("success", "timeout"):
-      log.warning("episode %s #%d (seed %d) failed: %s", task, index, slot.seed, reason)
-    records[slot.job] = dict(task=task, index=index, seed=slot.seed, instruction=slot.instruction,
-                             success=success, steps=steps, reason=reason)
-    if slot.frames is not None:
-      videos[slot.job] = slot.frames
-    slot.job, slot.obs, slot.frames = None, None, None
-
-  def start(slot: _Slot) -> None:
-    while jobs and slot.job is None:
-      task, index = jobs.popleft()
-      slot.job = (task, index)
-      slot.seed = metaworld_env.episode_seed(task, index, "eval")
-      slot.instruction = _instruction(task, index, config.instruction_variant)
-      try:
-        if slot.env is not None and slot.env.task != task:
-          if hasattr(slot.env, "set_task"):  # a ProcessEnv keeps its worker process
-            slot.env.set_task(task)
-          else:
-            slot.env.close()
-            slot.env = None
-        if slot.env is None:
-          slot.env = env_factory(task, config.env)
-        slot.obs = slot.env.reset(slot.seed, render=True)
-      except Exception as e:  # pylint: disable=broad-except
-        slot.env = None  # may be half-initialised; a fresh one is built for the next job
-        finish(slot, False, f"env_error at reset: {type(e).__name__}: {e}", 0)
-        continue
-      slot.frames = [slot.obs["images"][0]] if slot.job in video_jobs else None
-
-  try:
-    while True:
-      for slot in slots:
-        if slot.job is None:
-          start(slot)
-      active = [s for s in slots if s.job is not None]
-      if not active:
-        break
-      batch = _stack(slots, active[0])
-      try:
-        chunk = np.asarray(policy(batch), np.float64)
-        if chunk.ndim != 3 or chunk.shape[0] != len(slots) or chunk.shape[2] != 4:
-          raise ValueError(f"policy returned shape {chunk.shape}; expected [B={len(slots)}, H, 4]")
-        if chunk.shape[1] < config.execute_steps:
-          raise ValueError(f"policy returned chunks of H={chunk.shape[1]} actions but "
-                           f"EvalConfig.execute_steps={config.execute_steps}; lower execute_steps")
-      except Exception as e:  # pylint: disable=broad-except
-        for slot in active:
-          finish(slot, False, f"policy_error: {type(e).__name__}: {e}", slot.env.steps)
-        continue
-      for k in range(config.execute_steps):
-        replan_next = k == config.execute_steps - 1
-        # Send every action first, then collect: process-isolated envs step in parallel.
-        results: dict[int, Any] = {}
-        for i, slot in enumerate(slots):
-          if slot.job is None:
-            continue
-          action = chunk[i, k]
-          if not np.all(np.isfinite(action)):
-            finish(slot, False, f"nonfinite_action at step {slot.env.steps}: {action.tolist()}",
-                   slot.env.steps)
-            continue
-          render = replan_next or slot.frames is not None
-          try:
-            if hasattr(slot.env, "step_async"):
-              slot.env.step_async(action, render=render)
-              results[i] = None
-            else:
-              results[i] = slot.env.step(action, render=render)
-          except Exception as e:  # pylint: disable=broad-except
-            results[i] = e
-        for i, result in results.items():
-          slot = slots[i]
-          try:
-            if isinstance(result, Exception):
-              raise result
-            obs, _, success, truncated, _ = (slot.env.step_wait() if result is None else result)
-          except Exception as e:  # pylint: disable=broad-except
-            steps = slot.env.steps
-            slot.env.close()
-            slot.env = None  # state unknown after a crash: rebuild for the next episode
-            finish(slot, False, f"env_error: {type(e).__name__}: {e}", steps)
-            continue
-          slot.obs = obs
-          if slot.frames is not None:
-            slot.frames.append(obs["images"][0])
-          if success:
-            finish(slot, True, "success", slot.env.steps)
-          elif truncated:
-            finish(slot, False, "timeout", slot.env.steps)
-  finally:
-    for slot in slots:
-      if slot.env is not None:
-        slot.env.close()
-  episodes = [records[(t, i)] for t in tasks for i in range(config.episodes_per_task)]
-  return episodes, videos
-
-
-def save_videos(videos: dict[tuple[str, int], list[np.ndarray]], out_dir: str, fps: int) -> list[str]:
-  """Writes each rollout as `<task>_<index>.gif`; returns the paths."""
-  import imageio.v2 as imageio  # pylint: disable=g-import-not-at-top
-  paths = []
-  for (task, index), frames in videos.items():
-    path = os.path.join(out_dir, f"{task}_{index}.gif")
-    imageio.mimsave(path, [np.asarray(f) for f in frames], duration=1.0 / fps, loop=0)
-    paths.append(path)
-  return paths
+  episodes = []
+  for task in tasks:
+    for i in range(config.episodes_per_task):
+      seed = metaworld_env.episode_seed(task, i, "eval")
+      episodes.append(closed_loop.Episode(task, i, _instruction(task, i, config.instruction_variant),
+                                          reset_arg=seed, record={"seed": seed}))
+  video_tasks = set(list(tasks)[:config.num_videos])
+  return closed_loop.run_episodes(
+      policy, episodes, _MetaWorld(env_factory, config.env), batch_size=config.batch_size,
+      execute_steps=config.execute_steps,
+      record_video=lambda ep: ep.task in video_tasks and ep.index == 0)
 
 
 def evaluate(policy: Policy, tasks: Sequence[str], config: EvalConfig, out_dir: str | None = None,
@@ -255,7 +166,7 @@ def evaluate(policy: Policy, tasks: Sequence[str], config: EvalConfig, out_dir: 
     if videos:
       video_dir = os.path.join(out_dir, f"{name}_videos")
       os.makedirs(video_dir, exist_ok=True)
-      result["videos"] = save_videos(videos, video_dir, config.video_fps)
+      result["videos"] = closed_loop.save_videos(videos, video_dir, config.video_fps)
   log.info("%s", summary_lib.headline(name, result))
   return result
 

@@ -29,7 +29,7 @@ from typing import Any, Mapping, Sequence
 import ml_collections
 
 from m2vla_jax.sim.common import demo_cache
-from m2vla_jax.sim.common import summary as summary_lib
+from m2vla_jax.evaluation import summary as summary_lib
 
 DEFAULT_DATA_DIR = demo_cache.default_data_dir("metaworld")
 

@@ -1,7 +1,8 @@
-"""What every simulator's workflow shares: the run phases, the demonstration cache, the report.
+"""What every simulator's workflow shares: the run phases, the demonstration cache, the worker process.
 
 `phases` (prepare -> train -> evaluate, timed), `demo_cache` (one naming scheme for recorded
-demonstrations, their generation spec saved beside the data, their data-registry entry) and
-`summary` (Wilson intervals, per-task summaries, the report files). A simulator folder (Meta-World
-in `sim/`, `sim/mjx/`) brings its own environments, experts and evaluation loop.
+demonstrations, their generation spec saved beside the data, their data-registry entry), `worker`
+(an environment in its own process) and `compare` (runs side by side). The closed loop and the
+scoring are `evaluation/`'s. A simulator folder (Meta-World in `sim/`, `sim/mjx/`, `sim/libero/`)
+brings its own environments, experts and the `evaluation.closed_loop.Simulator` of its envs.
 """

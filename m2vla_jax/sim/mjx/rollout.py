@@ -3,7 +3,7 @@
 Owns: `EnvParams` (which tasks and instructions, cameras, chunk execution), `rollout` (one
 jitted function: `lax.scan` over policy calls and, inside, over the `execute_steps` control
 steps of each action chunk; `vmap` over environments; no Python in the loop), scoring in the
-simulators' shared report format (`summarize`, `report`, through `m2vla_jax.sim.common.summary`).
+simulators' shared report format (`summarize`, `report`, through `m2vla_jax.evaluation.summary`).
 
 The policy contract (`policy_fn` is traced once per (policy_fn, EnvParams, n_envs, horizon)):
 ```
@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from mujoco import mjx
 import numpy as np
 
-from m2vla_jax.sim.common import summary as summary_lib
+from m2vla_jax.evaluation import summary as summary_lib
 from m2vla_jax.sim.mjx import render as render_lib
 from m2vla_jax.sim.mjx import scene as scene_lib
 from m2vla_jax.sim.mjx import tasks as tasks_lib

@@ -26,7 +26,7 @@ demo_layouts (also roll out on the demonstrations' first initial layouts), out_s
 
 Report files: `mjx_compiled.json/.png`, `c_mujoco.json/.png`, with `demo_layouts`
 `mjx_demo_layouts.json/.png` (every episode: instruction,
-success, steps, return), `summary.json` and `summary.md` (`m2vla_jax.sim.common.summary` with
+success, steps, return), `summary.json` and `summary.md` (`m2vla_jax.evaluation.summary` with
 group 'rollout': per-task success with Wilson 95% intervals, compiled vs C, per-episode agreement,
 wall-clock per phase, and the experts' success while recording, kept beside the demos as
 `mjx_demo_summary.json`). Demonstrations and DAgger rounds live in the demo cache
@@ -44,7 +44,7 @@ from typing import Any, Sequence
 import ml_collections
 
 from m2vla_jax.sim.common import demo_cache
-from m2vla_jax.sim.common import summary as summary_lib
+from m2vla_jax.evaluation import summary as summary_lib
 
 _DEMO_STATS = "mjx_demo_summary.json"
 
