@@ -65,6 +65,7 @@ CONSOLE_SCRIPTS = [
     "m2vla-export = m2vla_jax.export:cli",
     "m2vla-evaluate = m2vla_jax.evaluate:cli",
     "m2vla-evaluate-sim = m2vla_jax.evaluate_sim:cli",
+    "m2vla-evaluate-libero = m2vla_jax.sim.libero.evaluate:cli",
     "m2vla-smoke = m2vla_jax.smoke:main",
     "m2vla-serve = m2vla_jax.serve:cli",
 ]

@@ -98,12 +98,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.pipeline.max_tokens = MAX_TOKENS
     c.feature_cache.stage = "auto"
     c.feature_cache.dtype = "bfloat16"
-    _method(c, a)
+    apply_method(c, a)
   c.lock()
   return c
 
 
-def _method(c: ml_collections.ConfigDict, a: ml_collections.ConfigDict) -> None:
+def apply_method(c: ml_collections.ConfigDict, a: ml_collections.ConfigDict) -> None:
   """In place: the comparison row `a.method` (module docstring) on the M²-VLA config built above."""
   from m2vla_jax.policies import m2vla  # pylint: disable=g-import-not-at-top
   from m2vla_jax.policies import mole_vla  # pylint: disable=g-import-not-at-top

@@ -4,13 +4,17 @@ The protocol constants and the pure helpers are checked everywhere; the simulato
 `[libero]` extra and are skipped without it (the package itself imports without LIBERO).
 """
 import importlib.util
+import json
 import math
+import os
 
 import numpy as np
 import pytest
 
 from m2vla_jax.sim.libero import env as libero_env
+from m2vla_jax.sim.libero import evaluate as libero_eval
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAVE_LIBERO = importlib.util.find_spec("libero") is not None
 needs_libero = pytest.mark.skipif(not HAVE_LIBERO, reason="LIBERO not installed (extra [libero])")
 
@@ -123,3 +127,129 @@ def test_init_states_restore_object_poses(env):
   # Fixtures included: their placement is drawn at reset, from the per-init-state seed.
   for name in first:
     np.testing.assert_allclose(again[name], first[name], atol=1e-6, err_msg=name)
+
+
+@pytest.mark.slow
+@needs_libero
+def test_closed_loop_evaluation_in_worker_processes(tmp_path):
+  env_config = libero_env.EnvConfig(suite="libero_spatial", image_size=64, render_size=64,
+                                    max_episode_steps=3)
+  config = libero_eval.EvalConfig(env=env_config, tasks=(0,), episodes_per_task=2, batch_size=2,
+                                  execute_steps=2, num_videos=1)
+  result = libero_eval.evaluate(libero_eval.RandomChunkPolicy(horizon=2), config, str(tmp_path))
+  records = result["episode_records"]
+  assert [(r["task"], r["init_state"], r["reason"], r["steps"]) for r in records] == [
+      ("libero_spatial/0", 0, "timeout", 3), ("libero_spatial/0", 1, "timeout", 3)]
+  assert "black bowl" in records[0]["instruction"]
+  assert (tmp_path / "libero_spatial.json").exists() and (tmp_path / "libero_spatial.png").exists()
+  assert [p.name for p in (tmp_path / "libero_spatial_videos").iterdir()] == ["libero_spatial_0_0.gif"]
+
+
+def _libero_config(arg):
+  from m2vla_jax.training import config_base  # pylint: disable=g-import-not-at-top
+  return config_base.load_config_file(os.path.join(REPO, "configs", "libero.py")).get_config(arg)
+
+
+def test_libero_config_builds_every_suite_backbone_and_row():
+  from m2vla_jax.data import oxe  # pylint: disable=g-import-not-at-top
+  from m2vla_jax.training import config_base, validation  # pylint: disable=g-import-not-at-top
+  for suite in ("spatial", "object", "goal", "10"):
+    c = _libero_config(f"suite={suite}")
+    assert oxe.resolve_mixture(c.data.pipeline.datasets) == {f"libero_{suite}_no_noops": 1.0}
+    assert c.model.horizon == c.data.pipeline.horizon == 8 and c.data.pipeline.cameras == ("primary", "wrist")
+  c = _libero_config("suite=all")
+  assert len(oxe.resolve_mixture(c.data.pipeline.datasets)) == 4
+  paligemma = _libero_config("")
+  assert set(paligemma.required_fields) == {"data.pipeline.data_dir", "init.checkpoint", "data.tokenizer"}
+  with pytest.raises(config_base.ConfigError, match="init.checkpoint"):
+    validation.validate_config(paligemma)           # REQUIRED fields are named before any work
+  pretrained = _libero_config("backbone=dinov2_gemma3,method=lora,rank=8")
+  assert pretrained.required_fields == ["data.pipeline.data_dir"]
+  assert pretrained.model.adapter.kind == "lora" and pretrained.model.adapter.rank == 8
+  mole = _libero_config("method=mole")
+  assert mole.policy == "mole_vla" and mole.model.router.num_skip == 9 and mole.model.vlm == "paligemma_3b"
+  for arg, match in [("suite=libero_100", "suite="), ("backbone=siglip", "backbone="),
+                     ("method=dora", "method="), ("queries=some", "queries=")]:
+    with pytest.raises(config_base.ConfigError, match=match):
+      _libero_config(arg)
+
+
+# ------------------------------------------------------------------ the evaluation, on fake envs
+class _FakeLibero:
+  """LiberoEnv's interface: succeeds once the summed x action reaches 1 + init_index / 10."""
+  num_init_states = 50
+
+  def __init__(self, task_index, config):
+    self.task_index, self.config = task_index, config
+    self.instruction = f"do task {task_index}"
+    self.steps, self.x, self.goal = 0, 0.0, 0.0
+    self.max_episode_steps = config.episode_steps
+
+  def reset(self, init_index):
+    self.steps, self.x, self.goal = 0, 0.0, 1.0 + init_index / 10
+    s = self.config.image_size
+    return {"images": np.zeros((2, s, s, 3), np.uint8), "image_mask": np.ones((2,), bool),
+            "state": np.zeros((libero_env.STATE_DIM,), np.float32)}
+
+  def step(self, action):
+    assert np.shape(action) == (libero_env.ACTION_DIM,)
+    self.steps += 1
+    self.x += float(action[0])
+    s = self.config.image_size
+    obs = {"images": np.zeros((2, s, s, 3), np.uint8), "image_mask": np.ones((2,), bool),
+           "state": np.full((libero_env.STATE_DIM,), self.x, np.float32)}
+    return obs, 0.0, self.x >= self.goal, self.steps >= self.max_episode_steps, {}
+
+  def close(self):
+    pass
+
+
+def test_libero_evaluation_runs_the_protocol_episodes_and_writes_the_report(tmp_path):
+  env = libero_env.EnvConfig(suite="libero_object", image_size=8, max_episode_steps=12)
+  config = libero_eval.EvalConfig(env=env, tasks=(3, 7), episodes_per_task=4, batch_size=3,
+                                  execute_steps=2, num_videos=1)
+  calls = []
+
+  def policy(obs):
+    calls.append(obs)
+    return np.full((len(obs["instruction"]), 2, libero_env.ACTION_DIM), 0.25)
+
+  result = libero_eval.evaluate(policy, config, str(tmp_path), env_factory=_FakeLibero)
+  records = result["episode_records"]
+  assert [(r["task"], r["init_state"]) for r in records] == [
+      (f"libero_object/{t}", i) for t in (3, 7) for i in range(4)]
+  # 0.25 per step: init state i needs ceil((1 + i / 10) / 0.25) steps: 4, 5, 5, 6.
+  assert [r["steps"] for r in records[:4]] == [4, 5, 5, 6] and all(r["success"] for r in records)
+  assert records[0]["instruction"] == "do task 3" and result["mean_success"] == 1.0
+  assert result["instructions"]["libero_object/7"] == "do task 7"
+  assert calls[0]["images"].shape == (3, 2, 8, 8, 3) and calls[0]["state"].shape == (3, 8)
+  assert calls[0]["task"][0] == "libero_object/3"
+  with open(tmp_path / "libero_object.json") as f:
+    assert json.load(f)["per_task"]["libero_object/3"]["successes"] == 4
+  assert os.listdir(tmp_path / "libero_object_videos") == ["libero_object_3_0.gif"]
+  # All tasks of a suite: ten for the headline suites.
+  assert len(libero_eval.episodes_of(libero_eval.EvalConfig(episodes_per_task=2), 10)) == 20
+
+
+def test_libero_evaluation_names_bad_settings():
+  with pytest.raises(ValueError, match="EvalConfig.execute_steps=0"):
+    libero_eval.EvalConfig(execute_steps=0)
+  with pytest.raises(ValueError, match="EvalConfig.tasks"):
+    libero_eval.EvalConfig(tasks=())
+  config = libero_eval.EvalConfig(env=libero_env.EnvConfig(image_size=8, max_episode_steps=2), tasks=(0,),
+                                  episodes_per_task=51, batch_size=1, num_videos=0)
+  records = libero_eval.evaluate(lambda obs: np.zeros((1, 5, 7)), config,
+                                 env_factory=_FakeLibero)["episode_records"]
+  assert records[-1]["reason"].startswith("env_error at reset: ValueError: init state 50 does not exist")
+  with pytest.raises(ValueError, match="--checkpoint is required"):
+    libero_eval.make_policy("checkpoint")
+
+
+def test_standardized_gripper_maps_to_libero_commands():
+  # Registry convention (1 open, 0 closed) -> LIBERO's (-1 opens, +1 closes); deltas unchanged.
+  actions = np.array([[[0.1, -0.2, 0.3, 0.0, 0.5, -0.5, 1.0], [0, 0, 0, 0, 0, 0, 0.0]]])
+  out = libero_eval.env_actions(actions)
+  np.testing.assert_array_equal(out[..., :6], actions[..., :6])
+  np.testing.assert_array_equal(out[0, :, 6], [-1.0, 1.0])
+  wrapped = libero_eval.StandardizedPolicy(lambda obs: actions)
+  np.testing.assert_array_equal(wrapped({}), out)

@@ -155,6 +155,11 @@ LAYOUTS = {
                                "gripper_position": t(1, dtype=np.float64)},
                "action": t(7, dtype=np.float64), "language_instruction": TEXT},
               {"action_dict/gripper_position": lambda rng, shape: rng.uniform(0, 1, shape)}),
+    # openvla's modified_libero_rlds (its builder's features: joint_state is published, never read).
+    **{f"libero_{suite}_no_noops": (
+        {"observation": {"image": IMG, "wrist_image": IMG, "state": t(8), "joint_state": t(7)},
+         "action": t(7), "language_instruction": TEXT}, {"action": _with_cols(F32, {6: SIGN})})
+       for suite in ("spatial", "object", "goal", "10")},
 }
 
 
@@ -263,6 +268,8 @@ def octo_reference(name, x):
   if name == "droid":   # openvla's droid_baseact_transform, plus the POS_EULER pad (registry.py)
     return (cat(o("cartesian_position"), Z(), o("gripper_position")),
             cat(x["action_dict/cartesian_velocity"], 1 - x["action_dict/gripper_position"]))
+  if name.startswith("libero_"):   # openvla: [EEF_state (state[:6]), gripper_state (state[-2:])]
+    return cat(o("state")[:, :6], o("state")[:, -2:]), cat(a()[:, :6], 1 - clip01(a()[:, 6:]))
   raise KeyError(name)
 
 

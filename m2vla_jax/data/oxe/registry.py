@@ -16,7 +16,8 @@ published feature layout. Deliberate differences from octo: bridge_dataset keeps
 movement deltas (octo relabels them with state differences and drops the last step); inverted grippers
 are clipped to [0, 1] before inverting (octo skips the clip for hydra, dlr_edan and fanuc, whose
 published values are 0/1); droid and dobbe get the POS_EULER pad (openvla concatenates their 7 dims
-without it); dobbe's only camera is the 'wrist' slot (openvla calls it primary).
+without it); dobbe's only camera is the 'wrist' slot (openvla calls it primary). LIBERO's entries keep openvla's
+8-dim state (xyz, axis-angle, two finger positions), which is what the LIBERO evaluation observes.
 """
 from __future__ import annotations
 
@@ -173,6 +174,18 @@ _register(DatasetSpec(
     action=(F("action_dict/cartesian_velocity"),
             F("action_dict/gripper_position", gripper=G.CLOSED_1))))
 
+# LIBERO demonstrations as OpenVLA regenerated them (`modified_libero_rlds`, no-op steps removed; the
+# datasets openpi, OpenVLA-OFT and VLA-Adapter train on): 256 px 'image' and 'wrist_image' stored
+# rotated by 180 degrees (as `sim/libero/env.py` serves them), state = eef xyz (3) + axis-angle (3) +
+# two finger qpos (2) (openvla's [EEF_state, gripper_state], not the POS_EULER layout: the same 8 dims
+# the LIBERO evaluation observes), action = OSC deltas (6) + gripper -1 open / +1 close (clipped to
+# [0, 1] and inverted, openvla's `libero_dataset_transform`).
+for _suite in ("spatial", "object", "goal", "10"):
+  _register(DatasetSpec(
+      f"libero_{_suite}_no_noops", {"primary": "image", "wrist": "wrist_image"},
+      state=(F("observation/state"),),
+      action=(F("action", 0, 6), F("action", 6, 7, gripper=G.CLOSED_1))))
+
 BUILTIN: frozenset[str] = frozenset(DATASETS)   # the OXE entries above (not user `register` calls)
 
 # Mixtures: dataset name -> relative sampling weight (normalized by the pipeline; see
@@ -199,6 +212,7 @@ MIXTURES: dict[str, dict[str, float]] = {
         "berkeley_fanuc_manipulation": 2.0, "cmu_stretch": 1.0,
     },
 }
+MIXTURES["libero_4_suites"] = {f"libero_{s}_no_noops": 1.0 for s in ("spatial", "object", "goal", "10")}
 MIXTURES["oxe_magic_soup_plus"] = {**MIXTURES["oxe_magic_soup"], "fmb_dataset": 1.0, "dobbe": 0.2,
                                    "droid": 0.06}
 
