@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from m2vla_jax.sim.common import compare, summary
+from m2vla_jax.evaluation import summary
+from m2vla_jax.sim.common import compare
 
 
 def _summary(path, variants):
