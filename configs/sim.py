@@ -59,6 +59,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.sim.eval.num_videos = 2
   c.sim.eval.variants = ("seen", "paraphrased", "held_out_tasks")
   c.sim.eval.out_subdir = "sim_eval"
+  # Closed-loop success on the training tasks during training (workflow.training_evaluators): every
+  # `every` steps (0: off), this many episodes per task.
+  c.sim.eval.every = 0
+  c.sim.eval.during_training_episodes = 2
 
   rules = [("vlm/queries", True)]
   if a.train_img:

@@ -12,6 +12,7 @@ import jax
 import numpy as np
 import pytest
 
+from m2vla_jax.core import tree_util
 from m2vla_jax.training import checkpoints as ckpt_lib
 from m2vla_jax.training import train_state
 from m2vla_jax.training import trainer
@@ -95,8 +96,21 @@ def test_debug_config_learns_with_fsdp(tmp_path):
   assert all(k.startswith("vlm/") for k in s.state.frozen)
   assert all(v.dtype == jax.numpy.bfloat16 for v in s.state.frozen.values())
   assert not any(k.startswith("vlm/") for k in s.state.trainable)
-  result = trainer.train(c, str(tmp_path))
+  snapshots = []
+
+  def evaluate(snapshot):
+    snapshots.append(snapshot)
+    return {"num_params": len(tree_util.flatten(snapshot.params))}
+
+  with pytest.raises(trainer.ConfigError, match="every >= 1"):
+    trainer.train(c, str(tmp_path), (trainer.Evaluator("offline", 0, evaluate),))
+  result = trainer.train(c, str(tmp_path), (trainer.Evaluator("offline", 3, evaluate),))
   assert [st for st, _ in result["history"]] == [1, 2, 3, 4]
+  # An evaluator runs every `every` steps and at the last one, on host copies of the params then.
+  assert [snap.step for snap in snapshots] == [3, 4]
+  assert [st for st, _ in result["evaluations"]] == [3, 4]
+  assert result["evaluations"][0][1]["offline/num_params"] == len(s.state.trainable) + len(s.state.frozen)
+  assert snapshots[0].statistics and snapshots[0].policy is not None
   # Batches differ from step to step, so compare the loss on the same held-out batches before and after.
   eval_step = jax.jit(train_state.make_eval_step(s.policy))
   val = [trainer.sharding_lib.host_to_global(b, s.mesh) for b in
@@ -106,6 +120,9 @@ def test_debug_config_learns_with_fsdp(tmp_path):
   after = np.mean([float(eval_step(trained, b)["loss"]) for b in val])
   assert after < 0.9 * before, (before, after)
   assert (tmp_path / "tensorboard").exists() and (tmp_path / "config.json").exists()
+  last = tree_util.flatten(snapshots[1].params)
+  for path, value in trained.trainable.items():
+    np.testing.assert_array_equal(last[path], np.asarray(value), err_msg=path)
 
 
 @pytest.mark.slow

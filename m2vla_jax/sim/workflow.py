@@ -22,14 +22,15 @@ batch_size, execute_steps, max_episode_steps, num_videos, variants, out_subdir.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from typing import Any, Mapping, Sequence
 
 import ml_collections
 
-from m2vla_jax.sim.common import demo_cache
 from m2vla_jax.evaluation import summary as summary_lib
+from m2vla_jax.sim.common import demo_cache
 
 DEFAULT_DATA_DIR = demo_cache.default_data_dir("metaworld")
 
@@ -148,10 +149,42 @@ def evaluate_run(config: ml_collections.ConfigDict, workdir: str, policy: Any = 
   return summary
 
 
+def training_evaluators(config: ml_collections.ConfigDict) -> tuple[Any, ...]:
+  """Closed-loop success on the training tasks every `config.sim.eval.every` steps (0: none), over
+  `config.sim.eval.during_training_episodes` held-out-seed episodes per task: the learning curve the
+  final evaluation's one point cannot show. Scalars `closed_loop/seen_success`, `.../ci95_lo|hi`."""
+  every = int(config.sim.eval.get("every", 0))
+  if not every:
+    return ()
+  from m2vla_jax.inference.policy import InferencePolicy  # pylint: disable=g-import-not-at-top
+  from m2vla_jax.sim import evaluate_metaworld  # pylint: disable=g-import-not-at-top
+  from m2vla_jax.sim import policy_adapter  # pylint: disable=g-import-not-at-top
+  from m2vla_jax.training import trainer  # pylint: disable=g-import-not-at-top
+  sim = _check_sim(config)
+  eval_cfg = dataclasses.replace(eval_config(sim), num_videos=0,
+                                 episodes_per_task=int(sim.eval.during_training_episodes))
+  adapters = []   # one adapter, so its jitted sample_actions compiles once; params change per call
+
+  def run(snapshot: Any) -> dict[str, float]:
+    if not adapters:
+      loaded = InferencePolicy(snapshot.config, snapshot.params, snapshot.policy_state,
+                               snapshot.statistics, policy=snapshot.policy)
+      adapters.append(policy_adapter.SimPolicyAdapter.from_inference_policy(loaded, seed=int(config.seed)))
+    adapter = adapters[0]
+    adapter.params, adapter.state = snapshot.params, snapshot.policy_state
+    result = evaluate_metaworld.evaluate(adapter, tuple(sim.tasks), eval_cfg, name="during_training")
+    lo, hi = result["mean_ci95"]
+    return {"seen_success": result["mean_success"], "ci95_lo": lo, "ci95_hi": hi}
+
+  return (trainer.Evaluator("closed_loop", every, run),)
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """prepare_data -> trainer.train -> evaluate_run, with wall-clock per phase in the summary."""
+  """prepare_data -> trainer.train (with `training_evaluators`) -> evaluate_run, with wall-clock per
+  phase in the summary."""
   from m2vla_jax.sim.common import phases  # pylint: disable=g-import-not-at-top
   return phases.run_phases(
       config, workdir, prepare=[("prepare_data", lambda: prepare_data(config))],
       evaluate=lambda: evaluate_run(config, workdir),
-      summary_path=os.path.join(workdir, config.sim.eval.out_subdir, "summary.json"))
+      summary_path=os.path.join(workdir, config.sim.eval.out_subdir, "summary.json"),
+      evaluators=training_evaluators(config))

@@ -1,6 +1,7 @@
 """The training loop: config -> mesh, policy, data, sharded state, checkpoints, metrics, profiler.
 
-Owns `build_policy`, `build_data`, `setup` and `train(config, workdir)`; config checks are
+Owns `build_policy`, `build_data`, `setup` and `train(config, workdir, evaluators)` (periodic evaluations
+during training: `Evaluator`, given a `Snapshot`); config checks are
 `training/validation.py`, pretrained weights `training/pretrained.py`, FLOP accounting `training/perf.py`. The policy and the data
 are named in the config (`config.policy`, `config.data.kind`: a short name from `policies/registry.py`
 and `data/sources.py`, or a 'module:attribute' import string), so the trainer never special-cases a model. Failure behaviour:
@@ -42,6 +43,30 @@ from m2vla_jax.training import validation
 # What the run is made of goes through the package logger, which the entry point keeps at INFO (absl's
 # root verbosity stays at WARNING for orbax's per-file messages).
 _log = std_logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Snapshot:
+  """What an evaluator gets of the run at a step: enough to act (`inference.InferencePolicy(config,
+  params, policy_state, statistics, policy=policy)`), nothing to train with."""
+  step: int
+  config: ml_collections.ConfigDict
+  policy: Any
+  params: Any                    # trainable and frozen merged, on this host
+  policy_state: Any
+  statistics: Mapping[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluator:
+  """A periodic evaluation during training (closed loop in a simulator, offline metrics, ...).
+
+  `run(snapshot) -> {name: scalar}` every `every` steps (and at the last step); the scalars go to the
+  run's metrics under `<name>/`. Single-process runs only: a multi-host run logs that it skips them.
+  """
+  name: str
+  every: int
+  run: Any
 
 
 class NonFiniteLossError(RuntimeError):
@@ -198,11 +223,16 @@ def _is_finite_metrics(m: Mapping[str, Any]) -> bool:
   return bool(np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"]))
 
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def train(config: ml_collections.ConfigDict, workdir: str, evaluators: tuple[Evaluator, ...] = ()) -> dict:
   """Trains until config.total_steps (resuming from workdir's newest good checkpoint); returns last metrics.
 
-  Returns {'step': last step, 'loss': ..., 'preempted': bool, 'history': [(step, loss), ...]}.
+  `evaluators` run during training (see `Evaluator`); their scalars are also returned, by step.
+  Returns {'step': last step, 'loss': ..., 'preempted': bool, 'history': [(step, loss), ...],
+  'evaluations': [(step, {name/key: value}), ...]}.
   """
+  for ev in evaluators:
+    if not isinstance(ev, Evaluator) or ev.every < 1:
+      raise ConfigError(f"evaluator {ev!r}: pass trainer.Evaluator(name, every >= 1, run)")
   validation.validate_config(config)
   jax.config.update("jax_threefry_partitionable", True)
   workdir_path = epath.Path(workdir)
@@ -255,7 +285,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   writer = metrics_writer.MetricsWriter(str(workdir_path / "tensorboard"), enabled=is_main)
   total = config.total_steps
-  result = {"step": start_step, "loss": None, "preempted": False, "history": []}
+  result = {"step": start_step, "loss": None, "preempted": False, "history": [], "evaluations": []}
+  if evaluators and jax.process_count() > 1:
+    logging.warning("%d evaluators skipped: they run in single-process training only", len(evaluators))
+    evaluators = ()
   if start_step >= total:
     logging.info("Nothing to do: checkpoint step %d >= total_steps %d", start_step, total)
     checkpointer.close()
@@ -331,9 +364,20 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         preempt = stop.requested or (jax.process_count() > 1 and checkpointer.reached_preemption(step))
         save_due = step % config.checkpoint.every == 0 or step == total or preempt
         eval_due = config.eval_every and step % config.eval_every == 0
-        flush(keep_last=0 if (save_due or eval_due or step == total) else 1)
+        due = [ev for ev in evaluators if step % ev.every == 0 or step == total]
+        flush(keep_last=0 if (save_due or eval_due or due or step == total) else 1)
         if eval_due:
           writer.write(step, _evaluate(config, eval_jit, state, mesh))
+        if due:
+          snapshot = Snapshot(step, config, s.policy, jax.device_get(state.params()),
+                              jax.device_get(state.policy_state), stats)
+          scalars = {}
+          for ev in due:
+            t0 = time.time()
+            scalars.update({f"{ev.name}/{k}": float(v) for k, v in ev.run(snapshot).items()})
+            scalars[f"{ev.name}/seconds"] = time.time() - t0
+          writer.write(step, scalars)
+          result["evaluations"].append((step, scalars))
         if save_due:
           checkpointer.save(state, train_data.get_state(), assets)
           last_good_ckpt = step

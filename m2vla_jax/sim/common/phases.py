@@ -42,12 +42,13 @@ class PhaseTimer:
 
 def run_phases(config: ml_collections.ConfigDict, workdir: str,
                prepare: Sequence[tuple[str, Callable[[], Any]]],
-               evaluate: Callable[[], dict[str, Any]], summary_path: str) -> dict[str, Any]:
-  """Runs `prepare` phases, `trainer.train(config, workdir)`, then `evaluate()`.
+               evaluate: Callable[[], dict[str, Any]], summary_path: str,
+               evaluators: Sequence[Any] = ()) -> dict[str, Any]:
+  """Runs `prepare` phases, `trainer.train(config, workdir, evaluators)`, then `evaluate()`.
 
   `evaluate` returns the workflow's summary dict (with a 'wall_s' dict of its own parts); the
-  phases' seconds, their total, the final loss and step are added to it and it is rewritten to
-  `summary_path`. Returns the summary.
+  phases' seconds, their total, the final loss and step, and the evaluators' scalars by step
+  ('during_training') are added to it and it is rewritten to `summary_path`. Returns the summary.
   """
   from m2vla_jax.training import trainer  # pylint: disable=g-import-not-at-top
   timer = PhaseTimer()
@@ -55,7 +56,7 @@ def run_phases(config: ml_collections.ConfigDict, workdir: str,
     with timer(name):
       fn()
   with timer("train"):
-    result = trainer.train(config, workdir)
+    result = trainer.train(config, workdir, tuple(evaluators))
   print(f"trained: step={result['step']} loss={result['loss']} "
         f"({timer.seconds['train']:.0f}s)", flush=True)
   if result.get("preempted"):   # SIGTERM saved a checkpoint: resume trains on, evaluation waits for it
@@ -67,6 +68,8 @@ def run_phases(config: ml_collections.ConfigDict, workdir: str,
   summary["final_loss"] = result["loss"]
   summary["train_steps"] = result["step"]
   summary["last_checkpoint"] = result.get("last_checkpoint")
+  if result.get("evaluations"):
+    summary["during_training"] = [{"step": step, **scalars} for step, scalars in result["evaluations"]]
   os.makedirs(os.path.dirname(summary_path), exist_ok=True)
   with open(summary_path, "w") as f:
     json.dump(summary, f, indent=1)
