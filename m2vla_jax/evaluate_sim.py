@@ -2,6 +2,7 @@
 
     python -m m2vla_jax.evaluate_sim --checkpoint=/path/to/export --suite=mt10 --out=/tmp/eval
     python -m m2vla_jax.evaluate_sim --policy=expert --suite=mt10 --episodes_per_task=10
+    python -m m2vla_jax.evaluate_sim --server=ws://127.0.0.1:8000 --suite=mt10   # python -m m2vla_jax.serve
 
 Writes, per variant (`seen`, `paraphrased`, `held_out_tasks`), `<suite>_<variant>.json` (per-task and
 mean success with 95% Wilson intervals and every episode), a bar plot and a few rollout GIFs; see
@@ -25,8 +26,15 @@ from m2vla_jax.sim import evaluate_metaworld
 from m2vla_jax.sim import metaworld_env
 
 
-def make_policy(kind: str, checkpoint: str | None, horizon: int):
-  """The policy callable: a checkpoint via `m2vla_jax.inference.load_policy`, or a reference."""
+def make_policy(kind: str, checkpoint: str | None, horizon: int, server: str | None = None,
+                token: str | None = None):
+  """The policy callable: a checkpoint via `m2vla_jax.inference.load_policy`, a policy server, or a
+  reference."""
+  if kind == "server" or (server and kind == "checkpoint" and not checkpoint):
+    if not server:
+      raise ValueError("--server=ws://host:port is required with --policy=server")
+    from m2vla_jax.serving import client  # pylint: disable=g-import-not-at-top
+    return client.RemotePolicy(server, token)
   if kind == "checkpoint":
     if not checkpoint:
       raise ValueError("--checkpoint is required with --policy=checkpoint (or use --policy=expert "
@@ -39,13 +47,15 @@ def make_policy(kind: str, checkpoint: str | None, horizon: int):
     return evaluate_metaworld.ExpertChunkPolicy(horizon)
   if kind == "random":
     return evaluate_metaworld.RandomChunkPolicy(horizon)
-  raise ValueError(f"--policy={kind!r}; use checkpoint, expert or random")
+  raise ValueError(f"--policy={kind!r}; use checkpoint, server, expert or random")
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--checkpoint", default=None, help="export bundle or training run directory")
-  parser.add_argument("--policy", default="checkpoint", choices=("checkpoint", "expert", "random"))
+  parser.add_argument("--policy", default="checkpoint", choices=("checkpoint", "server", "expert", "random"))
+  parser.add_argument("--server", default=None, help="policy server ws://host:port (python -m m2vla_jax.serve)")
+  parser.add_argument("--token", default=None, help="the policy server's shared token, if it has one")
   parser.add_argument("--suite", default="mt10", choices=sorted(metaworld_env.SUITES))
   parser.add_argument("--variants", default=",".join(evaluate_metaworld.VARIANTS),
                       help="comma-separated subset of " + ",".join(evaluate_metaworld.VARIANTS))
@@ -67,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                                   wrist_camera=args.wrist_camera or None),
       episodes_per_task=args.episodes_per_task, batch_size=args.batch_size,
       execute_steps=args.execute_steps, num_videos=args.num_videos)
-  policy = make_policy(args.policy, args.checkpoint, args.reference_horizon)
+  policy = make_policy(args.policy, args.checkpoint, args.reference_horizon, args.server, args.token)
   variants = [v for v in args.variants.split(",") if v]
   results = evaluate_metaworld.evaluate_variants(policy, args.suite, config, args.out, variants)
   summary = {v: {"mean_success": r["mean_success"], "mean_ci95": r["mean_ci95"],

@@ -1,13 +1,14 @@
 """Entry point: serve a trained policy over a websocket (`serving/server.py` says how).
 
   python -m m2vla_jax.serve --bundle=DIR | --workdir=RUN [--step=N] [--host=127.0.0.1] [--port=8000]
-      [--token=SECRET] [--max_batch=1] [--max_wait_ms=0] [--dataset=NAME]
+      [--token=SECRET] [--max_batch=1] [--max_wait_ms=0] [--dataset=NAME] [--openpi_layout=libero]
 
 Loads the policy through the one inference path (`InferencePolicy.from_bundle` / `from_workdir`),
 compiles every batch size it will run, then prints `serving ws://HOST:PORT (warm-up S s)` and
 accepts connections until SIGINT / SIGTERM. Binds loopback unless --host says otherwise; any other
 host needs --token (clients send it in the X-M2VLA-Token header). Health: GET /healthz.
-Clients: `m2vla_jax.serving.client.PolicyClient`.
+Clients: `m2vla_jax.serving.client.PolicyClient`; with --openpi_layout, openpi's own clients
+(`openpi_client.WebsocketClientPolicy`, e.g. openpi's LIBERO example) instead.
 """
 import asyncio
 import signal
@@ -16,6 +17,7 @@ from absl import app
 from absl import flags
 
 from m2vla_jax.inference.policy import InferencePolicy
+from m2vla_jax.serving import openpi
 from m2vla_jax.serving import server as server_lib
 
 _BUNDLE = flags.DEFINE_string("bundle", None, "Export bundle directory (local or gs://).")
@@ -34,6 +36,11 @@ _MAX_MESSAGE_MB = flags.DEFINE_float("max_message_mb", server_lib.DEFAULT_MAX_ME
                                      "Largest request message; larger ones close that connection.")
 
 
+_OPENPI_LAYOUT = flags.DEFINE_enum("openpi_layout", None, sorted(openpi.LAYOUTS),
+                                   "Speak openpi's protocol with this observation layout (openpi's clients "
+                                   "connect unchanged); unset: our protocol.")
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -46,7 +53,7 @@ def main(argv):
             else InferencePolicy.from_workdir(_WORKDIR.value, _STEP.value))
   server = server_lib.PolicyServer(policy, max_batch=_MAX_BATCH.value, max_wait_ms=_MAX_WAIT_MS.value,
                                    dataset=_DATASET.value, max_image_side=_MAX_IMAGE_SIDE.value,
-                                   token=_TOKEN.value)
+                                   token=_TOKEN.value, openpi_layout=_OPENPI_LAYOUT.value)
   warmup_s = server.warmup()        # before the port opens: no client sees a compile
   server.start()
 

@@ -1,11 +1,21 @@
 """Test-wide setup: 8 emulated CPU devices (sharding tests) and deterministic, partitionable RNG."""
 import os
+import queue
+import subprocess
+import sys
+import threading
+import time
 
 # Must be set before jax initialises its backends.
 # Appended, not defaulted: the suite also runs with XLA_FLAGS=--xla_cpu_max_isa=AVX2 (other CPU code).
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              " --xla_force_host_platform_device_count=8").strip()
+# The suite is dominated by compiling many small programs, not by running them: LLVM's optimisation
+# passes take a third of the compile time and buy nothing at these sizes. Tolerances already cover
+# the last-bit differences between machines that optimised code shows; a caller's own level wins.
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ["XLA_FLAGS"] + " --xla_backend_optimization_level=0").strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
@@ -18,7 +28,7 @@ jax.config.update("jax_platforms", "cpu")
 # Many tests compile the same programs (the toy train step, a policy's loss, an MJX rollout) from
 # separate function objects, modules or processes; the persistent cache compiles each once per
 # machine. Keyed by the program, the compile options and XLA_FLAGS, so a hit is the same executable.
-CACHE_DIR = f"/tmp/m2vla_jax_test_compile_cache_{os.getuid()}"
+CACHE_DIR = os.environ.get("M2VLA_TEST_COMPILE_CACHE", f"/tmp/m2vla_jax_test_compile_cache_{os.getuid()}")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -50,3 +60,45 @@ def set_fields(config, overrides: dict) -> None:
     for p in parents:
       node = node[p]
     node[last] = value
+
+
+class ServeProcess:
+  """`python -m m2vla_jax.serve <args> --port=0` on loopback, one emulated device, the session's
+  compilation cache; `uri` once it prints its address. `stop()` sends SIGTERM."""
+
+  def __init__(self, *args: str):
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, XLA_FLAGS=xla_flags_with_devices(1), JAX_PLATFORMS="cpu", PYTHONPATH=repo,
+               JAX_COMPILATION_CACHE_DIR=CACHE_DIR, TF_CPP_MIN_LOG_LEVEL="3",
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    self.proc = subprocess.Popen([sys.executable, "-m", "m2vla_jax.serve", "--port=0", *args], env=env,
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    self.lines: "queue.Queue[str]" = queue.Queue()
+    self.output: list[str] = []
+    threading.Thread(target=self._read, daemon=True).start()
+    self._uri = None
+
+  def _read(self):
+    for line in self.proc.stdout:
+      self.output.append(line)
+      self.lines.put(line)
+
+  @property
+  def uri(self) -> str:
+    deadline = time.time() + 120
+    while self._uri is None:
+      try:
+        line = self.lines.get(timeout=max(0.1, deadline - time.time()))
+      except queue.Empty:
+        raise AssertionError("server did not start:\n" + "".join(self.output)) from None
+      if line.startswith("serving ws://"):
+        self._uri = line.split()[1]
+    assert self.proc.poll() is None, "".join(self.output)
+    return self._uri
+
+  def stop(self):
+    self.proc.terminate()
+    try:
+      self.proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+      self.proc.kill()

@@ -8,7 +8,6 @@ reference is `InferencePolicy.from_bundle` + `ObservationEncoder`, the path the 
 import json
 import os
 import pathlib
-import queue
 import subprocess
 import sys
 import threading
@@ -27,7 +26,7 @@ from m2vla_jax.serving import client as client_lib
 from m2vla_jax.serving import protocol
 from m2vla_jax.training import trainer
 import conftest
-from test_train import CACHE_DIR, _config
+from test_train import _config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TOKEN = "s3cret-token"
@@ -46,53 +45,16 @@ def bundle(tmp_path_factory):
   return inference.export(str(workdir), str(tmp_path_factory.mktemp("bundle")))
 
 
-class _Server:
-  """`python -m m2vla_jax.serve` on a free loopback port; `uri` once it prints its address."""
-
-  def __init__(self, bundle_dir, *args):
-    env = dict(os.environ, XLA_FLAGS=conftest.xla_flags_with_devices(1), JAX_PLATFORMS="cpu",
-               PYTHONPATH=str(REPO), JAX_COMPILATION_CACHE_DIR=CACHE_DIR, TF_CPP_MIN_LOG_LEVEL="3",
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-    self.proc = subprocess.Popen(
-        [sys.executable, "-m", "m2vla_jax.serve", f"--bundle={bundle_dir}", "--port=0",
-         f"--max_image_side={MAX_IMAGE_SIDE}", *args],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    self.lines: "queue.Queue[str]" = queue.Queue()
-    self.output: list[str] = []
-    threading.Thread(target=self._read, daemon=True).start()
-    self._uri = None
-
-  def _read(self):
-    for line in self.proc.stdout:
-      self.output.append(line)
-      self.lines.put(line)
-
-  @property
-  def uri(self) -> str:
-    deadline = time.time() + 120
-    while self._uri is None:
-      try:
-        line = self.lines.get(timeout=max(0.1, deadline - time.time()))
-      except queue.Empty:
-        raise AssertionError("server did not start:\n" + "".join(self.output)) from None
-      if line.startswith("serving ws://"):
-        self._uri = line.split()[1]
-    assert self.proc.poll() is None, "".join(self.output)
-    return self._uri
-
-  def stop(self):
-    self.proc.terminate()
-    try:
-      self.proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-      self.proc.kill()
+def _server(bundle_dir, *args):
+  return conftest.ServeProcess(f"--bundle={bundle_dir}", f"--max_image_side={MAX_IMAGE_SIDE}", *args)
 
 
 @pytest.fixture(scope="module")
 def servers(bundle):
   # Both start now and warm up in parallel; each test waits only for the one it uses.
-  s = {"batching": _Server(bundle, "--max_batch=4", "--max_wait_ms=50"),
-       "token": _Server(bundle, f"--token={TOKEN}")}
+  s = {"batching": _server(bundle, "--max_batch=4", "--max_wait_ms=50"),
+       "token": _server(bundle, f"--token={TOKEN}"),
+       "openpi": _server(bundle, "--openpi_layout=libero", f"--token={TOKEN}")}
   yield s
   for server in s.values():
     server.stop()
@@ -334,3 +296,61 @@ def test_chunker_adaptive_ensemble_matches_cogact_weights():
   cos = preds @ preds[-1] / (np.linalg.norm(preds, axis=1) * np.linalg.norm(preds[-1]))
   w = np.exp(0.5 * cos) / np.exp(0.5 * cos).sum()
   np.testing.assert_allclose(a2[0], w @ preds, rtol=1e-6)
+
+
+# ------------------------------------------------------------------ openpi's protocol
+# openpi_client 0.1.2's msgpack_numpy, written here from its published source (the package pins
+# numpy < 2, so it does not install beside ours): arrays as maps with bytes keys.
+def _openpi_pack(obj):
+  if isinstance(obj, np.ndarray):
+    return {b"__ndarray__": True, b"data": obj.tobytes(), b"dtype": obj.dtype.str, b"shape": obj.shape}
+  if isinstance(obj, np.generic):
+    return {b"__npgeneric__": True, b"data": obj.item(), b"dtype": obj.dtype.str}
+  return obj
+
+
+def _openpi_unpack(obj):
+  if b"__ndarray__" in obj:
+    return np.ndarray(buffer=obj[b"data"], dtype=np.dtype(obj[b"dtype"]), shape=obj[b"shape"])
+  if b"__npgeneric__" in obj:
+    return np.dtype(obj[b"dtype"]).type(obj[b"data"])
+  return obj
+
+
+def _openpi_connect(uri, token):
+  import msgpack  # pylint: disable=g-import-not-at-top
+  ws = ws_client.connect(uri, compression=None, max_size=None,
+                         additional_headers={"Authorization": f"Api-Key {token}"})
+  metadata = msgpack.unpackb(ws.recv(), object_hook=_openpi_unpack)
+  send = lambda obs: ws.send(msgpack.packb(obs, default=_openpi_pack))  # noqa: E731
+  recv = lambda: (lambda r: r if isinstance(r, str) else msgpack.unpackb(r, object_hook=_openpi_unpack))(ws.recv())  # noqa: E731
+  return ws, metadata, send, recv
+
+
+def test_openpi_client_gets_libero_actions_equal_to_the_in_process_call(servers, reference):
+  obs = _obs(b=1, seed=3)
+  openpi_obs = {"observation/image": obs["images"][0, 0], "observation/wrist_image": obs["images"][0, 1],
+                "observation/state": obs["state"][0], "prompt": obs["instruction"][0]}
+  ws, metadata, send, recv = _openpi_connect(servers["openpi"].uri, TOKEN)
+  with ws:
+    assert metadata["wire"] == "openpi (libero)" and metadata["horizon"] > 0
+    send(openpi_obs)
+    reply = recv()
+    # The same observation in-process (both cameras present), the gripper column made LIBERO's
+    # signed command: 1 - 2 * (1 = open, 0 = closed).
+    want = reference({**obs, "image_mask": np.ones((1, 2), bool)})[0]
+    want[..., 6] = 1.0 - 2.0 * want[..., 6]
+    assert reply["actions"].dtype == np.float32
+    np.testing.assert_array_equal(reply["actions"], want)
+    assert reply["server_timing"]["infer_ms"] > 0
+    # Errors are text frames naming the key; the connection keeps serving.
+    send({k: v for k, v in openpi_obs.items() if k != "prompt"})
+    error = recv()
+    assert isinstance(error, str) and "prompt" in error
+    send({**openpi_obs, "observation/state": openpi_obs["observation/state"].astype(np.complex64)})
+    assert isinstance(recv(), str)
+    send(openpi_obs)
+    np.testing.assert_array_equal(recv()["actions"], want)
+  with pytest.raises(Exception, match="401"):
+    _openpi_connect(servers["openpi"].uri, "wrong")
+

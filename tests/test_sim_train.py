@@ -13,6 +13,7 @@ import pytest  # noqa: E402
 
 from m2vla_jax.sim import policy_adapter as pa  # noqa: E402
 from m2vla_jax.text import tokenizers  # noqa: E402
+import conftest  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -144,6 +145,8 @@ def _sim_config(data_dir):
   c.sim.eval.max_episode_steps = 6
   c.sim.eval.batch_size = 2
   c.sim.eval.num_videos = 1
+  c.sim.eval.every = 3                    # one closed-loop evaluation during training, at the end
+  c.sim.eval.during_training_episodes = 1
   c.model.memory.size = 64
   return c
 
@@ -171,6 +174,39 @@ def test_demos_train_evaluate_writes_report(tmp_path):
   assert all(r["reason"] in ("success", "timeout") for r in records), records
   assert all(1 <= r["steps"] <= 6 for r in records)
   assert summary["variants"]["seen"]["episodes"] == 2
+  # The evaluator ran the trained policy at step 3, on the training tasks, one episode each.
+  [during] = summary["during_training"]
+  assert during["step"] == 3 and during["closed_loop/seconds"] > 0
+  assert 0.0 <= during["closed_loop/ci95_lo"] <= during["closed_loop/seen_success"] <= during[
+      "closed_loop/ci95_hi"] <= 1.0
+
+  # Meta-World through the policy server equals the in-process call on the same checkpoint and seeds:
+  # the same chunks, bit for bit (one program, one CPU), hence the same episodes.
+  from m2vla_jax import inference  # pylint: disable=g-import-not-at-top
+  from m2vla_jax.inference import observation as obs_lib  # pylint: disable=g-import-not-at-top
+  from m2vla_jax.serving import client as client_lib  # pylint: disable=g-import-not-at-top
+  from m2vla_jax.sim import evaluate_metaworld  # pylint: disable=g-import-not-at-top
+  loaded = inference.InferencePolicy.from_workdir(workdir)
+  encoder = obs_lib.ObservationEncoder.from_config(loaded.config, loaded.normalization())
+  chunks = {"local": [], "server": []}
+
+  def logged(name, policy):
+    return lambda obs: chunks[name].append(np.asarray(policy(obs), np.float32)) or chunks[name][-1]
+
+  local = lambda obs: loaded(encoder({k: obs[k] for k in client_lib.RemotePolicy.KEYS}))  # noqa: E731
+  eval_cfg = workflow.eval_config(config.sim)
+  server = conftest.ServeProcess(f"--workdir={workdir}", f"--max_batch={eval_cfg.batch_size}")
+  try:
+    remote = client_lib.RemotePolicy(server.uri)
+    via_server, _ = evaluate_metaworld.run_episodes(logged("server", remote), config.sim.tasks, eval_cfg)
+    remote.close()
+  finally:
+    server.stop()
+  in_process, _ = evaluate_metaworld.run_episodes(logged("local", local), config.sim.tasks, eval_cfg)
+  assert via_server == in_process
+  assert len(chunks["server"]) == len(chunks["local"]) > 0
+  for a, b in zip(chunks["server"], chunks["local"]):
+    np.testing.assert_array_equal(a, b)
 
 
 def test_config_mismatch_is_named(tmp_path):

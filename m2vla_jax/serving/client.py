@@ -138,6 +138,22 @@ class PolicyClient:
     return self.request({"type": "health"})
 
 
+class RemotePolicy:
+  """A policy server as a simulator's chunked policy (`evaluation.closed_loop`): `policy(obs)` sends
+  the raw observation's contract keys (a simulator's extra keys, e.g. privileged state, stay here)
+  and returns float32 [B, H, A_d] in the dataset's units."""
+  KEYS = ("images", "image_mask", "state", "instruction")
+
+  def __init__(self, uri: str, token: Optional[str] = None, **client_kwargs: Any):
+    self.client = PolicyClient(uri, token=token, **client_kwargs)
+
+  def __call__(self, observation: Mapping[str, Any]) -> np.ndarray:
+    return self.client.actions({k: observation[k] for k in self.KEYS})
+
+  def close(self) -> None:
+    self.client.close()
+
+
 class ActionChunker:
   """Per-step actions from a chunk predictor `infer(obs) -> [B, H, A]`.
 

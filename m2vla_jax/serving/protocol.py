@@ -52,7 +52,8 @@ def packb(message: Any) -> bytes:
   return msgpack.packb(message, default=_pack_default, use_bin_type=True)
 
 
-def _array(m: dict, field: str) -> np.ndarray:
+def decode_array(m: dict, field: str) -> np.ndarray:
+  """{'dtype', 'shape', 'data'} -> a read-only array view; ProtocolError naming `field` if it does not fit."""
   dtype, shape, data = m.get("dtype"), m.get("shape"), m.get("data")
   if not isinstance(dtype, str) or dtype not in DTYPES:
     raise ProtocolError(field, f"{field}: array dtype {dtype!r} is not allowed; use one of {sorted(DTYPES)}")
@@ -73,7 +74,7 @@ def _array(m: dict, field: str) -> np.ndarray:
 def _decode(obj: Any, field: str) -> Any:
   if isinstance(obj, dict):
     if obj.get("__ndarray__") is True:
-      return _array(obj, field)
+      return decode_array(obj, field)
     return {k: _decode(v, f"{field}.{k}" if field else str(k)) for k, v in obj.items()}
   if isinstance(obj, list):
     return [_decode(v, f"{field}[{i}]") for i, v in enumerate(obj)]

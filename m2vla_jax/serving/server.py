@@ -19,7 +19,8 @@ Why the pieces are shaped as they are:
     the same actions up to float rounding, a sampling head may give other samples.
   - A malformed request is answered with an error naming the field; the connection stays open.
 
-Wire format: `serving.protocol`. Entry point: `python -m m2vla_jax.serve`.
+Wire format: `serving.protocol`, or openpi's (`serving.openpi`, `openpi_layout=`) so openpi's
+clients (e.g. its LIBERO example) connect unchanged. Entry point: `python -m m2vla_jax.serve`.
 """
 from __future__ import annotations
 
@@ -43,6 +44,7 @@ from websockets.exceptions import ConnectionClosed
 import m2vla_jax
 from m2vla_jax.inference import observation as obs_lib
 from m2vla_jax.inference.policy import InferencePolicy
+from m2vla_jax.serving import openpi
 from m2vla_jax.serving import protocol
 
 log = logging.getLogger(__name__)
@@ -80,12 +82,15 @@ class PolicyServer:
     max_wait_ms: how long the worker waits after a request for others to batch with it.
     dataset: the statistics entry to normalize with (default: the run's only one).
     max_image_side: largest H or W accepted in a request's images.
-    token: a shared secret clients must send in the `X-M2VLA-Token` header (None: no check).
+    token: a shared secret clients must send in the `X-M2VLA-Token` header, or openpi's
+      "Authorization: Api-Key <token>" (None: no check).
+    openpi_layout: None speaks our protocol (`serving.protocol`); a name of `serving.openpi.LAYOUTS`
+      speaks openpi's (its clients connect unchanged: one unbatched observation per message).
   """
 
   def __init__(self, policy: InferencePolicy, *, max_batch: int = 1, max_wait_ms: float = 0.0,
                dataset: Optional[str] = None, max_image_side: int = DEFAULT_MAX_IMAGE_SIDE,
-               token: Optional[str] = None):
+               token: Optional[str] = None, openpi_layout: Optional[str] = None):
     if max_wait_ms < 0:
       raise ValueError(f"max_wait_ms={max_wait_ms}: must be >= 0")
     self.policy = policy
@@ -95,6 +100,8 @@ class PolicyServer:
     self.buckets = batch_buckets(self.max_batch)
     self.max_image_side = int(max_image_side)
     self.token = token or None
+    self.openpi = openpi.layout(openpi_layout) if openpi_layout else None
+    self.openpi_layout = openpi_layout
     self.warmup_s: Optional[float] = None
     self._queue: "queue.Queue[Optional[_Job]]" = queue.Queue()
     self._carry: Optional[_Job] = None
@@ -122,6 +129,7 @@ class PolicyServer:
                           "actions": "unnormalized out"},
         "max_batch": self.max_batch, "buckets": list(self.buckets),
         "max_wait_ms": self.max_wait_s * 1000.0, "warmup_s": self.warmup_s,
+        "wire": f"openpi ({self.openpi_layout})" if self.openpi else protocol.PROTOCOL,
     }
 
   # ------------------------------------------------------------------ validation
@@ -268,6 +276,9 @@ class PolicyServer:
       return connection.respond(http.HTTPStatus.OK, body + "\n")
     if self.token is not None:
       got = request.headers.get(protocol.TOKEN_HEADER, "")
+      api_key = request.headers.get("Authorization", "")   # openpi clients: "Api-Key <token>"
+      if api_key.startswith("Api-Key ") and not got:
+        got = api_key[len("Api-Key "):]
       if not hmac.compare_digest(got.encode(), self.token.encode()):
         return connection.respond(http.HTTPStatus.UNAUTHORIZED,
                                   f"missing or wrong {protocol.TOKEN_HEADER} header; pass the server's "
@@ -277,6 +288,11 @@ class PolicyServer:
   async def handler(self, ws: Any) -> None:
     """One connection: metadata first, then a reply to every message, in order."""
     try:
+      if self.openpi is not None:
+        await ws.send(openpi.packb(self.metadata()))
+        async for message in ws:
+          await ws.send(await self._reply_openpi(message))
+        return
       await ws.send(protocol.packb(self.metadata()))
       async for message in ws:
         reply = await self._reply(message)
@@ -313,6 +329,22 @@ class PolicyServer:
       log.exception("request failed")
       return {"type": "error", "field": "", "message": f"server error: {type(e).__name__}: {e}",
               "id": _plain(msg_id)}
+
+
+  async def _reply_openpi(self, message: Any) -> bytes | str:
+    """openpi's exchange: an observation map in, {"actions": [H, A], ...} out; an error is a text frame."""
+    t0 = time.perf_counter()
+    try:
+      obs = openpi.to_observation(openpi.unpackb(message), self.openpi, self.encoder.cameras)
+      rows = self.check_observation(obs)
+      actions, infer_ms, _ = await asyncio.wrap_future(self.submit(obs, rows))
+      return openpi.packb(openpi.to_response(actions[0], self.openpi, infer_ms,
+                                             (time.perf_counter() - t0) * 1000.0))
+    except (protocol.ProtocolError, obs_lib.ObservationError) as e:
+      return f"field {e.field!r}: {e}"
+    except Exception as e:  # pylint: disable=broad-except  (no client input may end the server)
+      log.exception("request failed")
+      return f"server error: {type(e).__name__}: {e}"
 
 
 def raise_into(future: concurrent.futures.Future) -> None:

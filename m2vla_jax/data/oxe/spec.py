@@ -50,6 +50,13 @@ class Gripper(enum.Enum):
                              # next decided value (bridge)
 
 
+def signed_gripper(absolute):
+  """The registry's absolute gripper (1 = open, 0 = closed) -> the signed command robosuite-based
+  simulators such as LIBERO take (-1 opens, +1 closes): the inverse of `Gripper.CLOSED_1` on a
+  -1 / +1 source. Works on numpy arrays and floats alike."""
+  return 1.0 - 2.0 * absolute
+
+
 @dataclasses.dataclass(frozen=True)
 class Field:
   """Columns `[start:stop]` of the step feature `key` ('/'-joined path), or a constant if key is None

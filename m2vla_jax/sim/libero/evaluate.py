@@ -41,6 +41,7 @@ from absl import app
 from absl import flags
 import numpy as np
 
+from m2vla_jax.data.oxe import spec as oxe_spec
 from m2vla_jax.evaluation import closed_loop
 from m2vla_jax.evaluation import summary as summary_lib
 from m2vla_jax.sim.libero import env as libero_env
@@ -182,22 +183,11 @@ class RandomChunkPolicy:
                                           libero_env.ACTION_DIM))
 
 
-class ServerPolicy:
-  """A policy server (`m2vla_jax.serve`) as the closed loop's policy: sends the raw observation."""
-
-  def __init__(self, uri: str, token: str | None = None):
-    from m2vla_jax.serving import client  # pylint: disable=g-import-not-at-top
-    self._client = client.PolicyClient(uri, token=token)
-
-  def __call__(self, obs: dict[str, Any]) -> np.ndarray:
-    return self._client.actions({k: obs[k] for k in ("images", "image_mask", "state", "instruction")})
-
-
 def env_actions(actions: np.ndarray) -> np.ndarray:
   """Standardized actions (data/oxe/registry.py: absolute gripper, 1 = open, 0 = closed) -> LIBERO's
   (-1 opens, +1 closes; the environment binarizes), the inverse of the libero_*_no_noops entries."""
   out = np.array(actions, np.float64)
-  out[..., 6] = 1.0 - 2.0 * out[..., 6]
+  out[..., 6] = oxe_spec.signed_gripper(out[..., 6])
   return out
 
 
@@ -219,7 +209,8 @@ def make_policy(kind: str, checkpoint: str | None = None, server: str | None = N
   if kind == "server":
     if not server:
       raise ValueError("--server=ws://host:port is required with --policy=server")
-    return StandardizedPolicy(ServerPolicy(server, token))
+    from m2vla_jax.serving import client  # pylint: disable=g-import-not-at-top
+    return StandardizedPolicy(client.RemotePolicy(server, token))
   if kind == "checkpoint":
     if not checkpoint:
       raise ValueError("--checkpoint is required with --policy=checkpoint (or use --policy=random "
