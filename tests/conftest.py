@@ -11,11 +11,6 @@ import time
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              " --xla_force_host_platform_device_count=8").strip()
-# The suite is dominated by compiling many small programs, not by running them: LLVM's optimisation
-# passes take a third of the compile time and buy nothing at these sizes. Tolerances already cover
-# the last-bit differences between machines that optimised code shows; a caller's own level wins.
-if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (os.environ["XLA_FLAGS"] + " --xla_backend_optimization_level=0").strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
@@ -39,6 +34,16 @@ def _compilation_cache():
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.3)
   compilation_cache.reset_cache()
   yield
+
+
+def pytest_collection_modifyitems(session, config, items):
+  """Files with slow tests first, each file's tests kept together and in order.
+
+  `--dist loadfile` hands whole files to the workers in collection order; a heavy file collected
+  last keeps one worker busy while the other idles. Longest-first keeps both busy to the end."""
+  del session, config
+  slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+  items.sort(key=lambda item: item.path not in slow_files)   # stable: order within files kept
 
 
 def xla_flags_with_devices(n: int) -> str:
