@@ -34,6 +34,8 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import numpy as np
 
+from m2vla_jax.evaluation import summary as summary_lib
+
 log = logging.getLogger(__name__)
 
 Policy = Callable[[dict[str, Any]], Any]
@@ -48,6 +50,14 @@ class Episode:
   instruction: str | None
   reset_arg: Any
   record: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def require_positive(config: Any, *fields: str) -> None:
+  """ValueError naming `<Class>.<field>` when one of a config's counts (episodes, batch size,
+  executed steps) is below 1."""
+  for field in fields:
+    if getattr(config, field) < 1:
+      raise ValueError(f"{type(config).__name__}.{field}={getattr(config, field)} must be >= 1")
 
 
 class Simulator(Protocol):
@@ -69,6 +79,34 @@ class Simulator(Protocol):
 
   def frame(self, obs: Mapping[str, np.ndarray]) -> np.ndarray:
     """The image a video of the episode shows, uint8 [H, W, 3]."""
+
+
+class StepEnvSimulator:
+  """A `Simulator` over environments stepped as `step(action, **kw)` in process or
+  `step_async(action, **kw)` / `step_wait()` in a worker, both returning (observation, reward,
+  success, truncated, info), whose first camera makes the video. Subclasses give `action_dim`,
+  `open`, `reset` and, when their environments take step options, `step_options(render)`."""
+
+  def __init__(self):
+    self._done: dict[int, Any] = {}    # results of in-process steps, until step_wait
+
+  def step_options(self, render: bool) -> dict[str, Any]:
+    del render
+    return {}
+
+  def step_async(self, env: Any, action: np.ndarray, render: bool) -> None:
+    if hasattr(env, "step_async"):
+      env.step_async(action, **self.step_options(render))
+    else:
+      self._done[id(env)] = env.step(action, **self.step_options(render))
+
+  def step_wait(self, env: Any) -> tuple[dict[str, np.ndarray], bool, bool]:
+    result = self._done.pop(id(env), None)
+    obs, _, success, truncated, _ = env.step_wait() if result is None else result
+    return obs, success, truncated
+
+  def frame(self, obs: Mapping[str, np.ndarray]) -> np.ndarray:
+    return obs["images"][0]
 
 
 @dataclasses.dataclass
@@ -198,6 +236,22 @@ def run_episodes(policy: Policy, episodes: Sequence[Episode], simulator: Simulat
       if slot.env is not None:
         _close_quietly(slot.env)
   return [records[(ep.task, ep.index)] for ep in episodes], videos
+
+
+def report(records: Sequence[Mapping[str, Any]], videos: Mapping[tuple[str, int], Sequence[np.ndarray]],
+           name: str, out_dir: str | None, video_fps: int, **context: Any) -> dict[str, Any]:
+  """The evaluation result of `run_episodes`' output (`summary.summarize` plus `context`, the records
+  under 'episode_records'); with `out_dir`, `<name>.json/.png` and `<name>_videos/*.gif` written."""
+  result = summary_lib.summarize(records)
+  result.update(name=name, **context, episode_records=list(records))
+  if out_dir:
+    summary_lib.write_evaluation(result, out_dir, name)
+    if videos:
+      video_dir = os.path.join(out_dir, f"{name}_videos")
+      os.makedirs(video_dir, exist_ok=True)
+      result["videos"] = save_videos(videos, video_dir, video_fps)
+  log.info("%s", summary_lib.headline(name, result))
+  return result
 
 
 def _close_quietly(env: Any) -> None:

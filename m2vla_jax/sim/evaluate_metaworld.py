@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -42,7 +41,6 @@ from m2vla_jax.evaluation import closed_loop
 from m2vla_jax.sim import instructions
 from m2vla_jax.sim import metaworld_env
 from m2vla_jax.sim import visual_shift
-from m2vla_jax.evaluation import summary as summary_lib
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +71,7 @@ class EvalConfig:
   video_fps: int = 20
 
   def __post_init__(self):
-    for field in ("episodes_per_task", "batch_size", "execute_steps"):
-      if getattr(self, field) < 1:
-        raise ValueError(f"EvalConfig.{field}={getattr(self, field)} must be >= 1")
+    closed_loop.require_positive(self, "episodes_per_task", "batch_size", "execute_steps")
     if self.instruction_variant not in ("seen", "paraphrased"):
       raise ValueError(f"EvalConfig.instruction_variant={self.instruction_variant!r}; use 'seen' "
                        f"or 'paraphrased'")
@@ -87,15 +83,15 @@ def _instruction(task: str, index: int, variant: str) -> str:
   return pool[index % len(pool)]
 
 
-class _MetaWorld:
+class _MetaWorld(closed_loop.StepEnvSimulator):
   """Meta-World behind `evaluation.closed_loop.Simulator`: a worker process is kept across tasks
   (`set_task`), and frames nobody reads are not rendered."""
   action_dim = metaworld_env.ACTION_DIM
 
   def __init__(self, env_factory: Callable[[str, metaworld_env.EnvConfig], Any],
                env_config: metaworld_env.EnvConfig):
+    super().__init__()
     self._make, self._config = env_factory, env_config
-    self._done: dict[int, Any] = {}    # in-process environments step in step_async
 
   def open(self, task: str, env: Any | None) -> Any:
     if env is not None and env.task != task:
@@ -109,19 +105,8 @@ class _MetaWorld:
   def reset(self, env: Any, episode: closed_loop.Episode) -> dict[str, np.ndarray]:
     return env.reset(episode.reset_arg, render=True)
 
-  def step_async(self, env: Any, action: np.ndarray, render: bool) -> None:
-    if hasattr(env, "step_async"):
-      env.step_async(action, render=render)
-    else:
-      self._done[id(env)] = env.step(action, render=render)
-
-  def step_wait(self, env: Any) -> tuple[dict[str, np.ndarray], bool, bool]:
-    result = self._done.pop(id(env), None)
-    obs, _, success, truncated, _ = env.step_wait() if result is None else result
-    return obs, success, truncated
-
-  def frame(self, obs: dict[str, np.ndarray]) -> np.ndarray:
-    return obs["images"][0]
+  def step_options(self, render: bool) -> dict[str, Any]:
+    return {"render": render}
 
 
 def run_episodes(policy: Policy, tasks: Sequence[str], config: EvalConfig,
@@ -158,17 +143,8 @@ def evaluate(policy: Policy, tasks: Sequence[str], config: EvalConfig, out_dir: 
   `<name>_videos/*.gif`.
   """
   episodes, videos = run_episodes(policy, tasks, config, env_factory)
-  result = summary_lib.summarize(episodes)
-  result.update(name=name, tasks=list(tasks), config=dataclasses.asdict(config),
-                episode_records=episodes)
-  if out_dir:
-    summary_lib.write_evaluation(result, out_dir, name)
-    if videos:
-      video_dir = os.path.join(out_dir, f"{name}_videos")
-      os.makedirs(video_dir, exist_ok=True)
-      result["videos"] = closed_loop.save_videos(videos, video_dir, config.video_fps)
-  log.info("%s", summary_lib.headline(name, result))
-  return result
+  return closed_loop.report(episodes, videos, name, out_dir, config.video_fps, tasks=list(tasks),
+                            config=dataclasses.asdict(config))
 
 
 def evaluate_variants(policy: Policy, suite: str, config: EvalConfig, out_dir: str | None = None,

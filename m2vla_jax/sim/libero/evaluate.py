@@ -75,9 +75,7 @@ class EvalConfig:
   video_fps: int = 20
 
   def __post_init__(self):
-    for field in ("episodes_per_task", "batch_size", "execute_steps"):
-      if getattr(self, field) < 1:
-        raise ValueError(f"EvalConfig.{field}={getattr(self, field)} must be >= 1")
+    closed_loop.require_positive(self, "episodes_per_task", "batch_size", "execute_steps")
     if self.tasks is not None and (not self.tasks or min(self.tasks) < 0):
       raise ValueError(f"EvalConfig.tasks={self.tasks}: give task indices >= 0, or None for all")
 
@@ -86,14 +84,15 @@ def task_name(suite: str, index: int) -> str:
   return f"{suite}/{index}"
 
 
-class _Libero:
-  """LIBERO behind `evaluation.closed_loop.Simulator`; an environment serves one task."""
+class _Libero(closed_loop.StepEnvSimulator):
+  """LIBERO behind `evaluation.closed_loop.Simulator`; an environment serves one task (both cameras
+  render every step: robosuite's observables)."""
   action_dim = libero_env.ACTION_DIM
 
   def __init__(self, env_config: libero_env.EnvConfig,
                env_factory: Callable[[int, libero_env.EnvConfig], Any]):
+    super().__init__()
     self._config, self._make = env_config, env_factory
-    self._done: dict[int, Any] = {}    # in-process environments step in step_async
 
   def open(self, task: str, env: Any | None) -> Any:
     index = int(task.rsplit("/", 1)[1])
@@ -108,21 +107,6 @@ class _Libero:
       raise ValueError(f"init state {episode.reset_arg} does not exist: {episode.task} has "
                        f"{env.num_init_states}; lower EvalConfig.episodes_per_task")
     return env.reset(episode.reset_arg)
-
-  def step_async(self, env: Any, action: np.ndarray, render: bool) -> None:
-    del render  # LIBERO renders both cameras every step (robosuite's observables)
-    if hasattr(env, "step_async"):
-      env.step_async(action)
-    else:
-      self._done[id(env)] = env.step(action)
-
-  def step_wait(self, env: Any) -> tuple[dict[str, np.ndarray], bool, bool]:
-    result = self._done.pop(id(env), None)
-    obs, _, success, truncated, _ = env.step_wait() if result is None else result
-    return obs, success, truncated
-
-  def frame(self, obs: dict[str, np.ndarray]) -> np.ndarray:
-    return obs["images"][0]
 
 
 def episodes_of(config: EvalConfig, num_tasks: int | None = None) -> list[closed_loop.Episode]:
@@ -157,18 +141,9 @@ def evaluate(policy: closed_loop.Policy, config: EvalConfig, out_dir: str | None
       policy, episodes, _Libero(config.env, env_factory), batch_size=config.batch_size,
       execute_steps=config.execute_steps,
       record_video=lambda ep: ep.task in video_tasks and ep.index == 0)
-  result = summary_lib.summarize(records)
-  result.update(name=name, suite=config.env.suite, tasks=sorted({r["task"] for r in records}),
-                config=dataclasses.asdict(config), episode_records=records,
-                instructions={r["task"]: r["instruction"] for r in records})
-  if out_dir:
-    summary_lib.write_evaluation(result, out_dir, name)
-    if videos:
-      video_dir = os.path.join(out_dir, f"{name}_videos")
-      os.makedirs(video_dir, exist_ok=True)
-      result["videos"] = closed_loop.save_videos(videos, video_dir, config.video_fps)
-  log.info("%s", summary_lib.headline(name, result))
-  return result
+  return closed_loop.report(records, videos, name, out_dir, config.video_fps, suite=config.env.suite,
+                            tasks=sorted({r["task"] for r in records}), config=dataclasses.asdict(config),
+                            instructions={r["task"]: r["instruction"] for r in records})
 
 
 class RandomChunkPolicy:
