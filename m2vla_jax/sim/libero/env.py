@@ -63,6 +63,7 @@ from typing import Any
 import numpy as np
 
 from m2vla_jax.sim.common import worker
+from m2vla_jax.sim.libero import experts
 
 # Step limits of the policy (after the no-op steps), per suite: openpi's / OpenVLA's values.
 SUITE_MAX_STEPS: dict[str, int] = {
@@ -293,7 +294,8 @@ def simulator_steps(env: LiberoEnv) -> int:
 
 # Functions of the environment that `ProcessEnv.call` may run in the worker, by name.
 _REMOTE_FUNCTIONS = {"raw_observation": raw_observation, "object_poses": object_poses,
-                     "simulator_steps": simulator_steps}
+                     "simulator_steps": simulator_steps,
+                     "run_expert_episode": experts.run_expert_episode}
 
 
 class ProcessEnv(worker.WorkerClient):
