@@ -238,6 +238,17 @@ def run_episodes(policy: Policy, episodes: Sequence[Episode], simulator: Simulat
   return [records[(ep.task, ep.index)] for ep in episodes], videos
 
 
+class RandomChunkPolicy:
+  """Uniform random actions in [-1, 1] for any simulator (a floor for success rates)."""
+
+  def __init__(self, action_dim: int, horizon: int, seed: int = 0):
+    self.action_dim, self.horizon = int(action_dim), int(horizon)
+    self._rng = np.random.default_rng(seed)
+
+  def __call__(self, obs: Mapping[str, Any]) -> np.ndarray:
+    return self._rng.uniform(-1.0, 1.0, (len(obs["instruction"]), self.horizon, self.action_dim))
+
+
 def report(records: Sequence[Mapping[str, Any]], videos: Mapping[tuple[str, int], Sequence[np.ndarray]],
            name: str, out_dir: str | None, video_fps: int, **context: Any) -> dict[str, Any]:
   """The evaluation result of `run_episodes`' output (`summary.summarize` plus `context`, the records

@@ -205,12 +205,6 @@ class ExpertChunkPolicy:
     return np.repeat(np.stack(actions)[:, None], self.horizon, axis=1)
 
 
-class RandomChunkPolicy:
-  """Uniform random actions in [-1, 1] (a floor for success rates)."""
-
-  def __init__(self, horizon: int = 4, seed: int = 0):
-    self.horizon = horizon
-    self._rng = np.random.default_rng(seed)
-
-  def __call__(self, obs: dict[str, Any]) -> np.ndarray:
-    return self._rng.uniform(-1.0, 1.0, (len(obs["task"]), self.horizon, 4))
+def RandomChunkPolicy(horizon: int = 4, seed: int = 0) -> closed_loop.RandomChunkPolicy:  # pylint: disable=invalid-name
+  """Uniform random Meta-World actions in [-1, 1] (a floor for success rates)."""
+  return closed_loop.RandomChunkPolicy(metaworld_env.ACTION_DIM, horizon, seed)

@@ -146,16 +146,9 @@ def evaluate(policy: closed_loop.Policy, config: EvalConfig, out_dir: str | None
                             instructions={r["task"]: r["instruction"] for r in records})
 
 
-class RandomChunkPolicy:
-  """Uniform random deltas in [-1, 1] and a random gripper (a floor for success rates)."""
-
-  def __init__(self, horizon: int = EXECUTE_STEPS, seed: int = 0):
-    self.horizon = horizon
-    self._rng = np.random.default_rng(seed)
-
-  def __call__(self, obs: dict[str, Any]) -> np.ndarray:
-    return self._rng.uniform(-1.0, 1.0, (len(obs["instruction"]), self.horizon,
-                                          libero_env.ACTION_DIM))
+def RandomChunkPolicy(horizon: int = EXECUTE_STEPS, seed: int = 0) -> closed_loop.RandomChunkPolicy:  # pylint: disable=invalid-name
+  """Uniform random LIBERO deltas and gripper in [-1, 1] (a floor for success rates)."""
+  return closed_loop.RandomChunkPolicy(libero_env.ACTION_DIM, horizon, seed)
 
 
 def env_actions(actions: np.ndarray) -> np.ndarray:
