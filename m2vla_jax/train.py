@@ -2,7 +2,8 @@
 
 The one entry point for every config's workflow: plain training, or, for a config with a simulator
 section, that simulator's whole run (`sim`: Meta-World demonstrations -> train -> closed-loop
-report; `mjx`: MJX demonstrations -> grounding pretraining -> train -> compiled and C-MuJoCo rollouts).
+report; `mjx`: MJX demonstrations -> grounding pretraining -> train -> compiled and C-MuJoCo rollouts;
+`libero`: LIBERO scripted demonstrations -> train -> closed loop on held-out init states).
 
 Overrides: `--config.batch_size=256`, `--config.optimizer.lr=3e-4`. The config is locked, so an unknown
 key fails in flag parsing and an ill-typed value fails ConfigDict's type check; `validate_config` then
@@ -46,7 +47,8 @@ def _exit_with_error(message: str) -> None:
 
 # A config with a simulator section runs that simulator's workflow (demonstrations -> train ->
 # closed-loop evaluation) instead of plain training; the section names the workflow.
-WORKFLOWS = {"sim": "m2vla_jax.sim.workflow:run", "mjx": "m2vla_jax.sim.mjx.workflow:run"}
+WORKFLOWS = {"sim": "m2vla_jax.sim.workflow:run", "mjx": "m2vla_jax.sim.mjx.workflow:run",
+             "libero": "m2vla_jax.sim.libero.workflow:run"}
 
 
 def _workflow(config):
@@ -94,7 +96,7 @@ def main(argv):
   print(f"done: step={result['step']} loss={result['loss']} preempted={result['preempted']} "
         f"last_checkpoint={result.get('last_checkpoint')}", flush=True)
   if workflow is not None and not result["preempted"]:
-    section = config.sim if "sim" in config else config.mjx
+    section = next(config[k] for k in WORKFLOWS if k in config)
     print(f"closed-loop report: {_WORKDIR.value}/{section.eval.out_subdir}/summary.json", flush=True)
 
 

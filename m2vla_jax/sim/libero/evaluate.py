@@ -59,16 +59,20 @@ class EvalConfig:
   Attributes:
     env: the protocol (suite, image sizes, no-op steps, step limit, seeding, worker interpreter).
     tasks: task indices of the suite; None = all of them.
-    episodes_per_task: benchmark init states 0..n-1 of each task (the protocol runs all 50).
+    episodes_per_task: benchmark init states of each task, from `first_init_state` on (the
+      protocol runs all 50).
+    first_init_state: the first init state run; > 0 holds out the states a run was demonstrated on
+      (sim/libero/demos.py demonstrates 0..n-1).
     batch_size: environments stepped together (one worker process each); the policy is called
       with this batch size.
     execute_steps: actions of each predicted chunk executed before re-planning.
-    num_videos: rollouts saved as GIFs (init state 0 of the first tasks).
+    num_videos: rollouts saved as GIFs (the first init state of the first tasks).
     video_fps: frames per second of the GIFs (LIBERO controls at 20 Hz).
   """
   env: libero_env.EnvConfig = libero_env.EnvConfig()
   tasks: tuple[int, ...] | None = None
   episodes_per_task: int = 50
+  first_init_state: int = 0
   batch_size: int = 4
   execute_steps: int = EXECUTE_STEPS
   num_videos: int = 3
@@ -76,6 +80,8 @@ class EvalConfig:
 
   def __post_init__(self):
     closed_loop.require_positive(self, "episodes_per_task", "batch_size", "execute_steps")
+    if self.first_init_state < 0:
+      raise ValueError(f"EvalConfig.first_init_state={self.first_init_state}; use >= 0")
     if self.tasks is not None and (not self.tasks or min(self.tasks) < 0):
       raise ValueError(f"EvalConfig.tasks={self.tasks}: give task indices >= 0, or None for all")
 
@@ -110,14 +116,16 @@ class _Libero(closed_loop.StepEnvSimulator):
 
 
 def episodes_of(config: EvalConfig, num_tasks: int | None = None) -> list[closed_loop.Episode]:
-  """The protocol's episodes: per task, init states 0..episodes_per_task-1, tasks in order."""
+  """The protocol's episodes: per task, `episodes_per_task` init states from `first_init_state` on
+  (0..49: the standard protocol), tasks in order."""
   if config.tasks is None and num_tasks is None:
     raise ValueError("EvalConfig.tasks is None (all tasks): pass the suite's num_tasks")
   tasks = config.tasks if config.tasks is not None else tuple(range(num_tasks))
   suite = config.env.suite
+  first = config.first_init_state
   return [closed_loop.Episode(task_name(suite, t), i, None, reset_arg=i,
                               record={"task_index": int(t), "init_state": i})
-          for t in tasks for i in range(config.episodes_per_task)]
+          for t in tasks for i in range(first, first + config.episodes_per_task)]
 
 
 def suite_size(suite: str) -> int:
@@ -140,7 +148,7 @@ def evaluate(policy: closed_loop.Policy, config: EvalConfig, out_dir: str | None
   records, videos = closed_loop.run_episodes(
       policy, episodes, _Libero(config.env, env_factory), batch_size=config.batch_size,
       execute_steps=config.execute_steps,
-      record_video=lambda ep: ep.task in video_tasks and ep.index == 0)
+      record_video=lambda ep: ep.task in video_tasks and ep.index == config.first_init_state)
   return closed_loop.report(records, videos, name, out_dir, config.video_fps, suite=config.env.suite,
                             tasks=sorted({r["task"] for r in records}), config=dataclasses.asdict(config),
                             instructions={r["task"]: r["instruction"] for r in records})
@@ -198,6 +206,9 @@ _SERVER = flags.DEFINE_string("server", None, "Policy server, ws://host:port.")
 _TOKEN = flags.DEFINE_string("token", None, "The policy server's shared token, if it has one.")
 _TASKS = flags.DEFINE_list("tasks", None, "Task indices of the suite (default: all).")
 _EPISODES = flags.DEFINE_integer("episodes_per_task", 50, "Init states per task (the protocol: 50).")
+_FIRST_INIT = flags.DEFINE_integer("first_init_state", 0,
+                                   "First init state (0: the protocol; a demonstrated run's held-out "
+                                   "states start after its demos).")
 _BATCH = flags.DEFINE_integer("batch_size", 4, "Environments (worker processes) stepped together.")
 _EXECUTE = flags.DEFINE_integer("execute_steps", EXECUTE_STEPS, "Actions executed per chunk.")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", libero_env.IMAGE_SIZE, "Policy image side, pixels.")
@@ -214,7 +225,7 @@ def main(argv: Sequence[str]) -> None:
       env=libero_env.EnvConfig(suite=_SUITE.value, image_size=_IMAGE_SIZE.value,
                                worker_python=_WORKER_PYTHON.value),
       tasks=None if _TASKS.value is None else tuple(int(t) for t in _TASKS.value),
-      episodes_per_task=_EPISODES.value, batch_size=_BATCH.value, execute_steps=_EXECUTE.value,
+      episodes_per_task=_EPISODES.value, first_init_state=_FIRST_INIT.value, batch_size=_BATCH.value, execute_steps=_EXECUTE.value,
       num_videos=_NUM_VIDEOS.value)
   kind = _POLICY.value or ("server" if _SERVER.value else "checkpoint")
   policy = make_policy(kind, _CHECKPOINT.value, _SERVER.value, _TOKEN.value, _EXECUTE.value)
