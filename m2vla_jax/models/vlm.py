@@ -273,6 +273,13 @@ def _concrete(x) -> np.ndarray | None:
   return np.asarray(x)
 
 
+def image_token_mask(image_mask, num_image_tokens: int) -> jax.Array:
+  """bool [B, C] camera mask -> [B, num_image_tokens]: each camera's flag repeated over its tokens
+  (cameras contribute equally many tokens, in camera order). A count that C does not divide yields
+  a mask of another length, which the callers report as a backbone / cache mismatch."""
+  return jnp.repeat(jnp.asarray(image_mask, bool), num_image_tokens // np.shape(image_mask)[1], axis=1)
+
+
 def validate_inputs(config: VLMConfig, images, image_mask, tokens, token_mask, *,
                     images_cached: bool = False) -> None:
   """Raises ValueError naming the offending argument.
@@ -451,9 +458,8 @@ class VLM(nn.Module):
       feats = cached.get("image_features") if cached else None
       if feats is None:
         feats = self.image_features(images)
-      n_p = feats.shape[1] // image_mask.shape[1]
       parts.append(self.project(feats.astype(jnp.float32)).astype(dtype))
-      masks.append(jnp.repeat(jnp.asarray(image_mask, bool), n_p, axis=1))
+      masks.append(image_token_mask(image_mask, feats.shape[1]))
     else:
       parts.append(jnp.zeros((b, 0, d), dtype))
       masks.append(jnp.zeros((b, 0), bool))
@@ -504,10 +510,8 @@ class VLM(nn.Module):
     visual = jnp.moveaxis(jnp.asarray(cached["visual"]), 1, 0).astype(dtype)
     query = jnp.moveaxis(jnp.asarray(cached["query"]), 1, 0).astype(dtype)
     n_vis = visual.shape[2]
-    if cfg.img is not None:
-      visual_mask = jnp.repeat(jnp.asarray(image_mask, bool), n_vis // image_mask.shape[1], axis=1)
-    else:
-      visual_mask = jnp.zeros((b, 0), bool)
+    visual_mask = (image_token_mask(image_mask, n_vis) if cfg.img is not None
+                   else jnp.zeros((b, 0), bool))
     if visual_mask.shape[1] != n_vis or query.shape[2] != cfg.num_queries:
       raise ValueError(f"cached outputs have {n_vis} image and {query.shape[2]} query tokens; this "
                        f"backbone gives {visual_mask.shape[1]} and {cfg.num_queries}: the cache was "
@@ -634,11 +638,8 @@ class VLM(nn.Module):
     if cached["prefix_key"].shape[2] != n_vis + t:
       raise ValueError(f"cached prefix_key covers {cached['prefix_key'].shape[2]} tokens, expected "
                        f"{n_vis} image + {t} text tokens; the cache was built with another max_tokens")
-    if cfg.img is not None:
-      n_p = n_vis // image_mask.shape[1]
-      visual_mask = jnp.repeat(jnp.asarray(image_mask, bool), n_p, axis=1)
-    else:
-      visual_mask = jnp.zeros((b, 0), bool)
+    visual_mask = (image_token_mask(image_mask, n_vis) if cfg.img is not None
+                   else jnp.zeros((b, 0), bool))
     if visual_mask.shape[1] != n_vis:
       raise ValueError(f"cached prefix has {n_vis} image tokens, image_mask implies "
                        f"{visual_mask.shape[1]}; the cache was built for another backbone or batch")
