@@ -5,7 +5,9 @@ one LIBERO-Spatial task, rendered directly at that size (render_size = image_siz
 plus the protocol's own setting (render 256, resize to 224) for reference. Steps send small
 random actions (seeded) so the arm moves; the first steps after reset are not timed. Rendering
 settings are LIBERO's own (shadows, reflections, multisampling untouched), so the images are the
-ones reported numbers use.
+ones reported numbers use, except the last row: reflections off (`EnvConfig(reflections=False)`),
+which changes the images and is marked NOT FOR REPORTED NUMBERS (LIBERO's lights cast no shadows,
+so there is no shadow setting to turn off).
 
   MUJOCO_GL=egl python bench/libero.py [--suite libero_spatial] [--task 0] [--steps 30]
 Needs the [libero] extra. Last line: the ratio of steps/s at 224 px to steps/s at 128 px.
@@ -27,8 +29,10 @@ from m2vla_jax.sim.libero import env as libero_env  # noqa: E402
 WARMUP_STEPS = 3
 
 
-def measure(suite: str, task: int, image_size: int, render_size: int, steps: int) -> dict:
-  config = libero_env.EnvConfig(suite=suite, image_size=image_size, render_size=render_size)
+def measure(suite: str, task: int, image_size: int, render_size: int, steps: int,
+            reflections: bool = True) -> dict:
+  config = libero_env.EnvConfig(suite=suite, image_size=image_size, render_size=render_size,
+                                reflections=reflections)
   rng = np.random.default_rng(0)
   t0 = time.perf_counter()
   with libero_env.ProcessEnv(task, config) as env:
@@ -46,7 +50,7 @@ def measure(suite: str, task: int, image_size: int, render_size: int, steps: int
       env.step(a)
     elapsed = time.perf_counter() - t0
   return {"image": image_size, "render": render_size, "build_s": build, "reset_s": reset,
-          "steps_per_s": steps / elapsed}
+          "steps_per_s": steps / elapsed, "reflections": reflections}
 
 
 def main() -> None:
@@ -61,6 +65,7 @@ def main() -> None:
   rows = [measure(args.suite, args.task, size, render, args.steps)
           for size, render in ((128, 128), (224, 224),
                                (libero_env.IMAGE_SIZE, libero_env.RENDER_SIZE))]
+  rows.append(measure(args.suite, args.task, 224, 224, args.steps, reflections=False))
   print(f"{args.suite} task {args.task}, {args.steps} timed steps, cameras: "
         f"{', '.join(libero_env.CAMERAS)}; {os.cpu_count()} CPUs visible, MUJOCO_GL="
         f"{os.environ['MUJOCO_GL']}")
@@ -68,6 +73,8 @@ def main() -> None:
         f"{'reset s':>8}")
   for r in rows:
     note = "  (protocol: render 256, resize)" if r["render"] != r["image"] else ""
+    if not r["reflections"]:
+      note = "  reflections off: images change, NOT FOR REPORTED NUMBERS"
     print(f"{r['image']:>8} {r['render']:>9} {r['steps_per_s']:>8.2f} "
           f"{1000 / r['steps_per_s']:>8.1f} {r['build_s']:>8.1f} {r['reset_s']:>8.1f}{note}")
   ratio = rows[1]["steps_per_s"] / rows[0]["steps_per_s"]
