@@ -92,6 +92,8 @@ def test_libero_cpu_config_evaluates_on_init_states_no_demo_started_from():
   assert c.libero.tasks == (0, 1, 2) and c.data.pipeline.datasets == c.libero.dataset_name
   assert c.model.num_cameras == 2 and (c.model.state_dim, c.model.action_dim) == (8, 7)
   assert workflow.demo_config(c.libero).demos_per_task == 20
+  from m2vla_jax import train  # pylint: disable=g-import-not-at-top
+  assert train._workflow(c) is workflow.run  # pylint: disable=protected-access
   eval_config = workflow.eval_config(c.libero)
   episodes = libero_eval.episodes_of(eval_config)
   assert [e.reset_arg for e in episodes] == list(range(20, 25)) * 3
