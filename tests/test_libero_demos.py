@@ -79,7 +79,8 @@ def test_demo_cache_spec_tracks_what_changes_the_demos():
       base.env, worker_python="/venv/bin/python", isolate_process=False))
   assert demos.cache_name(demos.generation_spec(hosted)) == name
   for changed in (dataclasses.replace(base, noise_std=0.2), dataclasses.replace(base, tasks=(0, 2)),
-                  dataclasses.replace(base, env=dataclasses.replace(base.env, render_size=224))):
+                  dataclasses.replace(base, env=dataclasses.replace(base.env, render_size=224)),
+                  dataclasses.replace(base, env=dataclasses.replace(base.env, reflections=False))):
     assert demos.cache_name(demos.generation_spec(changed)) != name
   with pytest.raises(ValueError, match="DemoConfig.demos_per_task=0"):
     demos.DemoConfig(demos_per_task=0)

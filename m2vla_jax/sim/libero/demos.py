@@ -192,6 +192,9 @@ def generation_spec(config: DemoConfig, image_encoding: str = "jpeg") -> dict[st
   settings, the demos, and the expert's parameters (a retuned expert invalidates the cache)."""
   env = {k: v for k, v in dataclasses.asdict(config.env).items()
          if k not in ("isolate_process", "worker_python")}
+  if env["reflections"]:
+    # The protocol's rendering is implied, so caches recorded before the option existed stay valid.
+    del env["reflections"]
   demo = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("env", "workers")}
   return demo_cache.canonical({"simulator": "libero", "env": env, **demo,
                                "expert": dataclasses.asdict(experts.ExpertConfig()),
