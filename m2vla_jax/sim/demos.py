@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import os
 import shutil
@@ -311,17 +310,9 @@ def cache_name(spec: Mapping[str, Any]) -> str:
 def write_demos(episodes: Sequence[Episode], out_dir: str, name: str,
                 stats: Sequence[TaskStats] = (), image_encoding: str = "jpeg") -> str:
   """Writes episodes as an RLDS dataset `<out_dir>/<name>/1.0.0` plus `stats.json`/`DEMOS.md`."""
-  from m2vla_jax.data import writer  # pylint: disable=g-import-not-at-top
-  path = writer.write_rlds_dataset(list(episodes), out_dir, name, image_encoding=image_encoding,
-                                   progress=False,
-                                   description=f"{name}: Meta-World scripted-expert demonstrations "
-                                               f"cut at first success (m2vla_jax.sim.demos).")
-  if stats:
-    with open(os.path.join(path, "stats.json"), "w") as f:
-      json.dump([s.as_dict() for s in stats], f, indent=1)
-    with open(os.path.join(path, "DEMOS.md"), "w") as f:
-      f.write(stats_markdown(stats))
-  return path
+  return demo_cache.write_dataset(
+      episodes, out_dir, name, f"{name}: Meta-World scripted-expert demonstrations cut at first "
+      f"success (m2vla_jax.sim.demos).", stats, stats_markdown, image_encoding)
 
 
 def generate_and_write(suite: str, episodes_per_task: int, out_dir: str,

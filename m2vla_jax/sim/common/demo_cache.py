@@ -3,8 +3,9 @@
 Owns the one naming scheme for recorded demonstrations (`cache_name`: a readable prefix and a short
 hash of the full generation spec), the spec file written beside the data (`SPEC_FILE`), the rule
 for reusing a cache (`lookup`: only when the saved spec equals the requested one), the
-build-or-reuse step (`ensure`), and the data-registry entry of demonstrations written with
-`m2vla_jax.data.writer.write_rlds_dataset` (`dataset_spec`, `register`).
+build-or-reuse step (`ensure`), writing a recording with its statistics (`write_dataset`, through
+`m2vla_jax.data.writer.write_rlds_dataset`), and the data-registry entry of such demonstrations
+(`dataset_spec`, `register`).
 
 Why a hash and a saved spec: names that spelled settings out went stale whenever a setting was
 added (three such schemes existed, and a setting missing from a name reused data recorded for
@@ -135,6 +136,24 @@ def ensure(data_dir: str, name: str, spec: Mapping[str, Any],
                        f"data_dir={data_dir!r}")
   write_spec(path, spec)
   return path, report
+
+
+def write_dataset(episodes, out_dir: str, name: str, description: str, stats=(),
+                  stats_markdown: Callable[[Any], str] | None = None,
+                  image_encoding: str = "jpeg") -> str:
+  """Writes recorded episodes as RLDS `<out_dir>/<name>/1.0.0`, plus the recording's per-task
+  statistics beside them (`stats.json` from each entry's `as_dict()`, `DEMOS.md` from
+  `stats_markdown(stats)`) when there are any. Returns the dataset directory."""
+  from m2vla_jax.data import writer  # pylint: disable=g-import-not-at-top
+  path = writer.write_rlds_dataset(list(episodes), out_dir, name, image_encoding=image_encoding,
+                                   progress=False, description=description)
+  if stats:
+    with open(os.path.join(path, "stats.json"), "w") as f:
+      json.dump([s.as_dict() for s in stats], f, indent=1)
+    if stats_markdown is not None:
+      with open(os.path.join(path, "DEMOS.md"), "w") as f:
+        f.write(stats_markdown(stats))
+  return path
 
 
 def dataset_spec(name: str, cameras: Mapping[str, str]):

@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import dataclasses
-import json
 import logging
 import os
 import time
@@ -232,17 +231,9 @@ def stats_markdown(stats: Sequence[TaskStats]) -> str:
 def write_demos(episodes: Sequence[Episode], out_dir: str, name: str,
                 stats: Sequence[TaskStats] = (), image_encoding: str = "jpeg") -> str:
   """Writes the episodes as RLDS `<out_dir>/<name>/1.0.0`, plus `stats.json` and `DEMOS.md`."""
-  from m2vla_jax.data import writer  # pylint: disable=g-import-not-at-top
-  path = writer.write_rlds_dataset(list(episodes), out_dir, name, image_encoding=image_encoding,
-                                   progress=False,
-                                   description=f"{name}: LIBERO scripted-expert demonstrations in "
-                                               f"OpenVLA's no_noops layout (m2vla_jax.sim.libero.demos).")
-  if stats:
-    with open(os.path.join(path, "stats.json"), "w") as f:
-      json.dump([s.as_dict() for s in stats], f, indent=1)
-    with open(os.path.join(path, "DEMOS.md"), "w") as f:
-      f.write(stats_markdown(stats))
-  return path
+  return demo_cache.write_dataset(
+      episodes, out_dir, name, f"{name}: LIBERO scripted-expert demonstrations in OpenVLA's "
+      f"no_noops layout (m2vla_jax.sim.libero.demos).", stats, stats_markdown, image_encoding)
 
 
 def generate_and_write(config: DemoConfig, out_dir: str, name: str | None = None,
