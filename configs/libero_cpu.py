@@ -21,7 +21,9 @@ users with the released data and an accelerator.
 
 Short args: steps (1500), batch (32), demos (30 per task), eval_episodes (10 per task), noise (0.1),
 horizon (8), execute (4), lr (1e-3), width (64), mol, msm, suite ('spatial' | 'object'),
-tasks ('0-1' style or '0,3'), data_dir (demo cache).
+tasks ('0-1' style or '0,3'), data_dir (demo cache), and the comparison rows of
+configs/sim_pretrained.py: method (m2 | full | lora | gse | mole; only m2 was measured here), rank,
+backbone_lr, skip, kd. Rows other than m2 run the LLM every step (only DINOv2's features are cached).
 """
 import os
 
@@ -48,7 +50,8 @@ def _tasks(spec: str) -> tuple[int, ...]:
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   a = config_base.parse_arg(arg, steps=1500, batch=32, demos=30, eval_episodes=10, noise=0.1,
                             horizon=8, execute=4, lr=1e-3, width=64, mol=True, msm=True,
-                            suite="spatial", tasks="0-1",
+                            suite="spatial", tasks="0-1", method="m2", rank=16, backbone_lr=1e-5,
+                            skip=9, kd=0.5,
                             data_dir=os.environ.get("M2VLA_LIBERO_DATA", demos.DEFAULT_DATA_DIR))
   if a.suite not in ("spatial", "object"):
     raise config_base.ConfigError(f"config argument suite={a.suite!r}: the scripted experts cover "
@@ -101,5 +104,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.feature_cache.stage = "auto"
   c.feature_cache.dtype = "bfloat16"
   config_base.single_checkpoint_schedule(c, steps=a.steps, lr=a.lr, warmup_steps=100)
+  if a.method != "m2":
+    sim_pretrained = config_base.load_config_file("sim_pretrained.py", relative_to=__file__)
+    if a.method not in sim_pretrained.METHODS:
+      raise config_base.ConfigError(f"config argument method={a.method!r}: use one of "
+                                    f"{sim_pretrained.METHODS}")
+    sim_pretrained.apply_method(c, ml_collections.ConfigDict(dict(
+        method=a.method, rank=a.rank, backbone_lr=a.backbone_lr, skip=a.skip, kd=a.kd,
+        queries="frozen")))
   c.lock()
   return c

@@ -104,6 +104,23 @@ def test_libero_cpu_config_evaluates_on_init_states_no_demo_started_from():
     c.libero.noise_std = 0.3
   with pytest.raises(ValueError, match="config.libero.dataset_name"):
     workflow.prepare_data(c)
+  # The comparison rows of configs/sim_pretrained.py on this data, and each passes validation.
+  from m2vla_jax.training import validation  # pylint: disable=g-import-not-at-top
+  m2 = config_base.load_config_file("configs/libero_cpu.py").get_config("")
+  for method in ("full", "lora", "gse", "mole"):
+    row = config_base.load_config_file("configs/libero_cpu.py").get_config(f"method={method}")
+    validation.validate_config(row, check_paths=False)
+    # Same demonstrations, budget and evaluation as the M² row.
+    assert row.data.pipeline.datasets == row.libero.dataset_name == m2.libero.dataset_name
+    assert (row.total_steps, row.batch_size, row.libero.eval) == (m2.total_steps, m2.batch_size,
+                                                                 m2.libero.eval)
+  lora = config_base.load_config_file("configs/libero_cpu.py").get_config("method=lora,rank=8")
+  assert lora.model.adapter.kind == "lora" and lora.model.adapter.rank == 8
+  mole = config_base.load_config_file("configs/libero_cpu.py").get_config("method=mole,skip=6")
+  assert mole.policy == "mole_vla" and mole.model.router.num_skip == 6
+  assert (mole.model.num_cameras, mole.model.state_dim, mole.model.action_dim) == (2, 8, 7)
+  with pytest.raises(config_base.ConfigError, match="method="):
+    config_base.load_config_file("configs/libero_cpu.py").get_config("method=dora")
   with pytest.raises(config_base.ConfigError, match="suite='goal'"):
     config_base.load_config_file("configs/libero_cpu.py").get_config("suite=goal")
   with pytest.raises(ValueError, match="EvalConfig.first_init_state=-1"):
