@@ -43,6 +43,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from m2vla_jax.evaluation import closed_loop
 from m2vla_jax.sim.common import demo_cache
 from m2vla_jax.sim.libero import env as libero_env
 from m2vla_jax.sim.libero import experts
@@ -72,7 +73,7 @@ class DemoConfig:
   """
   env: libero_env.EnvConfig = libero_env.EnvConfig()
   tasks: tuple[int, ...] = (0, 1)
-  demos_per_task: int = 40
+  demos_per_task: int = 30
   noise_std: float = 0.1
   seed: int = 0
   steps_after_success: int = 3
@@ -81,14 +82,11 @@ class DemoConfig:
   def __post_init__(self):
     if not self.tasks or min(self.tasks) < 0:
       raise ValueError(f"DemoConfig.tasks={self.tasks}: give task indices >= 0")
-    if self.demos_per_task < 1:
-      raise ValueError(f"DemoConfig.demos_per_task={self.demos_per_task}; use >= 1")
+    closed_loop.require_positive(self, "demos_per_task", "workers")
     if self.noise_std < 0:
       raise ValueError(f"DemoConfig.noise_std={self.noise_std}; use >= 0 (0: no noise)")
     if self.steps_after_success < 0:
       raise ValueError(f"DemoConfig.steps_after_success={self.steps_after_success}; use >= 0")
-    if self.workers < 1:
-      raise ValueError(f"DemoConfig.workers={self.workers}; use >= 1")
 
 
 @dataclasses.dataclass

@@ -103,11 +103,11 @@ def evaluate_run(config: ml_collections.ConfigDict, workdir: str, policy: Any = 
     policy = policy_adapter.SimPolicyAdapter.from_workdir(workdir, seed=int(config.seed))
   wall = {"load_policy": time.time() - t0}
   name = f"{section.suite}_held_out_inits"
+  cfg = eval_config(section)
   t0 = time.time()
-  result = evaluate.evaluate(evaluate.StandardizedPolicy(policy), eval_config(section), out_dir, name)
+  result = evaluate.evaluate(evaluate.StandardizedPolicy(policy), cfg, out_dir, name)
   wall["eval"] = time.time() - t0
   results = {"held_out_inits": result}
-  cfg = eval_config(section)
   summary = summary_lib.run_summary(
       workdir, section.dataset_name, [evaluate.task_name(section.suite, t) for t in cfg.tasks],
       "variant", results, wall, suite=section.suite,
