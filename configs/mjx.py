@@ -4,7 +4,7 @@
     python -m m2vla_jax.train --config=configs/mjx.py:steps=20,episodes=2,eval_episodes=2,ground=20 ...
 
 Short args: tasks ('+'-separated, default all three), steps (behaviour cloning, default 40,000:
-10,000 / 20,000 / 40,000 scored 0.473 / 0.633 / 0.813, RESULTS.md runs 27, 30, 31), batch, episodes
+10,000 / 20,000 / 40,000 scored 0.473 / 0.633 / 0.813, docs/results/mjx_runs.md runs 27, 30, 31), batch, episodes
 (demos per task), noise (std of the DART noise executed while recording demos; labels are the
 clean expert actions), repeats (consecutive demos sharing one initial layout), post (control
 steps recorded after a demo's first success, default 10), post_tasks ('+'-separated tasks whose
@@ -32,16 +32,16 @@ MoL + MSM head), except:
     grounding-pretrained for 10,000 steps on rendered scenes (`ground`, sim/mjx/grounding.py) and
     then frozen but for its query tokens (`freeze_vlm`, the paper's setting). Trained from random
     (`ground=0,freeze_vlm=False`) the policy never learned which block the colour word names;
-    grounded but fine-tuned it unlearned it (RESULTS.md, runs 1-15);
+    grounded but fine-tuned it unlearned it (docs/results/mjx_runs.md, runs 1-15);
   * camera 'table' (the front view narrowed to the workspace, fovy 31): at 32 px a 4 cm block
     covers ~4 px instead of ~2 px in 'front'. Along its depth axis a pixel still spans 1.3-2.2
-    cm of table, where cloned policies misjudged the block (RESULTS.md, run 21);
+    cm of table, where cloned policies misjudged the block (docs/results/mjx_runs.md, run 21);
     `cameras=table+wrist` adds the palm camera looking down (a second image slot, 'wrist');
   * tokenizer 'words' (default): one id per word of the tasks' 25-word vocabulary
     (`tokenizers.WordVocabulary`), as Gemma's own tokenizer gives ' red' / ' green' / ' blue'
     one piece each; 16 tokens. 'bytes' is the UTF-8 byte tokenizer of configs/sim.py, 32 tokens
     (the instructions differ only after 15 characters: "pick up the red block" vs "pick up the
-    red block and set it down ..."). Runs 1-11 of RESULTS.md used 'bytes'.
+    red block and set it down ..."). Runs 1-11 of docs/results/mjx_runs.md used 'bytes'.
 """
 import os
 
@@ -90,12 +90,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.mjx.demo_noise = a.noise
   # Every layout is recorded with all 9 (task, colour) instructions: with one instruction per
   # layout the policy fitted the demos from the image alone and ignored the colour word
-  # (RESULTS.md); 3 tasks x 3 colours consecutive envs share one reset key.
+  # (docs/results/mjx_runs.md); 3 tasks x 3 colours consecutive envs share one reset key.
   c.mjx.demo_layout_repeats = a.repeats
   # Steps recorded after the first success, for place only: place lets go in 1-2 control steps
   # right before its success, so cut demos hold almost no "let go" label and cloned policies
   # carried the block to the goal and never let go (place 0/50). Kept for every task, they
-  # halved push's successes (RESULTS.md, run 25: push 27 -> 9/50); for place only, place went
+  # halved push's successes (docs/results/mjx_runs.md, run 25: push 27 -> 9/50); for place only, place went
   # from 0 to 17/50 and push and pick stayed (run 27, 0.473; today's defaults).
   c.mjx.demo_post_success_steps = a.post
   post_tasks = tuple(a.post_tasks.split("+")) if a.post_tasks else c.mjx.tasks
@@ -116,7 +116,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.mjx.eval.seed = 1000         # initial states disjoint from the demos' (seed 0)
   c.mjx.eval.c_mujoco = a.c_eval
   # Also roll out on the demonstrations' own initial layouts: success there but not on fresh
-  # layouts means memorised layouts (RESULTS.md).
+  # layouts means memorised layouts (docs/results/mjx_runs.md).
   c.mjx.eval.demo_layouts = a.demo_layouts
   c.mjx.eval.out_subdir = "mjx_eval"
   # DAgger rounds after behaviour cloning (m2vla_jax.sim.mjx.dagger; workflow.dagger_rounds).

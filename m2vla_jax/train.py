@@ -47,7 +47,7 @@ def _exit_with_error(message: str) -> None:
 
 # A config with a simulator section runs that simulator's workflow (demonstrations -> train ->
 # closed-loop evaluation) instead of plain training; the section names the workflow.
-WORKFLOWS = {"sim": "m2vla_jax.sim.workflow:run", "mjx": "m2vla_jax.sim.mjx.workflow:run",
+WORKFLOWS = {"sim": "m2vla_jax.sim.metaworld.workflow:run", "mjx": "m2vla_jax.sim.mjx.workflow:run",
              "libero": "m2vla_jax.sim.libero.workflow:run"}
 
 

@@ -128,3 +128,35 @@ def test_import_reader_sees_real_imports(module, layer):
   assert module in graph and _top(module) == layer
   if layer == "policies":
     assert any(t.startswith("m2vla_jax.models.") for t in graph[module])
+
+
+def simulator_violations(graph: dict[str, set[str]], package: str = "m2vla_jax") -> list[str]:
+  """Inside sim/: each simulator folder (metaworld, mjx, libero) may import `sim.common` but no other
+  simulator, and `sim.common` imports no simulator, so a simulator can be removed without the others
+  noticing."""
+  def folder(module):
+    parts = module.split(".")
+    return parts[2] if len(parts) > 2 and parts[:2] == [package, "sim"] else None
+  problems = []
+  for module, targets in graph.items():
+    src = folder(module)
+    for target in sorted(targets) if src else ():
+      dst = folder(target)
+      if dst in (None, src, "common"):
+        continue
+      allowed = "no simulator" if src == "common" else "sim/common only"
+      problems.append(f"{module} imports {target}: sim/{src} may import {allowed}")
+  return problems
+
+
+def test_simulators_share_only_sim_common():
+  assert simulator_violations(imports(PACKAGE)) == []
+
+
+def test_the_simulator_check_finds_a_planted_cross_import():
+  graph = {"m2vla_jax.sim.mjx.workflow": {"m2vla_jax.sim.common.phases", "m2vla_jax.sim.metaworld.demos"},
+           "m2vla_jax.sim.common.phases": {"m2vla_jax.sim.libero"},
+           "m2vla_jax.sim.libero.env": {"m2vla_jax.sim.common.worker", "m2vla_jax.core.tree_util"}}
+  assert simulator_violations(graph) == [
+      "m2vla_jax.sim.mjx.workflow imports m2vla_jax.sim.metaworld.demos: sim/mjx may import sim/common only",
+      "m2vla_jax.sim.common.phases imports m2vla_jax.sim.libero: sim/common may import no simulator"]

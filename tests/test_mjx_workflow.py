@@ -1,4 +1,4 @@
-"""configs/mjx.py and the MJX workflow's config checks (fast; the end-to-end run is in RESULTS.md).
+"""configs/mjx.py and the MJX workflow's config checks (fast; the end-to-end run is in docs/results/mjx_runs.md).
 
 Reference for the dataset name: the demo spec it hashes, compared field by field with the config.
 """
@@ -162,7 +162,7 @@ def test_the_train_entry_point_runs_each_configs_workflow():
   # `python -m m2vla_jax.train --config=configs/mjx.py` runs the MJX workflow (it used to fail with
   # 'unknown dataset'); Meta-World configs run theirs; plain configs train.
   from m2vla_jax import train  # pylint: disable=g-import-not-at-top
-  from m2vla_jax.sim import workflow as metaworld_workflow  # pylint: disable=g-import-not-at-top
+  from m2vla_jax.sim.metaworld import workflow as metaworld_workflow  # pylint: disable=g-import-not-at-top
   assert train._workflow(_config()) is workflow.run  # pylint: disable=protected-access
   sim = config_base.load_config_file(str(pathlib.Path(CONFIG).with_name("sim.py"))).get_config()
   assert train._workflow(sim) is metaworld_workflow.run  # pylint: disable=protected-access

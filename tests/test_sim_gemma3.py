@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from m2vla_jax.core import tree_util
-from m2vla_jax.sim import instructions
+from m2vla_jax.sim.metaworld import instructions
 from m2vla_jax.text import tokenizers
 from m2vla_jax.training import trainer
 from m2vla_jax.training import validation

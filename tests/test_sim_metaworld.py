@@ -6,10 +6,10 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from m2vla_jax.sim import demos  # noqa: E402
-from m2vla_jax.sim import evaluate_metaworld as ev  # noqa: E402
-from m2vla_jax.sim import instructions  # noqa: E402
-from m2vla_jax.sim import metaworld_env as me  # noqa: E402
+from m2vla_jax.sim.metaworld import demos  # noqa: E402
+from m2vla_jax.sim.metaworld import evaluate as ev  # noqa: E402
+from m2vla_jax.sim.metaworld import instructions  # noqa: E402
+from m2vla_jax.sim.metaworld import env as me  # noqa: E402
 from m2vla_jax.sim.common import demo_cache  # noqa: E402
 from m2vla_jax.evaluation import summary as summary_lib  # noqa: E402
 

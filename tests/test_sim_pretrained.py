@@ -15,7 +15,7 @@ import pytest
 
 from m2vla_jax.core import tree_util
 from m2vla_jax.models import vlm as vlm_lib
-from m2vla_jax.sim import instructions
+from m2vla_jax.sim.metaworld import instructions
 from m2vla_jax.text import tokenizers
 from m2vla_jax.training import config_base
 from m2vla_jax.training import trainer

@@ -11,7 +11,7 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from m2vla_jax.sim import policy_adapter as pa  # noqa: E402
+from m2vla_jax.sim.common import policy_adapter as pa  # noqa: E402
 from m2vla_jax.text import tokenizers  # noqa: E402
 import conftest  # noqa: E402
 
@@ -135,7 +135,7 @@ def _sim_config(data_dir):
   spec = importlib.util.spec_from_file_location("_sim_config", os.path.join(ROOT, "configs/sim.py"))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  from m2vla_jax.sim import workflow  # pylint: disable=g-import-not-at-top
+  from m2vla_jax.sim.metaworld import workflow  # pylint: disable=g-import-not-at-top
   c = module.get_config(f"steps=3,batch=8,episodes=2,eval_episodes=1,horizon=4,execute=2,width=32,"
                         f"data_dir={data_dir}")
   c.sim.tasks = ("drawer-close-v3", "button-press-topdown-v3")
@@ -153,7 +153,7 @@ def _sim_config(data_dir):
 
 @pytest.mark.slow
 def test_demos_train_evaluate_writes_report(tmp_path):
-  from m2vla_jax.sim import workflow  # pylint: disable=g-import-not-at-top
+  from m2vla_jax.sim.metaworld import workflow  # pylint: disable=g-import-not-at-top
   config = _sim_config(str(tmp_path / "demos"))
   path = workflow.prepare_data(config)
   assert os.path.exists(os.path.join(path, "dataset_info.json"))
@@ -185,7 +185,7 @@ def test_demos_train_evaluate_writes_report(tmp_path):
   from m2vla_jax import inference  # pylint: disable=g-import-not-at-top
   from m2vla_jax.inference import observation as obs_lib  # pylint: disable=g-import-not-at-top
   from m2vla_jax.serving import client as client_lib  # pylint: disable=g-import-not-at-top
-  from m2vla_jax.sim import evaluate_metaworld  # pylint: disable=g-import-not-at-top
+  from m2vla_jax.sim.metaworld import evaluate as evaluate_metaworld  # pylint: disable=g-import-not-at-top
   loaded = inference.InferencePolicy.from_workdir(workdir)
   encoder = obs_lib.ObservationEncoder.from_config(loaded.config, loaded.normalization())
   chunks = {"local": [], "server": []}
@@ -210,7 +210,7 @@ def test_demos_train_evaluate_writes_report(tmp_path):
 
 
 def test_config_mismatch_is_named(tmp_path):
-  from m2vla_jax.sim import workflow  # pylint: disable=g-import-not-at-top
+  from m2vla_jax.sim.metaworld import workflow  # pylint: disable=g-import-not-at-top
   config = _sim_config(str(tmp_path))
   config.sim.episodes_per_task = 7                            # dataset_name no longer matches
   with pytest.raises(ValueError, match="config.sim.dataset_name"):
@@ -219,13 +219,13 @@ def test_config_mismatch_is_named(tmp_path):
 
 def test_demo_cache_name_is_one_scheme_for_the_config_and_the_cli(tmp_path):
   import dataclasses  # pylint: disable=g-import-not-at-top
-  from m2vla_jax.sim import demos  # pylint: disable=g-import-not-at-top
-  from m2vla_jax.sim import metaworld_env  # pylint: disable=g-import-not-at-top
-  from m2vla_jax.sim import workflow  # pylint: disable=g-import-not-at-top
+  from m2vla_jax.sim.metaworld import demos  # pylint: disable=g-import-not-at-top
+  from m2vla_jax.sim.metaworld import env as metaworld_env  # pylint: disable=g-import-not-at-top
+  from m2vla_jax.sim.metaworld import workflow  # pylint: disable=g-import-not-at-top
   config = _sim_config(str(tmp_path))
   name = config.sim.dataset_name
   assert name.startswith("metaworld_mt10_corner_nowrist_32px_n2_t2_")
-  # `python -m m2vla_jax.sim.demos` without --name names the same settings the same way
+  # `python -m m2vla_jax.sim.metaworld.demos` without --name names the same settings the same way
   cli = demos.DemoConfig(env=metaworld_env.EnvConfig(image_size=32, primary_camera="corner",
                                                      wrist_camera=None), post_success_steps=3)
   tasks = tuple(config.sim.tasks)

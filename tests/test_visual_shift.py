@@ -4,7 +4,9 @@ fields that physics never reads are edited)."""
 import numpy as np
 import pytest
 
-from m2vla_jax.sim import evaluate_metaworld, metaworld_env, visual_shift
+from m2vla_jax.sim.metaworld import env as metaworld_env
+from m2vla_jax.sim.metaworld import evaluate as evaluate_metaworld
+from m2vla_jax.sim.metaworld import visual_shift
 
 TASK = "drawer-close-v3"
 

@@ -1,7 +1,7 @@
 """Raw observations (camera frames, proprio, instruction strings) -> the model's batch contract.
 
 Owns the inverse of the data pipeline's per-frame transforms at inference time, for every caller
-that holds raw observations: the Meta-World adapter (`sim.policy_adapter`) and the policy server
+that holds raw observations: the Meta-World adapter (`sim.common.policy_adapter`) and the policy server
 (`serving.server`) both encode through `ObservationEncoder`, so a robot, a simulator and a server
 see the ids, pixels and normalized state the policy was trained on.
 

@@ -1,6 +1,6 @@
 """The run skeleton the simulation workflows share: prepare -> train -> evaluate, timed per phase.
 
-Owns `PhaseTimer` and `run_phases`, used by `m2vla_jax.sim.workflow` (Meta-World) and
+Owns `PhaseTimer` and `run_phases`, used by `m2vla_jax.sim.metaworld.workflow` (Meta-World) and
 `m2vla_jax.sim.mjx.workflow` (MJX): each workflow supplies its own preparation phases
 (demonstrations, backbone pretraining) and its evaluation; the trainer call, the wall-clock
 bookkeeping and the summary file are the same.

@@ -45,7 +45,7 @@ Observation returned by `LiberoEnv.reset` / `step` (one environment, no batch ax
 ```
 
 Process isolation: TensorFlow and Mesa's software EGL both carry LLVM and crash when loaded in one
-process (see `sim/metaworld_env.py`), so `ProcessEnv` runs the environment in
+process (see `sim/metaworld/env.py`), so `ProcessEnv` runs the environment in
 `python -m m2vla_jax.sim.libero.env`, which imports only LIBERO, robosuite and MuJoCo. The worker
 may use another interpreter (`EnvConfig.worker_python`): LIBERO then lives in its own virtual
 environment and never touches the training one, as openpi keeps its simulators apart.

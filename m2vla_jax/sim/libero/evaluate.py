@@ -191,7 +191,7 @@ def make_policy(kind: str, checkpoint: str | None = None, server: str | None = N
     if not checkpoint:
       raise ValueError("--checkpoint is required with --policy=checkpoint (or use --policy=random "
                        "or --server=ws://host:port)")
-    from m2vla_jax.sim import policy_adapter  # pylint: disable=g-import-not-at-top
+    from m2vla_jax.sim.common import policy_adapter  # pylint: disable=g-import-not-at-top
     if os.path.isdir(os.path.join(checkpoint, "checkpoints")):
       return StandardizedPolicy(policy_adapter.SimPolicyAdapter.from_workdir(checkpoint))
     return StandardizedPolicy(policy_adapter.SimPolicyAdapter.from_bundle(checkpoint))

@@ -1,7 +1,7 @@
 """LIBERO on a CPU: scripted demonstrations -> training -> closed loop on held-out init states.
 
 Owns the glue a training config with a `config.libero` section (configs/libero_cpu.py) needs around
-the trainer, as `m2vla_jax.sim.workflow` does for Meta-World:
+the trainer, as `m2vla_jax.sim.metaworld.workflow` does for Meta-World:
 
     prepare_data(config)                   # record + write the expert demos unless cached (demos.py);
                                            # registers them under their cache name
@@ -93,7 +93,7 @@ def evaluate_run(config: ml_collections.ConfigDict, workdir: str, policy: Any = 
   GIFs, `summary.json` and `summary.md`. `policy`: a ready policy in standardized units (tests);
   default the run's newest checkpoint. Returns the summary dict.
   """
-  from m2vla_jax.sim import policy_adapter  # pylint: disable=g-import-not-at-top
+  from m2vla_jax.sim.common import policy_adapter  # pylint: disable=g-import-not-at-top
   from m2vla_jax.sim.libero import evaluate  # pylint: disable=g-import-not-at-top
   section = _check(config)
   out_dir = os.path.join(workdir, section.eval.out_subdir)

@@ -1,7 +1,7 @@
 """DAgger (Ross, Gordon and Bagnell, 2011) on the MJX tasks: the learner drives, the expert labels.
 
 Behaviour cloning compounds its own errors: a cloned policy that is a few centimetres off goes
-into states no demonstration visits, where nothing tells it how to recover (RESULTS.md: with the
+into states no demonstration visits, where nothing tells it how to recover (docs/results/mjx_runs.md: with the
 colour word grounded, the policy descended 3-7 cm beside the block, closed the fingers on nothing
 and stayed on the table). The scripted experts are memoryless functions of the privileged state,
 so any visited state can be labelled. One DAgger round:

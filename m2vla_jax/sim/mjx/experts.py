@@ -23,7 +23,7 @@ from m2vla_jax.sim.mjx import tasks as tasks_lib
 # 2: hysteresis on the descents. 3: funnels (below) instead of thresholds, release on hand height.
 VERSION = 3
 HOVER_Z = 0.09           # hand height for travelling: fingertips clear the 4 cm blocks
-# Funnels. A cloned policy localises the block to ~1-1.5 cm from a 32 px image (RESULTS.md). Where
+# Funnels. A cloned policy localises the block to ~1-1.5 cm from a 32 px image (docs/results/mjx_runs.md). Where
 # the expert switched between "go down" and "stay up" at a sharp xy threshold (v1-v2), labels of
 # states the policy cannot tell apart disagreed, their L1 median was "stay", and cloned policies
 # hovered beside the block or over the goal. Now the height target is a continuous function of
@@ -199,8 +199,8 @@ def collect_demos(out_dir: str, name: str, *, tasks: Sequence[str] = tasks_lib.T
   Episodes end `post_success_steps` control steps after their first success (like the Meta-World
   demos; within `horizon`). Those steps matter for place: the release takes one or two control
   steps before success, so without them an episode holds almost no "let go" label and cloned
-  policies carried the block to the goal and never let go (RESULTS.md). `post_success_tasks`
-  (None: all) limits them to some tasks: on push they cost half its successes (RESULTS.md, run 25).
+  policies carried the block to the goal and never let go (docs/results/mjx_runs.md). `post_success_tasks`
+  (None: all) limits them to some tasks: on push they cost half its successes (docs/results/mjx_runs.md, run 25).
   Returns (dataset directory, rollout summary). Observations: one uint8 [T, S, S, 3] image per camera, keyed as
   `camera_slots(cameras)` says ('image' for the first), 'state' float32 [T, 4]; action float32
   [T, 4]; language_instruction the episode's instruction.

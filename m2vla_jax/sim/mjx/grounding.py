@@ -3,7 +3,7 @@
 M²-VLA keeps a *pretrained* VLM frozen and trusts it to know where "the red block" is (PaliGemma
 learned that from detection and referring-expression pretraining). The tiny backbones of the
 simulation configs cannot be downloaded pretrained and start random, and behaviour cloning alone
-never bound the colour word to a block, not even on its training episodes (RESULTS.md, runs 1-13).
+never bound the colour word to a block, not even on its training episodes (docs/results/mjx_runs.md, runs 1-13).
 This stage is their stand-in for that pretraining:
 
   * data: an endless stream of fresh random scenes, rendered inside the compiled step by the
@@ -45,7 +45,7 @@ from m2vla_jax.training import train_state
 
 # Columns of the target vector, in order (each is a position in metres x TARGET_SCALE). The
 # instruction's task is deliberately not a target: with its one-hot added, cloned policies
-# pushed in 0-5 of 50 episodes instead of 26-27 (RESULTS.md, runs 22-24).
+# pushed in 0-5 of 50 episodes instead of 26-27 (docs/results/mjx_runs.md, runs 22-24).
 TARGETS = ("named_x", "named_y", "named_z", "goal_x", "goal_y", "hand_x", "hand_y", "hand_z") + tuple(
     f"{c}_{a}" for c in scene_lib.COLORS for a in "xy")
 TARGET_SCALE = 10.0

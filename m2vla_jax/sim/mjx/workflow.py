@@ -1,7 +1,7 @@
 """MJX tabletop suite end to end: expert demos -> training -> compiled and C-MuJoCo evaluation.
 
 Owns the glue that a training config with a `config.mjx` section (configs/mjx.py) needs around
-the trainer, modelled on `m2vla_jax.sim.workflow` (Meta-World):
+the trainer, modelled on `m2vla_jax.sim.metaworld.workflow` (Meta-World):
 
     path = prepare_data(config)        # expert rollouts in the compiled MJX program -> RLDS (PNG)
                                        # unless cached; registers the dataset for the pipeline
@@ -138,7 +138,7 @@ def _check_layout_sharing(tasks: tuple[str, ...], repeats: int) -> None:
 
   Instructions are dealt round-robin over tasks, then over each task's instructions (colour
   fastest), so e.g. 3 repeats over 3 tasks give every layout one colour: the demos can then be
-  fitted from the image alone, and the policy learned to ignore the colour word (RESULTS.md).
+  fitted from the image alone, and the policy learned to ignore the colour word (docs/results/mjx_runs.md).
   """
   from m2vla_jax.sim.mjx import rollout as rollout_lib  # pylint: disable=g-import-not-at-top
   if repeats < 1:

@@ -1,7 +1,7 @@
 """Raw simulator observation -> model observation -> Meta-World actions, for any trained M²-VLA.
 
 Owns the simulator's side of inference, so that a policy trained on RLDS demonstrations runs in the
-closed loop of `sim.evaluate_metaworld`: which simulator camera fills which training camera slot
+closed loop of `sim.metaworld.evaluate`: which simulator camera fills which training camera slot
 (sim camera 0 is 'primary', camera 1 'wrist') and the per-call sampling rng. The raw -> batch-contract
 transforms (resize, tokenize, normalize state) are `inference.observation.ObservationEncoder`'s, shared
 with the policy server:

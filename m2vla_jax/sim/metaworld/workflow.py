@@ -37,7 +37,7 @@ DEFAULT_DATA_DIR = demo_cache.default_data_dir("metaworld")
 
 def demo_spec(sim: Mapping[str, Any]) -> dict[str, Any]:
   """The demo cache's spec of a `config.sim` section (`demos.generation_spec`)."""
-  from m2vla_jax.sim import demos  # pylint: disable=g-import-not-at-top
+  from m2vla_jax.sim.metaworld import demos  # pylint: disable=g-import-not-at-top
   return demos.generation_spec(
       sim["suite"], tuple(sim["tasks"]), int(sim["episodes_per_task"]),
       demos.DemoConfig(env=env_config(sim), post_success_steps=int(sim["post_success_steps"])))
@@ -53,7 +53,7 @@ def dataset_name(suite: str, tasks: Sequence[str], episodes_per_task: int, image
 
 
 def name_from_config(sim: Mapping[str, Any]) -> str:
-  from m2vla_jax.sim import demos  # pylint: disable=g-import-not-at-top
+  from m2vla_jax.sim.metaworld import demos  # pylint: disable=g-import-not-at-top
   return demos.cache_name(demo_spec(sim))
 
 
@@ -72,7 +72,7 @@ def _check_sim(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 def env_config(sim: Mapping[str, Any], max_episode_steps: int | None = None):
-  from m2vla_jax.sim import metaworld_env  # pylint: disable=g-import-not-at-top
+  from m2vla_jax.sim.metaworld import env as metaworld_env  # pylint: disable=g-import-not-at-top
   return metaworld_env.EnvConfig(image_size=int(sim["image_size"]),
                                  primary_camera=sim["primary_camera"],
                                  wrist_camera=sim["wrist_camera"] or None,
@@ -85,7 +85,7 @@ def prepare_data(config: ml_collections.ConfigDict) -> str:
   The data registry entry (`demos.dataset_spec`) is registered in this process, so call this in
   the training process before `trainer.train`.
   """
-  from m2vla_jax.sim import demos  # pylint: disable=g-import-not-at-top
+  from m2vla_jax.sim.metaworld import demos  # pylint: disable=g-import-not-at-top
   sim = _check_sim(config)
   data_dir = config.data.pipeline.data_dir
   if not data_dir:
@@ -102,7 +102,7 @@ def prepare_data(config: ml_collections.ConfigDict) -> str:
 
 
 def eval_config(sim: Mapping[str, Any]):
-  from m2vla_jax.sim import evaluate_metaworld  # pylint: disable=g-import-not-at-top
+  from m2vla_jax.sim.metaworld import evaluate as evaluate_metaworld  # pylint: disable=g-import-not-at-top
   e = sim["eval"]
   return evaluate_metaworld.EvalConfig(
       env=env_config(sim, int(e["max_episode_steps"]) or None),
@@ -119,8 +119,8 @@ def evaluate_run(config: ml_collections.ConfigDict, workdir: str, policy: Any = 
   wall-clock) and `summary.md`. `policy`: a ready policy callable (tests), default
   `SimPolicyAdapter.from_workdir(workdir)`. Returns the summary dict.
   """
-  from m2vla_jax.sim import evaluate_metaworld  # pylint: disable=g-import-not-at-top
-  from m2vla_jax.sim import policy_adapter  # pylint: disable=g-import-not-at-top
+  from m2vla_jax.sim.metaworld import evaluate as evaluate_metaworld  # pylint: disable=g-import-not-at-top
+  from m2vla_jax.sim.common import policy_adapter  # pylint: disable=g-import-not-at-top
   sim = _check_sim(config)
   out_dir = os.path.join(workdir, sim.eval.out_subdir)
   os.makedirs(out_dir, exist_ok=True)
@@ -157,8 +157,8 @@ def training_evaluators(config: ml_collections.ConfigDict) -> tuple[Any, ...]:
   if not every:
     return ()
   from m2vla_jax.inference.policy import InferencePolicy  # pylint: disable=g-import-not-at-top
-  from m2vla_jax.sim import evaluate_metaworld  # pylint: disable=g-import-not-at-top
-  from m2vla_jax.sim import policy_adapter  # pylint: disable=g-import-not-at-top
+  from m2vla_jax.sim.metaworld import evaluate as evaluate_metaworld  # pylint: disable=g-import-not-at-top
+  from m2vla_jax.sim.common import policy_adapter  # pylint: disable=g-import-not-at-top
   from m2vla_jax.training import trainer  # pylint: disable=g-import-not-at-top
   sim = _check_sim(config)
   eval_cfg = dataclasses.replace(eval_config(sim), num_videos=0,

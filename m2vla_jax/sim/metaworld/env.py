@@ -25,7 +25,7 @@ scene's render flags, which makes it ~5-10x faster at the image sizes a VLA uses
 Process isolation: TensorFlow (the data pipeline) and Mesa's software EGL both carry LLVM, and a
 process that loads both crashes (a segfault at `import tensorflow` after an EGL context exists,
 or at the first render after TensorFlow was imported). `ProcessEnv` therefore runs a
-`MetaWorldEnv` in a fresh Python process (`python -m m2vla_jax.sim.metaworld_env`, which imports
+`MetaWorldEnv` in a fresh Python process (`python -m m2vla_jax.sim.metaworld.env`, which imports
 only MuJoCo and Meta-World) and talks to it over pipes; demonstrations and evaluation use it by
 default, and it also steps a batch of environments in parallel on several cores.
 
@@ -45,7 +45,7 @@ import numpy as np
 
 from metaworld import env_dict as _mw_env_dict
 
-from m2vla_jax.sim import visual_shift
+from m2vla_jax.sim.metaworld import visual_shift
 from m2vla_jax.sim.common import worker
 
 SUITES: dict[str, tuple[str, ...]] = {
@@ -126,7 +126,7 @@ class EnvConfig:
     isolate_process: `make_env` builds a `ProcessEnv` (required when TensorFlow is or will be
       imported in the same process; see module docstring) instead of an in-process env.
     visual_shift: None, or a `visual_shift.KINDS` name: an appearance change never seen in
-      training, applied to the model once (robustness evaluation; `sim/visual_shift.py`).
+      training, applied to the model once (robustness evaluation; `sim/metaworld/visual_shift.py`).
   """
   image_size: int = 224
   primary_camera: str = "corner"
@@ -337,7 +337,7 @@ class ProcessEnv(worker.WorkerClient):
     self.last_rand_vec = None
     child_env = dict(os.environ)
     child_env.setdefault("MUJOCO_GL", "egl")
-    super().__init__("m2vla_jax.sim.metaworld_env", task, _REMOTE_FUNCTIONS, env=child_env)
+    super().__init__("m2vla_jax.sim.metaworld.env", task, _REMOTE_FUNCTIONS, env=child_env)
     self.max_episode_steps = self.request("init", task, config)
 
   def set_task(self, task: str) -> None:
@@ -382,7 +382,7 @@ def _serve() -> None:
 
 if __name__ == "__main__":
   # Serve from the module imported under its package name, so that exceptions (SimulationError)
-  # pickle as m2vla_jax.sim.metaworld_env.* rather than __main__.*.
-  from m2vla_jax.sim import metaworld_env as _module  # pylint: disable=g-import-not-at-top
+  # pickle as m2vla_jax.sim.metaworld.env.* rather than __main__.*.
+  from m2vla_jax.sim.metaworld import env as _module  # pylint: disable=g-import-not-at-top
   _module._serve()  # pylint: disable=protected-access
 

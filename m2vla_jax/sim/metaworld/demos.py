@@ -28,7 +28,7 @@ same way, so the recorded action is exactly what was executed). `dataset_spec(na
 registry entry that reads the written dataset back; `generation_spec` / `cache_name` name the
 demo cache (`m2vla_jax.sim.common.demo_cache`), which `generate_and_write` reuses or rebuilds.
 
-CLI: `python -m m2vla_jax.sim.demos --suite=mt10 --episodes_per_task=N --out=DIR`.
+CLI: `python -m m2vla_jax.sim.metaworld.demos --suite=mt10 --episodes_per_task=N --out=DIR`.
 """
 from __future__ import annotations
 
@@ -44,8 +44,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from m2vla_jax.sim import instructions
-from m2vla_jax.sim import metaworld_env
+from m2vla_jax.sim.metaworld import instructions
+from m2vla_jax.sim.metaworld import env as metaworld_env
 from m2vla_jax.sim.common import demo_cache
 
 log = logging.getLogger(__name__)
@@ -312,7 +312,7 @@ def write_demos(episodes: Sequence[Episode], out_dir: str, name: str,
   """Writes episodes as an RLDS dataset `<out_dir>/<name>/1.0.0` plus `stats.json`/`DEMOS.md`."""
   return demo_cache.write_dataset(
       episodes, out_dir, name, f"{name}: Meta-World scripted-expert demonstrations cut at first "
-      f"success (m2vla_jax.sim.demos).", stats, stats_markdown, image_encoding)
+      f"success (m2vla_jax.sim.metaworld.demos).", stats, stats_markdown, image_encoding)
 
 
 def generate_and_write(suite: str, episodes_per_task: int, out_dir: str,

@@ -8,7 +8,7 @@ from the demonstration seeds; the benchmark's step limit), Meta-World behind the
 intervals through `m2vla_jax.evaluation.summary`; rollout GIFs). Evaluation variants:
 instructions seen in training, held-out paraphrases, held-out tasks, and the seen tasks under visual
 shifts never seen in training ('shift_camera', 'shift_lighting', 'shift_colors', 'shift_all';
-`sim/visual_shift.py`).
+`sim/metaworld/visual_shift.py`).
 
 The policy contract (what the simulator hands a policy and what it expects back):
 ```
@@ -38,9 +38,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from m2vla_jax.evaluation import closed_loop
-from m2vla_jax.sim import instructions
-from m2vla_jax.sim import metaworld_env
-from m2vla_jax.sim import visual_shift
+from m2vla_jax.sim.metaworld import instructions
+from m2vla_jax.sim.metaworld import env as metaworld_env
+from m2vla_jax.sim.metaworld import visual_shift
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +190,7 @@ class ExpertChunkPolicy:
   """
 
   def __init__(self, horizon: int = 4):
-    from m2vla_jax.sim import demos  # pylint: disable=g-import-not-at-top
+    from m2vla_jax.sim.metaworld import demos  # pylint: disable=g-import-not-at-top
     self._experts: dict[str, Any] = {}
     self._make = demos.expert_for
     self._action = demos.expert_action
