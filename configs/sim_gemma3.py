@@ -23,7 +23,7 @@ import ml_collections
 from m2vla_jax.training import config_base
 
 # Gemma 3 tokens of an instruction (BOS included); the longest instruction of the 6 tasks (seen,
-# paraphrased, held-out) is well under this (tests/test_sim_gemma3.py checks them all).
+# paraphrased, held-out) is well under this (tests/configs/test_sim_gemma3.py checks them all).
 MAX_TOKENS = 32
 
 

@@ -46,7 +46,7 @@ from m2vla_jax.sim.metaworld import workflow
 from m2vla_jax.training import config_base
 
 # Gemma 3 tokens of an instruction (BOS included): the longest of the 6 tasks' 30 instructions has 10
-# (tests/test_sim_pretrained.py checks them all); every cached frame stores this many text positions.
+# (tests/configs/test_sim_pretrained.py checks them all); every cached frame stores this many text positions.
 MAX_TOKENS = 12
 METHODS = ("m2", "full", "lora", "gse", "mole")
 

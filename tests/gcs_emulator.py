@@ -27,7 +27,7 @@ What the stock emulator (gcp-storage-emulator 2026.7.19) does differently from G
      under a lock, because the emulator's storage is not thread-safe.
   4. A zero-length media upload (`uploadType=media`, empty body) crashes the handler (it reads the body
      as None); GCS stores an empty object. TensorFlow's gs:// `makedirs` writes exactly that: an empty
-     `dir/` marker object (tests/test_gcs_data.py, through tests/gcs_tls_proxy.py).
+     `dir/` marker object (tests/data/test_gcs.py, through tests/gcs_tls_proxy.py).
 """
 from __future__ import annotations
 

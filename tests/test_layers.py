@@ -10,8 +10,9 @@ import ast
 import pathlib
 
 import pytest
+import support
 
-PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "m2vla_jax"
+PACKAGE = support.REPO / "m2vla_jax"
 
 LAYERS = {
     "core": 0,

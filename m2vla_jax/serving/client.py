@@ -2,7 +2,7 @@
 
 Owns talking to `serving.server` from an environment that must not carry JAX or TensorFlow (a robot
 computer, a simulator's own venv): it imports only numpy, websockets, msgpack and `serving.protocol`
-(tests/test_serving.py checks in a fresh interpreter that no jax module gets loaded).
+(tests/serving/test_server.py checks in a fresh interpreter that no jax module gets loaded).
 
   client = PolicyClient("ws://127.0.0.1:8000", token=None)   # connects, reads the metadata
   actions = client.actions(obs)          # obs: images uint8 [B,C,H,W,3], image_mask bool [B,C],

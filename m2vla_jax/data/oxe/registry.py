@@ -11,7 +11,7 @@ May 2024 release, commit cab7f94, and openvla's `configs.py`: "always 8-dim"; `p
               POS_QUAT   xyz (3) + quaternion (4) + gripper (1)
               JOINT      joints (7, padded if fewer) + gripper (1); NONE: 8 pads
   action [7]: deltas (6, zeros where a dataset has none) + absolute gripper (1 = open, 0 = closed)
-`tests/test_oxe_layouts.py` pins every entry (`BUILTIN`) against a tiny episode written in its
+`tests/data/test_oxe_layouts.py` pins every entry (`BUILTIN`) against a tiny episode written in its
 published feature layout. Deliberate differences from octo: bridge_dataset keeps its commanded
 movement deltas (octo relabels them with state differences and drops the last step); inverted grippers
 are clipped to [0, 1] before inverting (octo skips the clip for hydra, dlr_edan and fanuc, whose

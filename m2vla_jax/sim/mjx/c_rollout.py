@@ -17,7 +17,7 @@ program is not an artefact of MJX. What is shared with the compiled rollout, and
            the kinematics from them) placed into an mjx.Data made by `mjx.put_data` from a C
            MjData. `mujoco.Renderer` (OpenGL) is not used here: TensorFlow (the training data
            pipeline) and EGL crash in one process, and the renderer is validated against
-           mujoco.Renderer separately (tests/test_mjx_render.py).
+           mujoco.Renderer separately (tests/sim/mjx/test_render.py).
 
 Returns the compiled rollout's result format, so `rollout.summarize` / `rollout.report` apply.
 """

@@ -45,7 +45,7 @@ CAMERAS = ("front", "wrist", "table")
 #   way. Batched over 512 envs, the second call of jit(vmap(step)) deadlocked both XLA CPU
 #   threads inside `lapack_spotrf_ffi` -> `ParallelBatchMap`. The sparse path factorises M with
 #   plain gathers/scatters and CG never factorises, so no LAPACK custom call is left in the
-#   compiled step (tests/test_mjx_physics.py checks the lowered program and calls the 512-env
+#   compiled step (tests/sim/mjx/test_physics.py checks the lowered program and calls the 512-env
 #   step 100 times under a timeout). Cost, measured on the shared 2-core CPU (load ~12): one
 #   512-env physics step takes 0.2-0.4 s here vs 0.09-0.15 s with dense + Newton. With THIS model
 #   dense + Newton did not hang in 5 calls at 512 envs (with or without 8 emulated devices), but

