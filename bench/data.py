@@ -47,6 +47,7 @@ def run_ours(batches: int, threads: int) -> dict:
   import tempfile
   from m2vla_jax.data import pipeline, testing
   c = pipeline.get_config()
+  c.update(horizon=4, max_tokens=32)   # a policy's geometry; no policy here
   c.update(dict(data_dir=_bridge_dir(), datasets="bridge", batch_size=B, horizon=H, image_size=(RES, RES),
                 stats_dir=tempfile.mkdtemp(), progress=False, num_threads=threads, prefetch=4))
   t0 = time.perf_counter()

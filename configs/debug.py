@@ -46,8 +46,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.pipeline.datasets = "bridge"
     c.data.pipeline.data_dir = a.data_dir
     c.data.pipeline.image_size = (32, 32)
-    c.data.pipeline.max_tokens = 16 if a.model == "m2vla" else 48   # tiny VLM: 16 text tokens
-    c.data.pipeline.horizon = 4
     c.data.pipeline.shuffle_buffer = 64
     c.data.pipeline.progress = False
     c.data.pipeline.num_threads = 1

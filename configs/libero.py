@@ -63,6 +63,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   queries = [("vlm/queries", True)] if a.queries == "train" else []
   c.model.trainable = queries + [("vlm/.*", False), (".*", True)]
   c.model.backbone_seed = 0
+  # The text budget of both backbones (the pipeline takes it from here): 32, not PaliGemma's 48.
+  c.model.vlm_overrides.max_text_tokens = MAX_TOKENS
 
   c.data.kind = "rlds"
   c.data.pipeline = pipeline.get_config()
@@ -70,10 +72,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.pipeline.data_dir = config_dict.placeholder(str)   # REQUIRED
   c.data.pipeline.cameras = ("primary", "wrist")
   c.data.pipeline.image_size = (224, 224)
-  c.data.pipeline.horizon = HORIZON
-  c.data.pipeline.action_dim = 7
-  c.data.pipeline.state_dim = 8
-  c.data.pipeline.max_tokens = MAX_TOKENS
   c.data.pipeline.shuffle_buffer = 100_000
   c.data.pipeline.augment = True
   c.data.pipeline.progress = False
@@ -90,7 +88,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.required_fields += ["init.checkpoint", "data.tokenizer"]
   else:
     c.model.vlm = "dinov2s_gemma3_270m"
-    c.model.vlm_overrides.max_text_tokens = MAX_TOKENS
     c.model.frozen_dtype = "float32"
     c.init.img_onnx = "package"
     c.init.llm_gguf = "package"

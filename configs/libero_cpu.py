@@ -96,9 +96,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.kind = "rlds"
   c.data.pipeline = config_base.small_sim_pipeline(
       datasets=c.libero.dataset_name, data_dir=a.data_dir, cameras=("primary", "wrist"),
-      image_size=IMAGE_SIZE, horizon=a.horizon, max_tokens=MAX_TOKENS)
-  c.data.pipeline.action_dim = 7
-  c.data.pipeline.state_dim = 8
+      image_size=IMAGE_SIZE)
   c.data.tokenizer = "gguf"
   c.data.val_split = "train"
   c.feature_cache.stage = "auto"

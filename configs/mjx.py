@@ -154,7 +154,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.pipeline = config_base.small_sim_pipeline(
       datasets=c.mjx.dataset_name, data_dir=a.data_dir,
       cameras=tuple(slot for slot, _ in experts.camera_slots(c.mjx.cameras)),
-      image_size=c.mjx.image_size, horizon=a.horizon, max_tokens=max_tokens)
+      image_size=c.mjx.image_size)
   p = c.data.pipeline
   # Random resized crop (area 0.8-1, aspect 0.9-1.1) + brightness/contrast/saturation jitter (no hue
   # change, so the colour words stay true); evaluation sees the full frame.

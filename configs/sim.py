@@ -72,12 +72,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                         msm=a.msm, width=a.width, trainable=rules)
 
   c.data.kind = "rlds"
-  # The tiny VLM accepts 16 text tokens (raise model.vlm_overrides.max_text_tokens together with
-  # max_tokens), so byte tokens keep the first 15 characters of an instruction; the measured
-  # results use 16.
+  # The tiny VLM accepts 16 text tokens (model.vlm_overrides.max_text_tokens; the pipeline takes its
+  # token budget, horizon and widths from the policy), so byte tokens keep the first 15 characters
+  # of an instruction; the measured results use 16.
   c.data.pipeline = config_base.small_sim_pipeline(
       datasets=c.sim.dataset_name, data_dir=a.data_dir, cameras=("primary",),
-      image_size=c.sim.image_size, horizon=a.horizon, max_tokens=16)
+      image_size=c.sim.image_size)
   c.data.tokenizer = "bytes_mod:128"   # UTF-8 bytes folded into the tiny Gemma's 128 ids
   c.data.val_split = "train"
   config_base.single_checkpoint_schedule(c, steps=a.steps, lr=a.lr, warmup_steps=100)

@@ -37,6 +37,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.init = ml_collections.ConfigDict()
     c.init.llm_gguf = "package"      # or a path to another Gemma 3 270M .gguf
     c.data.tokenizer = "gguf"        # the same file's tokenizer
-    c.data.pipeline.max_tokens = MAX_TOKENS
   c.lock()
   return c

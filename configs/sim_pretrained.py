@@ -95,7 +95,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.tokenizer = "gguf"        # the GGUF's SentencePiece tokenizer
     c.data.pipeline.datasets = c.sim.dataset_name
     c.data.pipeline.image_size = (int(a.image_size), int(a.image_size))
-    c.data.pipeline.max_tokens = MAX_TOKENS
     c.feature_cache.stage = "auto"
     c.feature_cache.dtype = "bfloat16"
     apply_method(c, a)

@@ -12,6 +12,7 @@ from typing import Any
 
 import ml_collections
 
+from m2vla_jax.policies import registry
 from m2vla_jax.text import tokenizers
 
 
@@ -41,12 +42,29 @@ class PipelineData:
             "action_dim": self.info.action_dim, "state_dim": self.info.state_dim}
 
 
+class GeometryError(ValueError):
+  """config.data.pipeline states a batch dimension that disagrees with the policy's."""
+
+
 def pipeline_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The run's full pipeline config: `pipeline.get_config()` under config.data.pipeline, the batch
+  size from config.batch_size and the batch geometry (horizon, state/action widths, text tokens)
+  from the policy, so a config states each fact once. A pipeline field set to another value than the
+  policy's is a GeometryError naming both fields (unset: None, or 0 for the widths)."""
   from m2vla_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   base = pipeline.get_config()
   with base.unlocked():
     base.update(config.data.pipeline.to_dict() if "pipeline" in config.data else {})
   base.batch_size = config.batch_size
+  geometry = registry.batch_geometry(config.policy, config.model)
+  for field, value in geometry.items():
+    given = base.get(field)
+    if given not in (None, 0) and int(given) != value:
+      model_field = "the VLM's max_text_tokens" if field == "max_tokens" else f"config.model.{field}"
+      raise GeometryError(f"config.data.pipeline.{field}={given} disagrees with the policy's {value} "
+                          f"({model_field}); leave config.data.pipeline.{field} unset: the loader "
+                          f"takes it from the policy")
+    base[field] = value
   return base
 
 

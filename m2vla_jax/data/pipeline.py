@@ -58,7 +58,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.data_dir = ""                # root holding <name>/<version>/ TFDS directories; local or gs://
   c.cameras = ("primary", "wrist")  # batch camera slots, in order (registry slot names)
   c.image_size = (224, 224)      # (H, W) after resize
-  c.horizon = 4                  # action chunk length H
+  # The batch geometry (H, A, S, T) is the policy's: a training run fills these from the policy
+  # (`loader.pipeline_config`, policies' `batch_geometry`), so a config states each once, in
+  # config.model. Set them yourself only when you build a pipeline without a policy.
+  c.horizon = ml_collections.config_dict.placeholder(int)   # action chunk length H
   c.normalization = "bounds"     # 'bounds' (q01..q99 -> [-1, 1], clipped), 'zscore' or 'none'
   c.zero_variance = "passthrough"  # constant dim (spread < norm_eps): 'passthrough' (warn) or 'error'
   c.near_constant = "passthrough"  # dim constant but for rare outliers (spread < norm_eps < max - min;
@@ -67,7 +70,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.norm_eps = 1e-6
   c.action_dim = 0               # A; 0 = widest dataset of the mixture (others zero-padded)
   c.state_dim = 0                # S; 0 = widest dataset of the mixture
-  c.max_tokens = 32              # T
+  c.max_tokens = ml_collections.config_dict.placeholder(int)  # T
   c.batch_size = 32              # global batch; each host gets batch_size // process_count
   c.shuffle_buffer = 1024        # window shuffle of the mixed frame stream (0 = off); each dataset is
                                  # also fully permuted every epoch. A window longer than a dataset's
@@ -323,6 +326,15 @@ def load_mixture(config, split: str, statistics: Mapping[str, Mapping] | None = 
   return loaded, (weights / weights.sum()).tolist(), stats
 
 
+def require_geometry(config) -> None:
+  """DataError unless the policy-owned fields (horizon, max_tokens) are set."""
+  for field in ("horizon", "max_tokens"):
+    if config.get(field) is None:
+      raise DataError(f"config.{field} is unset: a training run takes it from the policy "
+                      f"(config.model, through data.loader.pipeline_config); set it when you build a "
+                      f"pipeline without one.")
+
+
 def make_dataset(config, *, tokenizer: Any, split: str = "train", seed: int = 0,
                  statistics: Mapping[str, Mapping] | None = None, process_index: int | None = None,
                  process_count: int | None = None) -> tuple[grain.IterDataset, PipelineInfo]:
@@ -337,6 +349,7 @@ def make_dataset(config, *, tokenizer: Any, split: str = "train", seed: int = 0,
   if config.batch_size % process_count:
     raise DataError(f"config.batch_size={config.batch_size} is not divisible by process_count="
                     f"{process_count}.")
+  require_geometry(config)
   if int(config.horizon) < 1:
     raise DataError(f"config.horizon={config.horizon} must be >= 1.")
   bad_cams = [c for c in config.cameras if c not in ("primary", "secondary", "wrist")]
@@ -432,6 +445,7 @@ class OrderedDataset:
 
 def ordered_datasets(config, *, tokenizer: Any, split: str = "train") -> list[OrderedDataset]:
   """Every dataset of config's mixture, in the training pipeline's frame_id layout, unaugmented."""
+  require_geometry(config)
   loaded, _, stats = load_mixture(config, split)
   action_dim = int(config.action_dim) or max(d.action_dim for d in loaded)
   state_dim = int(config.state_dim) or max(d.state_dim for d in loaded)

@@ -21,6 +21,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
+from m2vla_jax.data import loader
 from m2vla_jax.data import transforms
 from m2vla_jax.inference import normalization as norm_lib
 from m2vla_jax.text import tokenizers
@@ -73,7 +74,7 @@ class ObservationEncoder:
       if field not in config.data:
         raise ValueError(f"the run's config has no data.{field}; encoding raw observations needs the "
                          f"training tokenizer and pipeline settings (an RLDS-trained run)")
-    pipe = config.data.pipeline
+    pipe = loader.pipeline_config(config)   # the batch geometry resolved from the policy
     return cls(normalization, tokenizers.make_tokenizer(config.data.tokenizer),
                max_tokens=int(pipe.max_tokens), image_size=tuple(pipe.image_size),
                cameras=tuple(pipe.cameras), camera_index=camera_index)

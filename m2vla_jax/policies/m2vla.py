@@ -181,6 +181,13 @@ class M2VLA:
     self.trainable_rules = self.rules      # the policy contract's names (policies/registry.py)
     self.frozen_dtype = c.frozen_dtype
 
+  @property
+  def batch_geometry(self) -> dict[str, int]:
+    """What the batches must hold: chunk length, state and action widths, text tokens (the VLM's)."""
+    c = self.config
+    return {"horizon": int(c.horizon), "state_dim": int(c.state_dim), "action_dim": int(c.action_dim),
+            "max_tokens": int(self.vlm_config.max_text_tokens)}
+
   def make_vlm_config(self, c: ml_collections.ConfigDict) -> vlm_lib.VLMConfig:
     """The backbone's config from the policy config (a subclass adds its parts, e.g. a router)."""
     if isinstance(c.vlm, vlm_lib.VLMConfig):

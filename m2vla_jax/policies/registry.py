@@ -8,6 +8,8 @@ constructor takes a mesh, e.g. to shard its memory) and provides pure functions 
   sample_actions(params, state, observation, rng) -> float [B, horizon, action_dim] (normalized)
   trainable_rules: [(regex, bool), ...] over parameter paths (first full match decides; core/freezing.py)
   frozen_dtype: dtype name of the frozen parameters (core/dtypes.py)
+  batch_geometry: {'horizon', 'state_dim', 'action_dim', 'max_tokens'} the batches must have; the
+    data loader builds its pipeline to it, so a config states each in config.model only
 
 Optional: prepare(params, state) -> (params, state), called by the trainer once per start after `init`
 and any pretrained weights, for parts derived from the backbone's final weights (an EMA teacher,
@@ -35,3 +37,8 @@ POLICIES = {
 def policy_class(name: str, field: str = "config.policy") -> Any:
   """The class `name` names (a POLICIES key or 'module:Class'); RegistryError naming `field`."""
   return registry.resolve(name, POLICIES, field)
+
+
+def batch_geometry(policy: str, model_config: Any) -> dict[str, int]:
+  """The batch geometry of the policy `policy` names, built from `model_config` (no weights)."""
+  return dict(policy_class(policy)(model_config).batch_geometry)

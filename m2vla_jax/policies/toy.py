@@ -91,6 +91,12 @@ class ToyPolicy:
     self.trainable_rules = [tuple(r) for r in config.get("trainable", defaults.trainable)]
     self.frozen_dtype = config.get("frozen_dtype", defaults.frozen_dtype)
 
+  @property
+  def batch_geometry(self) -> dict[str, int]:
+    c = self.config
+    return {"horizon": int(c.horizon), "state_dim": int(c.state_dim), "action_dim": int(c.action_dim),
+            "max_tokens": int(c.num_tokens)}
+
   def _retrieve(self, memory, feats, frame_id):
     """Value of the nearest valid memory entry by L1 distance, never the query's own frame. [B, H, A]."""
     dist = jnp.abs(feats[:, None, :] - memory["keys"][None]).sum(-1)          # [B, M]

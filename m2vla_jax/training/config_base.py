@@ -142,17 +142,16 @@ def small_sim_model(*, vlm: str, num_cameras: int, horizon: int, mol: bool, msm:
   return m
 
 
-def small_sim_pipeline(*, datasets: str, data_dir: str, cameras: tuple[str, ...], image_size: int,
-                       horizon: int, max_tokens: int) -> ml_collections.ConfigDict:
-  """The RLDS pipeline for locally recorded demos: one reader thread, a small shuffle buffer."""
+def small_sim_pipeline(*, datasets: str, data_dir: str, cameras: tuple[str, ...],
+                       image_size: int) -> ml_collections.ConfigDict:
+  """The RLDS pipeline for locally recorded demos: one reader thread, a small shuffle buffer. Its
+  batch geometry (horizon, widths, text tokens) comes from the policy (`data.loader.pipeline_config`)."""
   from m2vla_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   p = pipeline.get_config()
   p.datasets = datasets
   p.data_dir = data_dir
   p.cameras = tuple(cameras)
   p.image_size = (image_size, image_size)
-  p.horizon = horizon
-  p.max_tokens = max_tokens
   p.shuffle_buffer = 1024
   p.progress = False
   p.num_threads = 1

@@ -14,6 +14,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from m2vla_jax.data import loader
 from m2vla_jax.core import tree_util
 from m2vla_jax.sim.metaworld import instructions
 from m2vla_jax.text import tokenizers
@@ -86,7 +87,7 @@ def test_init_loads_gemma3_gguf_into_vlm_llm(monkeypatch):
 
   monkeypatch.setattr(gguf, "load_gemma3_gguf", recording_load)
   tok = tokenizers.make_tokenizer(config.data.tokenizer)
-  max_tokens = config.data.pipeline.max_tokens
+  max_tokens = loader.pipeline_config(config).max_tokens
   texts = [t for task in (*config.sim.tasks, *config.sim.held_out_tasks)
            for t in instructions.all_instructions(task)]
   tokens, mask = tok.tokenize_batch(texts, max_tokens)  # raises if one exceeds the budget

@@ -13,6 +13,7 @@ import jax
 import numpy as np
 import pytest
 
+from m2vla_jax.data import loader
 from m2vla_jax.core import tree_util
 from m2vla_jax.models import vlm as vlm_lib
 from m2vla_jax.sim.metaworld import instructions
@@ -54,7 +55,7 @@ def test_every_instruction_fits_the_token_budget():
   c = _config()
   tok = tokenizers.make_tokenizer(c.data.tokenizer)
   texts = [t for task in (*c.sim.tasks, *c.sim.held_out_tasks) for t in instructions.all_instructions(task)]
-  tokens, mask = tok.tokenize_batch(texts, c.data.pipeline.max_tokens)  # raises if one is too long
+  tokens, mask = tok.tokenize_batch(texts, loader.pipeline_config(c).max_tokens)  # raises if one is too long
   for text, ids, m in zip(texts, tokens, mask):
     assert tok.decode(ids[m]) == text
 
@@ -72,7 +73,7 @@ def test_init_loads_both_pretrained_towers_and_freezes_them():
   c = _config("queries=train")
   s_img, h = c.sim.image_size, c.model.horizon
   tok = tokenizers.make_tokenizer(c.data.tokenizer)
-  tokens, mask = tok.tokenize_batch(["close the drawer"], c.data.pipeline.max_tokens)
+  tokens, mask = tok.tokenize_batch(["close the drawer"], loader.pipeline_config(c).max_tokens)
   example = {"observation": {"images": np.zeros((1, 1, s_img, s_img, 3), np.uint8),
                              "image_mask": np.ones((1, 1), bool),
                              "state": np.zeros((1, c.model.state_dim), np.float32),

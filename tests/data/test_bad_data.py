@@ -69,6 +69,7 @@ def test_missing_dataset_directory(tmp_path):
 
 def test_mixture_with_unknown_dataset(bad_root, tmp_path):
   c = pipeline.get_config()
+  c.update(horizon=4, max_tokens=32)   # a policy's geometry; no policy here
   c.update(dict(data_dir=bad_root, datasets="toy_bad:1,not_a_dataset:2", stats_dir=str(tmp_path)))
   with pytest.raises(DataError, match=r"names unknown dataset 'not_a_dataset'"):
     pipeline.make_pipeline(c, tokenizer=testing.ByteTokenizer(), process_index=0, process_count=1)
@@ -97,6 +98,7 @@ def test_zero_variance_action_dim_errors_or_passes_through(tmp_path, caplog):
     np.testing.assert_array_equal(out[:, 3], ds.episodes[0]["action"][:, 3])  # gripper untouched
     assert np.abs(out[:, 0] - ds.episodes[0]["action"][:, 0]).max() > 1e-3  # others normalized
   c = pipeline.get_config()
+  c.update(horizon=4, max_tokens=32)   # a policy's geometry; no policy here
   c.update(dict(data_dir=root, datasets="toy_flat", stats_dir=str(tmp_path / "s"), progress=False,
                 zero_variance="error", image_size=(16, 16)))
   with pytest.raises(DataError, match="toy_flat"):
@@ -109,6 +111,7 @@ def test_entry_naming_a_missing_action_key_and_bad_config(bad_root, tmp_path):
   with pytest.raises(DataError, match=r"field 'action/world_vector': named by the registry entry"):
     load_dataset(bad_root, spec, "train", progress=False)
   c = pipeline.get_config()
+  c.update(horizon=4, max_tokens=32)   # a policy's geometry; no policy here
   c.update(dict(data_dir=bad_root, datasets="toy_bad", batch_size=5, stats_dir=str(tmp_path)))
   with pytest.raises(DataError, match="batch_size=5 is not divisible by process_count=2"):
     pipeline.make_pipeline(c, tokenizer=testing.ByteTokenizer(), process_index=0, process_count=2)

@@ -59,6 +59,7 @@ def loaded():
 
 def _config(tmp, **kw):
   c = pipeline.get_config()
+  c.update(horizon=4, max_tokens=32)   # a policy's geometry; no policy here
   c.data_dir, c.datasets, c.stats_dir, c.progress = BRIDGE, "bridge", str(tmp), False
   c.update(kw)
   return c

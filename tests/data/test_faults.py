@@ -347,6 +347,7 @@ def test_pipeline_near_constant_option(tmp_path):
   eps[4]["action"][7, 2] = 2.0
   _write(str(tmp_path), "toy_nc", eps)
   c = pipeline.get_config()
+  c.update(horizon=4, max_tokens=32)   # a policy's geometry; no policy here
   c.update(dict(data_dir=str(tmp_path), datasets="toy_nc", stats_dir=str(tmp_path / "s"), progress=False,
                 image_size=(16, 16), cameras=("primary",), batch_size=4))
   it = pipeline.make_pipeline(c, tokenizer=testing.ByteTokenizer(), process_index=0, process_count=1)
@@ -392,6 +393,7 @@ def test_statistics_with_other_state_width_are_refused(tmp_path):
   eps = testing.toy_episodes(2, 4, seed=8, state_dim=3)
   _write(str(tmp_path), "toy_sw", eps)
   c = pipeline.get_config()
+  c.update(horizon=4, max_tokens=32)   # a policy's geometry; no policy here
   c.update(dict(data_dir=str(tmp_path), datasets="toy_sw", stats_dir=str(tmp_path / "s"), progress=False,
                 image_size=(16, 16), cameras=("primary",), batch_size=2))
   it = pipeline.make_pipeline(c, tokenizer=testing.ByteTokenizer(), process_index=0, process_count=1)

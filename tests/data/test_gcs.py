@@ -80,6 +80,7 @@ def _upload(local_dir, dest):
 
 def _config(data_dir, stats_dir):
   c = pipeline.get_config()
+  c.update(horizon=4, max_tokens=32)   # a policy's geometry; no policy here
   c.update(dict(datasets=NAME, data_dir=data_dir, stats_dir=stats_dir, progress=False, image_size=(16, 16),
                 horizon=3, max_tokens=8, cameras=("primary",), batch_size=8, shuffle_buffer=16))
   return c

@@ -35,6 +35,7 @@ def written(tmp_path_factory):
 
 def _config(root, tmp, **kw):
   c = pipeline.get_config()
+  c.update(horizon=4, max_tokens=32)   # a policy's geometry; no policy here
   c.update(dict(data_dir=root, stats_dir=str(tmp), progress=False, image_size=(16, 16), horizon=3,
                 max_tokens=8, cameras=("primary",)))
   c.update(kw)
@@ -110,6 +111,7 @@ _RESUME = textwrap.dedent("""
                    action=(F("action", 0, 3), F("action", 3, 4, gripper=oxe.Gripper.OPEN_1))),
                    overwrite=True)
     cfg = pipeline.get_config()
+    cfg.update(horizon=4, max_tokens=32)   # a policy's geometry; no policy here
     cfg.update(json.loads(sys.argv[1]))
     it = pipeline.make_pipeline(cfg, tokenizer=testing.ByteTokenizer(), seed=7, process_index=0,
                                 process_count=1)

@@ -383,6 +383,7 @@ def test_mixture_batches_line_up_state_and_gripper_dims(written, tmp_path):
   root, raws = written
   names = sorted(["taco_play", "fractal20220817_data", "jaco_play", "bridge_dataset"])
   c = pipeline.get_config()
+  c.update(horizon=4, max_tokens=32)   # a policy's geometry; no policy here
   c.update(dict(data_dir=root, datasets=",".join(names), stats_dir=str(tmp_path), progress=False,
                 image_size=(4, 4), cameras=("primary",), normalization="none", batch_size=16,
                 shuffle_buffer=0, max_tokens=8))

@@ -22,6 +22,7 @@ from typing import Any, Mapping, Sequence
 import jax
 import numpy as np
 
+from m2vla_jax.data import loader
 from m2vla_jax.inference import normalization
 from m2vla_jax.inference import observation
 from m2vla_jax.inference.policy import InferencePolicy
@@ -80,7 +81,7 @@ class SimPolicyAdapter:
       if field not in config.data:
         raise ValueError(f"the run's config has no data.{field}; the adapter needs the training "
                          f"tokenizer and pipeline settings (an RLDS-trained run)")
-    pipe = config.data.pipeline
+    pipe = loader.pipeline_config(config)   # the batch geometry resolved from the policy
     return cls(policy, loaded.params, loaded.state, loaded.statistics,
                tokenizer=tokenizers.make_tokenizer(config.data.tokenizer),
                max_tokens=int(pipe.max_tokens), image_size=tuple(pipe.image_size),

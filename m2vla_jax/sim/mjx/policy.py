@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from m2vla_jax.data import loader
 from m2vla_jax.inference import normalization
 from m2vla_jax.inference.policy import InferencePolicy
 from m2vla_jax.sim.mjx import rollout as rollout_lib
@@ -96,7 +97,7 @@ class TrainedPolicy:
     """From a training run's newest (or given) checkpoint, on one device."""
     loaded = InferencePolicy.from_workdir(workdir, step)
     config = loaded.config
-    pipe = config.data.pipeline
+    pipe = loader.pipeline_config(config)   # the batch geometry resolved from the policy
     size = tuple(int(x) for x in pipe.image_size)
     if size[0] != size[1]:
       raise ValueError(f"data.pipeline.image_size={size}: the MJX renderer makes square images")

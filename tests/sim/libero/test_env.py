@@ -12,6 +12,7 @@ import os
 import numpy as np
 import pytest
 
+from m2vla_jax.data import loader
 from m2vla_jax.sim.libero import env as libero_env
 from m2vla_jax.sim.libero import evaluate as libero_eval
 import support
@@ -172,7 +173,7 @@ def test_libero_config_builds_every_suite_backbone_and_row():
   for suite in ("spatial", "object", "goal", "10"):
     c = _libero_config(f"suite={suite}")
     assert oxe.resolve_mixture(c.data.pipeline.datasets) == {f"libero_{suite}_no_noops": 1.0}
-    assert c.model.horizon == c.data.pipeline.horizon == 8 and c.data.pipeline.cameras == ("primary", "wrist")
+    assert c.model.horizon == loader.pipeline_config(c).horizon == 8 and c.data.pipeline.cameras == ("primary", "wrist")
   c = _libero_config("suite=all")
   assert len(oxe.resolve_mixture(c.data.pipeline.datasets)) == 4
   paligemma = _libero_config("")

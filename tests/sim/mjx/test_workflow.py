@@ -8,6 +8,7 @@ import pathlib
 
 import pytest
 
+from m2vla_jax.data import loader
 from m2vla_jax.models import vlm as vlm_lib
 from m2vla_jax.sim.common import demo_cache
 from m2vla_jax.sim.mjx import experts
@@ -46,12 +47,12 @@ def test_config_is_consistent_and_short_args_apply():
   # one token per word (the colour is one token, as in Gemma's vocabulary): 16 tokens in both the
   # pipeline and the tiny VLM, every id inside the tiny Gemma's 128
   assert c.data.tokenizer.startswith("words:") and "red" in c.data.tokenizer.split(",")
-  assert c.data.pipeline.max_tokens == c.model.vlm_overrides.max_text_tokens == 16
+  assert loader.pipeline_config(c).max_tokens == c.model.vlm_overrides.max_text_tokens == 16
   assert tokenizers.make_tokenizer(c.data.tokenizer).vocab <= 128
   # bytes: 32 tokens (the instructions differ after 15 characters)
   b = _config("tokenizer=bytes")
   assert b.data.tokenizer == "bytes_mod:128"
-  assert b.data.pipeline.max_tokens == b.model.vlm_overrides.max_text_tokens == 32
+  assert loader.pipeline_config(b).max_tokens == b.model.vlm_overrides.max_text_tokens == 32
   assert workflow._check(c) is c.mjx  # pylint: disable=protected-access
   # every setting that changes the recorded data is a different cache entry: the demo count,
   # the noise, the post-success steps and which tasks keep them (by default 10, place only)
@@ -140,8 +141,9 @@ def test_config_errors_name_the_field():
   # 16 byte tokens: pick_lift's and place_on_target's "pick up the red block ..." collide
   c = _config("tokenizer=bytes")
   c.unlock()
-  c.data.pipeline.max_tokens = 16
-  with pytest.raises(ValueError, match=r"more than config.data.pipeline.max_tokens=16"):
+  c.model.vlm_overrides.max_text_tokens = 16
+  with pytest.raises(ValueError, match=r"more than the policy's text budget max_tokens=16; raise "
+                                       r"config.model.vlm_overrides.max_text_tokens"):
     workflow._check(c)  # pylint: disable=protected-access
   with pytest.raises(ValueError, match=r"tokenizer='sentencepiece'; use one of \('words', 'bytes'\)"):
     _config("tokenizer=sentencepiece")
