@@ -1,9 +1,10 @@
 """The run skeleton the simulation workflows share: prepare -> train -> evaluate, timed per phase.
 
-Owns `PhaseTimer` and `run_phases`, used by `m2vla_jax.sim.metaworld.workflow` (Meta-World) and
-`m2vla_jax.sim.mjx.workflow` (MJX): each workflow supplies its own preparation phases
-(demonstrations, backbone pretraining) and its evaluation; the trainer call, the wall-clock
-bookkeeping and the summary file are the same.
+Owns `PhaseTimer` and `run_phases`, used by the Meta-World, MJX and LIBERO workflows: each supplies
+its own preparation phases (demonstrations, backbone pretraining) and its evaluation; the trainer
+call, the wall-clock bookkeeping and the summary file are the same. The evaluation phase of each
+opens with `open_evaluation` (report folder, timed policy load) and ends with `write_evaluation`
+(summary.json / summary.md, one headline per result).
 """
 from __future__ import annotations
 
@@ -14,6 +15,30 @@ import time
 from typing import Any, Callable, Iterator, Sequence
 
 import ml_collections
+
+from m2vla_jax.evaluation import summary as summary_lib
+
+
+def open_evaluation(workdir: str, out_subdir: str, load: Callable[[], Any], policy: Any = None
+                    ) -> tuple[str, Any, dict[str, float]]:
+  """(out_dir, policy, wall) for a closed-loop evaluation of a run: `<workdir>/<out_subdir>` made,
+  `policy` as given (tests) or `load()` (the run's newest checkpoint), its seconds in
+  wall['load_policy'] (the evaluations add theirs)."""
+  out_dir = os.path.join(workdir, out_subdir)
+  os.makedirs(out_dir, exist_ok=True)
+  t0 = time.time()
+  if policy is None:
+    policy = load()
+  return out_dir, policy, {"load_policy": time.time() - t0}
+
+
+def write_evaluation(out_dir: str, summary: dict[str, Any], table: str, headlines: Sequence[str]
+                     ) -> dict[str, Any]:
+  """summary.json + summary.md (`table`) into out_dir, each headline printed; returns `summary`."""
+  summary_lib.write_run_summary(out_dir, summary, table)
+  for line in headlines:
+    print(line, flush=True)
+  return summary
 
 
 class PhaseTimer:

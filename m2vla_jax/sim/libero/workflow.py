@@ -93,15 +93,13 @@ def evaluate_run(config: ml_collections.ConfigDict, workdir: str, policy: Any = 
   GIFs, `summary.json` and `summary.md`. `policy`: a ready policy in standardized units (tests);
   default the run's newest checkpoint. Returns the summary dict.
   """
+  from m2vla_jax.sim.common import phases  # pylint: disable=g-import-not-at-top
   from m2vla_jax.sim.common import policy_adapter  # pylint: disable=g-import-not-at-top
   from m2vla_jax.sim.libero import evaluate  # pylint: disable=g-import-not-at-top
   section = _check(config)
-  out_dir = os.path.join(workdir, section.eval.out_subdir)
-  os.makedirs(out_dir, exist_ok=True)
-  t0 = time.time()
-  if policy is None:
-    policy = policy_adapter.SimPolicyAdapter.from_workdir(workdir, seed=int(config.seed))
-  wall = {"load_policy": time.time() - t0}
+  out_dir, policy, wall = phases.open_evaluation(
+      workdir, section.eval.out_subdir, policy=policy,
+      load=lambda: policy_adapter.SimPolicyAdapter.from_workdir(workdir, seed=int(config.seed)))
   name = f"{section.suite}_held_out_inits"
   cfg = eval_config(section)
   t0 = time.time()
@@ -112,9 +110,8 @@ def evaluate_run(config: ml_collections.ConfigDict, workdir: str, policy: Any = 
       workdir, section.dataset_name, [evaluate.task_name(section.suite, t) for t in cfg.tasks],
       "variant", results, wall, suite=section.suite,
       init_states=[cfg.first_init_state, cfg.first_init_state + cfg.episodes_per_task - 1])
-  summary_lib.write_run_summary(out_dir, summary, summary_lib.markdown(results, "variant"))
-  print(summary_lib.headline(name, result, wall["eval"]), flush=True)
-  return summary
+  return phases.write_evaluation(out_dir, summary, summary_lib.markdown(results, "variant"),
+                                 [summary_lib.headline(name, result, wall["eval"])])
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:

@@ -119,15 +119,13 @@ def evaluate_run(config: ml_collections.ConfigDict, workdir: str, policy: Any = 
   wall-clock) and `summary.md`. `policy`: a ready policy callable (tests), default
   `SimPolicyAdapter.from_workdir(workdir)`. Returns the summary dict.
   """
-  from m2vla_jax.sim.metaworld import evaluate as evaluate_metaworld  # pylint: disable=g-import-not-at-top
+  from m2vla_jax.sim.common import phases  # pylint: disable=g-import-not-at-top
   from m2vla_jax.sim.common import policy_adapter  # pylint: disable=g-import-not-at-top
+  from m2vla_jax.sim.metaworld import evaluate as evaluate_metaworld  # pylint: disable=g-import-not-at-top
   sim = _check_sim(config)
-  out_dir = os.path.join(workdir, sim.eval.out_subdir)
-  os.makedirs(out_dir, exist_ok=True)
-  t0 = time.time()
-  if policy is None:
-    policy = policy_adapter.SimPolicyAdapter.from_workdir(workdir, seed=int(config.seed))
-  wall = {"load_policy": time.time() - t0}
+  out_dir, policy, wall = phases.open_evaluation(
+      workdir, sim.eval.out_subdir, policy=policy,
+      load=lambda: policy_adapter.SimPolicyAdapter.from_workdir(workdir, seed=int(config.seed)))
   episodes = {"seen": int(sim.eval.episodes_per_task),
               "paraphrased": int(sim.eval.paraphrased_episodes),
               "held_out_tasks": int(sim.eval.held_out_episodes)}
@@ -143,10 +141,9 @@ def evaluate_run(config: ml_collections.ConfigDict, workdir: str, policy: Any = 
     wall[f"eval_{variant}"] = time.time() - t
   summary = summary_lib.run_summary(workdir, sim.dataset_name, sim.tasks, "variant", results, wall,
                                     held_out_tasks=list(sim.held_out_tasks))
-  summary_lib.write_run_summary(out_dir, summary, summary_lib.markdown(results, "variant"))
-  for v, r in results.items():
-    print(summary_lib.headline(f"{sim.suite} {v}", r, wall[f"eval_{v}"]), flush=True)
-  return summary
+  return phases.write_evaluation(
+      out_dir, summary, summary_lib.markdown(results, "variant"),
+      [summary_lib.headline(f"{sim.suite} {v}", r, wall[f"eval_{v}"]) for v, r in results.items()])
 
 
 def training_evaluators(config: ml_collections.ConfigDict) -> tuple[Any, ...]:

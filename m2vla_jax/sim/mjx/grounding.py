@@ -24,8 +24,8 @@ be memorised, and the policy's demos stay the only behaviour data.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
+import logging
 import os
 import time
 from typing import Any, Sequence
@@ -37,11 +37,15 @@ import numpy as np
 import optax
 
 from m2vla_jax.core import freezing
+from m2vla_jax.data import loader
 from m2vla_jax.models import vlm as vlm_lib
+from m2vla_jax.sim.common import demo_cache
 from m2vla_jax.sim.mjx import render as render_lib
 from m2vla_jax.sim.mjx import scene as scene_lib
 from m2vla_jax.sim.mjx import tasks as tasks_lib
 from m2vla_jax.training import train_state
+
+log = logging.getLogger(__name__)
 
 # Columns of the target vector, in order (each is a position in metres x TARGET_SCALE). The
 # instruction's task is deliberately not a target: with its one-hot added, cloned policies
@@ -84,11 +88,16 @@ class Settings:
   def vlm_config(self) -> vlm_lib.VLMConfig:
     return vlm_lib.get_config(self.vlm, **dict(self.vlm_overrides))
 
+  def spec(self) -> dict[str, Any]:
+    """Everything the pretrained backbone depends on, as JSON: the settings and the targets."""
+    return demo_cache.canonical({**dataclasses.asdict(self), "targets": list(TARGETS)})
+
   def cache_name(self) -> str:
-    """File name that changes with every setting (the tokenizer through a digest: it is long)."""
-    digest = hashlib.sha1(repr((dataclasses.astuple(self), TARGETS)).encode()).hexdigest()[:10]
+    """The cache scheme every simulator cache uses (`demo_cache.cache_name`): a readable prefix and
+    the digest of `spec()`, so a file name changes with every setting."""
     cams = "-".join(self.cameras)
-    return f"ground_{self.vlm}_{cams}_{self.image_size}px_s{self.steps}_b{self.batch_size}_{digest}"
+    return demo_cache.cache_name(
+        f"ground_{self.vlm}_{cams}_{self.image_size}px_s{self.steps}_b{self.batch_size}", self.spec())
 
 
 def settings_from_config(config) -> Settings:
@@ -96,7 +105,7 @@ def settings_from_config(config) -> Settings:
   p = config.mjx.pretrain
   return Settings(vlm=str(config.model.vlm),
                   vlm_overrides=tuple(sorted(dict(config.model.vlm_overrides).items())),
-                  tokenizer=str(config.data.tokenizer), max_tokens=int(config.data.pipeline.max_tokens),
+                  tokenizer=str(config.data.tokenizer), max_tokens=int(loader.pipeline_config(config).max_tokens),
                   tasks=tuple(config.mjx.tasks), cameras=tuple(config.mjx.cameras),
                   image_size=int(config.mjx.image_size), steps=int(p.steps),
                   batch_size=int(p.batch_size), lr=float(p.lr), seed=int(p.seed))
@@ -257,16 +266,25 @@ def pretrain(settings: Settings, out_path: str, *, log_every: int = 500, eval_si
             f"{errs['named_block_xy']:.2f}, goal {errs['goal_xy']:.2f}, hand {errs['hand_xyz']:.2f}",
             flush=True)
   npz.save_npz(out_path, state.params()["vlm"])
-  report = {"settings": dataclasses.asdict(settings), "targets": list(TARGETS),
-            "held_out_scenes": eval_size, "history": history, "final": history[-1]}
+  report = {"spec": settings.spec(), "held_out_scenes": eval_size, "history": history, "final": history[-1]}
   with open(out_path + ".json", "w") as f:
     json.dump(report, f, indent=1)
   return report
 
 
 def ensure_pretrained(settings: Settings, out_path: str) -> dict[str, Any] | None:
-  """Runs `pretrain` unless `out_path` exists (then None: the cached backbone is used)."""
+  """Runs `pretrain` unless `out_path` holds the backbone of exactly these settings (then None: the
+  cached one is used). The report beside it (`out_path`.json, written last) holds the spec; a file
+  without it (an interrupted write) or with another spec is trained again, with a warning."""
   if os.path.exists(out_path):
-    print(f"using cached grounding-pretrained backbone {out_path}", flush=True)
-    return None
+    report_path = out_path + ".json"
+    saved = None
+    if os.path.exists(report_path):
+      with open(report_path) as f:
+        saved = json.load(f).get("spec")
+    if saved == settings.spec():
+      print(f"using cached grounding-pretrained backbone {out_path}", flush=True)
+      return None
+    log.warning("grounding cache %s %s; training it again", out_path,
+                "has no spec beside it" if saved is None else "was trained for another spec")
   return pretrain(settings, out_path)

@@ -43,8 +43,10 @@ from typing import Any, Sequence
 
 import ml_collections
 
-from m2vla_jax.sim.common import demo_cache
+from m2vla_jax.data import loader
 from m2vla_jax.evaluation import summary as summary_lib
+from m2vla_jax.sim.common import demo_cache
+from m2vla_jax.sim.common import phases
 
 _DEMO_STATS = "mjx_demo_summary.json"
 
@@ -86,7 +88,7 @@ def _check(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if int(config.model.num_cameras) != len(slots):
     raise ValueError(f"config.model.num_cameras={config.model.num_cameras} must be "
                      f"len(config.mjx.cameras)={len(slots)}")
-  _check_tokenizer(tuple(m.tasks), str(config.data.tokenizer), int(config.data.pipeline.max_tokens))
+  _check_tokenizer(tuple(m.tasks), str(config.data.tokenizer), int(loader.pipeline_config(config).max_tokens))
   for field in ("episodes_per_task", "horizon", "execute_steps"):
     if int(m.eval[field]) < 1:
       raise ValueError(f"config.mjx.eval.{field}={m.eval[field]} must be >= 1")
@@ -125,8 +127,8 @@ def _check_tokenizer(tasks: tuple[str, ...], spec: str, max_tokens: int) -> None
       ids = tuple(tok.encode(ins.text))
       if len(ids) > max_tokens:
         raise ValueError(f"instruction {ins.text!r} is {len(ids)} tokens with config.data.tokenizer"
-                         f"={spec[:40]!r}, more than config.data.pipeline.max_tokens={max_tokens}; "
-                         f"raise max_tokens (and model.vlm_overrides.max_text_tokens)")
+                         f"={spec[:40]!r}, more than the policy's text budget max_tokens={max_tokens}; "
+                         f"raise config.model.vlm_overrides.max_text_tokens")
       if ids in seen:
         raise ValueError(f"instructions {seen[ids]!r} and {ins.text!r} have the same tokens with "
                          f"config.data.tokenizer={spec[:40]!r}")
@@ -238,12 +240,8 @@ def evaluate_run(config: ml_collections.ConfigDict, workdir: str, trained: Any =
   from m2vla_jax.sim.mjx import rollout as rollout_lib  # pylint: disable=g-import-not-at-top
   m = _check(config)
   e = m.eval
-  out_dir = os.path.join(workdir, e.out_subdir)
-  os.makedirs(out_dir, exist_ok=True)
-  t0 = time.time()
-  if trained is None:
-    trained = policy_lib.TrainedPolicy.from_workdir(workdir)
-  wall = {"load_policy": time.time() - t0}
+  out_dir, trained, wall = phases.open_evaluation(
+      workdir, e.out_subdir, policy=trained, load=lambda: policy_lib.TrainedPolicy.from_workdir(workdir))
   # record=True: the per-call privileged state gives the grounding measure (named_block_closest).
   env = dataclasses.replace(trained.env_params(tuple(m.tasks), tuple(m.cameras),
                                                int(e.execute_steps)),
@@ -294,10 +292,8 @@ def evaluate_run(config: ml_collections.ConfigDict, workdir: str, trained: Any =
   if os.path.exists(demo_stats):
     with open(demo_stats) as f:
       summary["expert_demos"] = json.load(f)
-  summary_lib.write_run_summary(out_dir, summary, table)
-  for k, r in results.items():
-    print(summary_lib.headline(k, r), flush=True)
-  return summary
+  return phases.write_evaluation(out_dir, summary, table,
+                                 [summary_lib.headline(k, r) for k, r in results.items()])
 
 
 def _collect_round(m: ml_collections.ConfigDict, data_dir: str, name: str,
@@ -384,7 +380,6 @@ def dagger_rounds(config: ml_collections.ConfigDict, workdir: str) -> list[dict[
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """prepare_data -> prepare_backbone -> trainer.train -> evaluate_run (-> dagger_rounds), with
   wall-clock per phase in the summary."""
-  from m2vla_jax.sim.common import phases  # pylint: disable=g-import-not-at-top
   _check(config)
   summary = phases.run_phases(
       config, workdir,

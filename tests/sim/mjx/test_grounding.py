@@ -13,6 +13,7 @@ import mujoco
 import numpy as np
 import pytest
 
+from m2vla_jax.sim.common import demo_cache
 from m2vla_jax.sim.mjx import grounding
 from m2vla_jax.sim.mjx import render as render_lib
 from m2vla_jax.sim.mjx import scene as scene_lib
@@ -123,7 +124,7 @@ def test_errors_cm_scores_positions_in_cm():
   assert float(e["hand_xyz"]) == 0.0
 
 
-def test_pretrain_writes_a_backbone_the_policy_loads_and_is_cached(tmp_path):
+def test_pretrain_writes_a_backbone_the_policy_loads_and_is_cached(tmp_path, monkeypatch):
   from m2vla_jax.policies import m2vla
   from m2vla_jax.training import pretrained
   c = config_base.load_config_file(CONFIG).get_config(
@@ -138,7 +139,7 @@ def test_pretrain_writes_a_backbone_the_policy_loads_and_is_cached(tmp_path):
   report = grounding.pretrain(settings, c.init.checkpoint, log_every=1, eval_size=8)
   assert [h["step"] for h in report["history"]] == [1, 2]
   assert np.isfinite(report["final"]["named_block_xy"])
-  assert json.load(open(c.init.checkpoint + ".json"))["targets"] == list(grounding.TARGETS)
+  assert json.load(open(c.init.checkpoint + ".json"))["spec"]["targets"] == list(grounding.TARGETS)
   # every written member is a parameter of the policy's backbone, with its shape
   policy = m2vla.M2VLA(c.model)
   batch = {"observation": {"images": np.zeros((1, 1, 32, 32, 3), np.uint8),
@@ -155,8 +156,19 @@ def test_pretrain_writes_a_backbone_the_policy_loads_and_is_cached(tmp_path):
   assert all(loaded[k].shape == flat[k] for k in loaded)
   # second call: cached, nothing runs
   assert grounding.ensure_pretrained(settings, c.init.checkpoint) is None
-  # a settings change is a different file
+  # a settings change is a different file, named by the scheme every simulator cache uses
   assert _settings(steps=3).cache_name() != _settings().cache_name()
+  s = _settings()
+  assert s.cache_name() == demo_cache.cache_name(s.cache_name().rsplit("_", 1)[0], s.spec())
+  # a file whose report lacks the spec (an interrupted write, or an old cache) is trained again
+  report_path = c.init.checkpoint + ".json"
+  saved = json.load(open(report_path))
+  json.dump({k: v for k, v in saved.items() if k != "spec"}, open(report_path, "w"))
+  monkeypatch.setattr(grounding, "pretrain", lambda s, path: {"trained": (s, path)})
+  assert grounding.ensure_pretrained(settings, c.init.checkpoint) == {"trained": (settings, c.init.checkpoint)}
+  saved["spec"]["steps"] += 1                          # another spec beside the file: trained again
+  json.dump(saved, open(report_path, "w"))
+  assert grounding.ensure_pretrained(settings, c.init.checkpoint) is not None
 
 
 def test_errors_name_the_field(tmp_path):
