@@ -2,7 +2,8 @@
 trainer's data interface (iterator + get_state / set_state / statistics).
 
 `config.data`: `pipeline` (the pipeline's own ConfigDict, `pipeline.get_config()` overridden by the
-config file; its batch_size is forced to the trainer's `config.batch_size`) and `tokenizer` (a
+config file; its batch_size is the trainer's `config.batch_size` and its batch geometry the policy's,
+see `pipeline_config`) and `tokenizer` (a
 `text.tokenizers.make_tokenizer` spec). The pipeline shards by host itself, so every host passes the
 same seed. Split 'val' maps to the dataset's validation split name (`config.data.val_split`).
 """
