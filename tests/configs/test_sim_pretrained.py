@@ -46,6 +46,7 @@ def test_config_is_sim_on_the_pretrained_frozen_backbone():
   assert c.sim.image_size == 112 and tuple(c.data.pipeline.image_size) == (112, 112)
   assert c.feature_cache.stage == "auto" and not c.data.pipeline.augment
   default = _config()
+  assert default.total_steps == 2000  # the comparison's row (a) budget (docs/results/metaworld.md)
   assert [tuple(r) for r in default.model.trainable] == [("vlm/.*", False), (".*", True)]
   with pytest.raises(config_base.ConfigError, match="queries"):
     _config("queries=sometimes")
