@@ -34,8 +34,8 @@ The comparison's other rows (`method=`, same tasks, demos, head and budget; READ
 Adapter and full fine-tuning rows train the backbone through the frozen-feature cache's
 'image_features' stage (the DINOv2 tower stays frozen unless the targets reach it).
 
-Short args: those of configs/sim.py (steps (default 2000 here), batch, episodes, eval_episodes (default 10 here), mol,
-msm, horizon, execute (default 4 here), lr, width, data_dir) plus queries ('frozen' | 'train'), projector ('frozen' | 'train'),
+Short args: those of configs/sim.py (steps (default 2000 here), batch, episodes, eval_episodes
+(default 10 here), mol, msm, horizon, execute (default 4 here), lr, width, data_dir) plus queries ('frozen' | 'train'), projector ('frozen' | 'train'),
 image_size (a multiple of 14 divisible into 2 x 2 pools: 56, 112, 168, 224), method (above), rank
 (adapters, 16), backbone_lr (full / lora / gse, 1e-5: VLA-GSE's adapter rate), skip (mole, 9), kd
 (mole, 0.5).
@@ -64,9 +64,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     raise config_base.ConfigError(f"config argument method={a.method!r}: use one of {METHODS}")
   # configs/sim.py's arguments, with this config's defaults first (a later item wins): evaluation
   # runs the 22M + 270M backbone live, so fewer episodes and 4 of 8 actions per policy call; 2000
-  # steps (configs/sim.py: 3000) because the 18-block head makes a step ~10x the tiny default's, and
-  # three seeds of the comparison's row (a) must fit one 3-hour session on 2 cores (~36 min per seed).
-  rest = ["steps=2000", "eval_episodes=10", "execute=4"] + [i for i in items if i.split("=", 1)[0] not in own]
+  # steps (configs/sim.py: 3000) because the 18-block head makes a cached step ~6x the tiny default's
+  # (1.7 against 10.9 steps/s on 2 cores), and three seeds of the comparison's row (a) must fit one
+  # 3-hour session there (~36 min per seed with evaluation).
+  rest = (["steps=2000", "eval_episodes=10", "execute=4"]
+          + [i for i in items if i.split("=", 1)[0] not in own])
   c = config_base.load_config_file("sim.py", relative_to=__file__).get_config(",".join(rest))
   rules = []
   if a.queries == "train":
