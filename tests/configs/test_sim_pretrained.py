@@ -11,14 +11,19 @@ import os
 
 import jax
 import numpy as np
+import optax
 import pytest
 
 from m2vla_jax.data import loader
+from m2vla_jax.core import dtypes
 from m2vla_jax.core import tree_util
 from m2vla_jax.models import vlm as vlm_lib
+from m2vla_jax.policies import registry
 from m2vla_jax.sim.metaworld import instructions
 from m2vla_jax.text import tokenizers
 from m2vla_jax.training import config_base
+from m2vla_jax.training import pretrained
+from m2vla_jax.training import train_state
 from m2vla_jax.training import trainer
 from m2vla_jax.training import validation
 import support
@@ -68,20 +73,39 @@ def test_image_size_not_a_multiple_of_the_patch_names_the_field():
     vlm_lib.get_config("dinov2s_gemma3_270m", image_size=98)     # 7 x 7 patches
 
 
+def _example(c):
+  s_img, h = c.sim.image_size, c.model.horizon
+  tok = tokenizers.make_tokenizer(c.data.tokenizer)
+  tokens, mask = tok.tokenize_batch(["close the drawer"], loader.pipeline_config(c).max_tokens)
+  return {"observation": {"images": np.zeros((1, 1, s_img, s_img, 3), np.uint8),
+                          "image_mask": np.ones((1, 1), bool),
+                          "state": np.zeros((1, c.model.state_dim), np.float32),
+                          "tokens": tokens.astype(np.int32), "token_mask": mask},
+          "actions": np.zeros((1, h, c.model.action_dim), np.float32),
+          "action_mask": np.ones((1, h), bool), "frame_id": np.zeros((1,), np.int32)}
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "gse", "mole"])
+def test_every_method_loads_the_pretrained_image_tower(method):
+  # The comparison's other rows build their backbone through their own policy (MoLe-VLA adds a
+  # router): the DINOv2 import must resolve the tower from the policy config.policy names.
+  c = _config(f"method={method}")
+  validation.validate_config(c)
+  policy = registry.policy_class(c.policy)(c.model)
+  init_fn = train_state.make_init_fn(policy, optax.sgd(0.1), _example(c), policy.trainable_rules,
+                                     dtypes.DTYPES[policy.frozen_dtype], False)
+  params = jax.eval_shape(init_fn, jax.random.PRNGKey(0)).params()
+  with c.unlocked():
+    c.init.llm_gguf = ""
+  loaded = pretrained.load_init_checkpoint(c, params)
+  assert set(loaded) == {k for k in tree_util.flatten(params) if k.startswith("vlm/img/")}
+
+
 @pytest.mark.slow
 def test_init_loads_both_pretrained_towers_and_freezes_them():
   from m2vla_jax.weights import dinov2_onnx, gguf
   c = _config("queries=train")
-  s_img, h = c.sim.image_size, c.model.horizon
-  tok = tokenizers.make_tokenizer(c.data.tokenizer)
-  tokens, mask = tok.tokenize_batch(["close the drawer"], loader.pipeline_config(c).max_tokens)
-  example = {"observation": {"images": np.zeros((1, 1, s_img, s_img, 3), np.uint8),
-                             "image_mask": np.ones((1, 1), bool),
-                             "state": np.zeros((1, c.model.state_dim), np.float32),
-                             "tokens": tokens.astype(np.int32), "token_mask": mask},
-             "actions": np.zeros((1, h, c.model.action_dim), np.float32),
-             "action_mask": np.ones((1, h), bool), "frame_id": np.zeros((1,), np.int32)}
-  s = trainer.setup(c, example, devices=jax.devices()[:1])
+  s = trainer.setup(c, _example(c), devices=jax.devices()[:1])
   frozen, trainable = s.state.frozen, s.state.trainable
   assert not any(k.startswith(("vlm/img", "vlm/llm")) for k in trainable)
   assert "vlm/queries" in trainable
