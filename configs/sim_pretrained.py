@@ -35,10 +35,10 @@ Adapter and full fine-tuning rows train the backbone through the frozen-feature 
 'image_features' stage (the DINOv2 tower stays frozen unless the targets reach it).
 
 Short args: those of configs/sim.py (steps (default 2000 here), batch, episodes, eval_episodes
-(default 10 here), mol, msm, horizon, execute (default 4 here), lr, width, data_dir) plus queries ('frozen' | 'train'), projector ('frozen' | 'train'),
-image_size (a multiple of 14 divisible into 2 x 2 pools: 56, 112, 168, 224), method (above), rank
-(adapters, 16), backbone_lr (full / lora / gse, 1e-5: VLA-GSE's adapter rate), skip (mole, 9), kd
-(mole, 0.5).
+(default 10 here), mol, msm, horizon, execute (default 4 here), lr, width, data_dir) plus queries
+('frozen' | 'train'), projector ('frozen' | 'train'), image_size (a multiple of 14 divisible into
+2 x 2 pools: 56, 112, 168, 224), method (above), rank (adapters, 16), backbone_lr (full / lora / gse,
+1e-5: VLA-GSE's adapter rate), skip (mole, 9), kd (mole, 0.5).
 """
 import ml_collections
 

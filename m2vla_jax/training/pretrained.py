@@ -60,7 +60,7 @@ def _load_img_dinov2(config, field: str, source: str, reference: Any) -> dict[st
   if reference is None:
     raise ValueError(f"config.init.{field} needs the policy's parameter tree (reference) to check against")
   # The policy config.policy names builds the backbone config (MoLe-VLA adds its router to M²-VLA's).
-  vlm_config = registry.policy_class(config.get("policy", "m2vla"))(config.model).vlm_config
+  vlm_config = registry.policy_class(config.policy)(config.model).vlm_config
   if not isinstance(vlm_config.img, dinov2.DINOv2Config):
     raise ValueError(f"config.init.{field}={source!r} loads a DINOv2 tower, but config.model.vlm="
                      f"{config.model.vlm!r} has {type(vlm_config.img).__name__}; use a DINOv2 backbone "
