@@ -8,12 +8,19 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+import re
+
 import jax
 import numpy as np
+
+from m2vla_jax.models import adapters
 
 
 # config.init fields naming pretrained weights; several may be set (e.g. a tower and an LLM).
 INIT_SOURCES = ("checkpoint", "llm_gguf", "img_onnx", "img_hf")
+# LoRA / VLA-GSE parameters beside a wrapped weight: no pretrained file holds them, so they keep the
+# policy's initialisation (LoRA's B = 0; GSE's spectral init runs after loading, in policy.prepare).
+ADAPTER_PATHS = f"{adapters.ADAPTER_PARAM_REGEX}|{adapters.ADAPTER_CONSTANT_REGEX}"
 
 
 def load_init_checkpoint(config, reference: Any = None) -> dict[str, np.ndarray]:
@@ -69,11 +76,14 @@ def _load_img_dinov2(config, field: str, source: str, reference: Any) -> dict[st
   if field == "img_onnx":
     from m2vla_jax.weights import dinov2_onnx  # pylint: disable=g-import-not-at-top
     merged = dinov2_onnx.load(None if source == "package" else source, ref, config=vlm_config.img,
-                              prefix="vlm/img/")
+                              prefix="vlm/img/", missing_ok=ADAPTER_PATHS)
   else:
     from m2vla_jax.weights import dinov2_hf  # pylint: disable=g-import-not-at-top
-    merged = dinov2_hf.load(source, ref, config=vlm_config.img, prefix="vlm/img/")
-  return {k: np.asarray(v, np.float32) for k, v in tree_util.flatten(merged).items()}
+    merged = dinov2_hf.load(source, ref, config=vlm_config.img, prefix="vlm/img/",
+                            missing_ok=ADAPTER_PATHS)
+  adapter = re.compile(ADAPTER_PATHS)
+  return {k: np.asarray(v, np.float32) for k, v in tree_util.flatten(merged).items()
+          if not adapter.fullmatch(k)}
 
 
 def _load_llm_gguf(source: str, reference: Any) -> dict[str, np.ndarray]:
@@ -90,7 +100,7 @@ def _load_llm_gguf(source: str, reference: Any) -> dict[str, np.ndarray]:
   path = None if source == "package" else source
   _, llm_params = gguf.load_gemma3_gguf(path)
   loaded = {"vlm/llm/" + k: v for k, v in tree_util.flatten(llm_params).items()}
-  merged = merge.merge_params(reference, loaded, missing_ok=r"(?!vlm/llm/).*",
+  merged = merge.merge_params(reference, loaded, missing_ok=r"(?!vlm/llm/).*|" + ADAPTER_PATHS,
                               source=f"config.init.llm_gguf={source!r}")
   return {k: v for k, v in tree_util.flatten(merged).items() if k in loaded}
 

