@@ -488,3 +488,24 @@ def test_gse_on_the_vlm_with_dropout():
   assert np.isfinite(aux2)
   with pytest.raises(ValueError, match="rngs=\\{'dropout': key\\}"):
     adapters.apply(config, model, params, *inputs, deterministic=False)
+
+
+@pytest.mark.parametrize("rate", [0.05, 0.3])
+def test_dropout_mask_rate_and_independence(rate):
+  # Two 16-bit draws per threefry word: the rate is quantised to 1/65536 and the returned keep
+  # probability is that exact value; draws sharing a word, and experts' masks, are independent.
+  shape = (4, 1000, 257)          # odd last axis: the draws do not line up with words per row
+  keep, keep_prob = adapters.dropout_keep_mask(jax.random.PRNGKey(0), rate, shape)
+  keep = np.asarray(keep)
+  assert keep.shape == shape and keep.dtype == bool
+  assert keep_prob == 1 - round(rate * 65536) / 65536 and abs(keep_prob - (1 - rate)) < 1e-5
+  n, q = keep.size, 1 - keep_prob
+  sigma = lambda p, m: 5 * np.sqrt(p * (1 - p) / m)   # 5 standard deviations of a binomial mean
+  assert abs((~keep).mean() - q) < sigma(q, n)
+  flat = keep.reshape(-1)[: n // 2 * 2].reshape(-1, 2)     # the two halves of one 32-bit word
+  assert abs((~flat[:, 0] & ~flat[:, 1]).mean() - q * q) < sigma(q * q, len(flat))
+  both = ~keep[0] & ~keep[1]                                # two experts' masks
+  assert abs(both.mean() - q * q) < sigma(q * q, both.size)
+  again, _ = adapters.dropout_keep_mask(jax.random.PRNGKey(0), rate, shape)
+  other, _ = adapters.dropout_keep_mask(jax.random.PRNGKey(1), rate, shape)
+  assert np.array_equal(np.asarray(again), keep) and not np.array_equal(np.asarray(other), keep)
