@@ -9,21 +9,13 @@ import pytest
 
 from m2vla_jax.text import sentencepiece as tokenizer_lib
 from m2vla_jax.core import tree_util
+from m2vla_jax.evaluation import language
 from m2vla_jax.models import gemma
 from m2vla_jax.weights import gguf as gguf_weights
 
 # A neutral expository paragraph, long enough for 128 tokens.
-PASSAGE = (
-    "The river begins as a series of small streams high in the mountains, where snow melts slowly "
-    "through the spring and early summer. As the streams join together, the water gathers speed and "
-    "carves a narrow valley through the rock. Farther down, the valley widens and the river slows, "
-    "spreading across a broad plain where farmers grow wheat, barley and vegetables. Several towns "
-    "were built along its banks because the water was useful for drinking, for irrigation and for "
-    "moving goods by boat. Today the river is also a popular place for walking, fishing and watching "
-    "birds, and a long path follows it from the hills to the coast. Near the sea, the river divides "
-    "into many channels and forms a wide delta covered with reeds and grasses."
-)
-NUM_TOKENS = 128
+# The passage the forgetting measure scores (evaluation/language.py): one text for both.
+PASSAGE, NUM_TOKENS = language.PASSAGE, language.NUM_TOKENS
 
 
 def _write_tiny_gguf(path, config, params, arch="gemma3"):
@@ -140,17 +132,11 @@ def test_gemma3_270m_matches_transformers(shared_reader):
   # Ours.
   config, params = gguf_weights.load_gemma3_gguf(path)
   assert config == gemma.get_config("gemma3_270m")
-  model = gemma.Gemma(config)
-
-  @jax.jit
-  def forward(params, tokens):
-    t = tokens.shape[1]
-    x = model.apply({"params": params}, tokens, method=gemma.Gemma.embed)
-    out = model.apply({"params": params}, x, jnp.arange(t)[None], gemma.causal_mask(jnp.ones((1, t), bool)))
-    return model.apply({"params": params}, out["final"], method=gemma.Gemma.logits)
-
+  # The forward the forgetting measure uses (evaluation/language.py), so this pins it too.
+  model = language.LanguageModel(config)
   tokens = np.asarray([ids], np.int32)
-  ours = np.asarray(forward(params, tokens), np.float64)[0]
+  ours = np.asarray(jax.jit(model.apply)({"params": {"llm": params}}, tokens), np.float64)[0]
+  ppl_measure = language.perplexity(config, params, ids)
   del params
 
   # Reference: transformers' GGUF loader and Gemma 3, float32 on CPU.
@@ -172,5 +158,7 @@ def test_gemma3_270m_matches_transformers(shared_reader):
         f"{max_diff:.2e}")
   assert agree >= 0.99
   assert abs(ppl_ours / ppl_ref - 1) <= 0.01
+  # language.perplexity (another jit of the same forward, its own NLL) gives the same number.
+  assert ppl_measure == pytest.approx(ppl_ours, rel=1e-4)
   # The reference itself must be a working language model on plain English.
   assert ppl_ref < 50, ppl_ref
