@@ -2,7 +2,7 @@
 
 Layers, bottom to top (docs/ARCHITECTURE.md):
   core <- models <- policies <- text / weights / data <- training / inference
-  <- evaluation / serving <- sim <- entry points (train, export, evaluate, evaluate_sim, smoke, serve)
+  <- evaluation / serving <- sim <- entry points (train, export, evaluate, evaluate_sim, evaluate_language, smoke, serve)
 Every import of `m2vla_jax` is read from the source (function-level and relative imports included),
 so a lazy import cannot hide an upward dependency.
 """
@@ -22,7 +22,7 @@ LAYERS = {
     "training": 4, "inference": 4,
     "evaluation": 5, "serving": 5,
     "sim": 6,
-    "train": 7, "export": 7, "evaluate": 7, "evaluate_sim": 7, "smoke": 7, "serve": 7,
+    "train": 7, "export": 7, "evaluate": 7, "evaluate_sim": 7, "evaluate_language": 7, "smoke": 7, "serve": 7,
 }
 
 
