@@ -18,6 +18,7 @@ from typing import Any
 
 from absl import app
 from absl import flags
+from absl import logging
 from etils import epath
 import jax
 
@@ -69,6 +70,7 @@ def evaluate(workdir: str) -> dict:
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)   # the result is the JSON below, not orbax's restore log
   f = flags.FLAGS
   result = evaluate(f.workdir)
   out = f.out or os.path.join(f.workdir, "language.json")
