@@ -29,7 +29,6 @@ from m2vla_jax.text import tokenizers
 from m2vla_jax.training import pretrained
 
 
-
 def _llm_subtree(flat: dict[str, Any]) -> dict:
   llm = {k[len("vlm/llm/"):]: v for k, v in flat.items() if k.startswith("vlm/llm/")}
   if not llm:

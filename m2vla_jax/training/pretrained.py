@@ -6,9 +6,8 @@ with the state's shardings outside jit (a multi-GB backbone is never a compile-t
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
-
 import re
+from typing import Any, Mapping
 
 import jax
 import numpy as np
