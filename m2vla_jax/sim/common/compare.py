@@ -10,7 +10,10 @@ twice for one seed is an error.
     python -m m2vla_jax.sim.common.compare --spec docs/results/metaworld_rows.json \
         --out docs/results/metaworld.md
 
-spec: [{"label": str, "command": str, "seeds": {"0": [summary.json, ...], "1": [...]}}, ...]
+spec: [{"label": str, "command": str, "seeds": {"0": [summary.json, ...], "1": [...]}},
+        "trainable": str (optional)}, ...]
+`trainable` is the share of parameters the row trains, as the trainer prints it at start ("Parameters
+by optimizer group"); when any row has one, the table gets a column for it.
 """
 from __future__ import annotations
 
@@ -67,8 +70,10 @@ def row_cells(seeds: Mapping[str, Sequence[str]]) -> dict[str, dict[str, Any]]:
 
 def table(rows: Sequence[Mapping[str, Any]], variants: Sequence[str]) -> str:
   """Markdown: one line per row; a cell is 'pooled rate (Wilson 95%) · per-seed rates'."""
-  head = "| row | seeds | " + " | ".join(variants) + " |"
-  lines = [head, "|" + "---|" * (len(variants) + 2)]
+  trainable = any("trainable" in row for row in rows)
+  fixed = ["row", "seeds"] + (["trainable"] if trainable else [])
+  lines = ["| " + " | ".join(fixed + list(variants)) + " |",
+           "|" + "---|" * (len(variants) + len(fixed))]
   for row in rows:
     cells = row["cells"]
     out = []
@@ -79,7 +84,8 @@ def table(rows: Sequence[Mapping[str, Any]], variants: Sequence[str]) -> str:
         continue
       seeds = " / ".join(f"{r:.2f}" for r in c["per_seed"].values())
       out.append(f"**{c['rate']:.3f}** ({c['ci95'][0]:.2f}–{c['ci95'][1]:.2f}, n={c['episodes']}) · {seeds}")
-    lines.append(f"| {row['label']} | {len(row['seeds'])} | " + " | ".join(out) + " |")
+    share = [row.get("trainable", "—")] if trainable else []
+    lines.append("| " + " | ".join([row["label"], str(len(row["seeds"]))] + share + out) + " |")
   lines.append("")
   lines.append("Commands (one per row; seed S replaces `$S`):")
   for row in rows:

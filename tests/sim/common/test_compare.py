@@ -38,3 +38,15 @@ def test_a_variant_twice_for_one_seed_is_an_error(tmp_path):
   c = _summary(tmp_path / "c.json", {"seen": (2, 2), "shift_colors": (0, 2)})
   cells = compare.row_cells({"0": [a, c + "#shift_colors"]})       # only the named variants of c
   assert cells["seen"]["successes"] == 1 and cells["shift_colors"]["episodes"] == 2
+
+
+def test_trainable_column_appears_when_a_row_states_it(tmp_path):
+  seeds = {"0": [_summary(tmp_path / "a.json", {"seen": (3, 4)})]}
+  rows = [{"label": "frozen", "command": "c", "seeds": seeds, "cells": compare.row_cells(seeds),
+           "trainable": "1.29%"},
+          {"label": "other", "command": "c", "seeds": seeds, "cells": compare.row_cells(seeds)}]
+  lines = compare.table(rows, ["seen"]).splitlines()
+  assert lines[0] == "| row | seeds | trainable | seen |" and lines[1] == "|---|---|---|---|"
+  assert lines[2].startswith("| frozen | 1 | 1.29% | **0.750**")
+  assert lines[3].startswith("| other | 1 | — | **0.750**")
+  assert compare.table(rows[1:], ["seen"]).splitlines()[0] == "| row | seeds | seen |"
