@@ -2,8 +2,9 @@
 
 Owns: `wilson_interval`; `summarize` (episode records -> per-task and mean success, Meta-World's
 convention, used by every simulator); `plot_success` and `write_evaluation` (`<name>.json/.png` of
-one evaluation); and a workflow's run report: `run_summary` (summary.json's dict), `markdown`
-(summary.md's table), `headline` (the printed line) and `write_run_summary`.
+one evaluation); `policy_latency` (the action-chunk latency of the policy calls); and a workflow's
+run report: `run_summary` (summary.json's dict), `markdown` (summary.md's table), `headline` (the
+printed line) and `write_run_summary`.
 
 Shapes. An evaluation result (`summarize`, plus what a simulator adds, e.g. MJX's
 'named_block_closest'):
@@ -17,7 +18,7 @@ A run summary (`<workdir>/<out_subdir>/summary.json`):
  '<group>s': {evaluation name: {
      'mean_success', 'mean_ci95', 'episodes', <extra>,
      'per_task': {task: {'successes', 'episodes', 'success_rate', 'ci95'}}}},
- 'wall_s': {part: seconds}}
+ 'wall_s': {part: seconds}, 'policy_latency': {...} (optional, `policy_latency`)}
 ```
 `group` says what the evaluations of a run are: Meta-World's instruction 'variant's ('seen',
 'paraphrased', 'held_out_tasks'), MJX's 'rollout's ('compiled MJX', 'C MuJoCo', ...).
@@ -118,6 +119,23 @@ def brief(result: Mapping[str, Any], extra: Sequence[str] = ()) -> dict[str, Any
   return {"mean_success": result["mean_success"], "mean_ci95": list(result["mean_ci95"]),
           "episodes": result["episodes"], **{k: result.get(k) for k in extra},
           "per_task": {t: {f: x[f] for f in TASK_FIELDS} for t, x in result["per_task"].items()}}
+
+
+def policy_latency(call_seconds: Sequence[tuple[int, float]]) -> dict[str, Any] | None:
+  """Action-chunk latency of an evaluation's policy calls [(batch size, seconds)], at the batch size
+  called most often: median and 90th percentile in ms, without each batch size's first call (it
+  compiles), which is reported apart. None when no batch size was called twice."""
+  by_batch: dict[int, list[float]] = {}
+  for batch, seconds in call_seconds:
+    by_batch.setdefault(int(batch), []).append(float(seconds))
+  if not by_batch:
+    return None
+  batch, times = max(by_batch.items(), key=lambda item: (len(item[1]), item[0]))
+  if len(times) < 2:
+    return None
+  rest = np.asarray(times[1:])
+  return {"batch_size": batch, "calls": len(rest), "median_ms": float(np.median(rest) * 1e3),
+          "p90_ms": float(np.percentile(rest, 90) * 1e3), "first_call_s": times[0]}
 
 
 def run_summary(workdir: str, dataset: str, tasks: Sequence[str], group: str,

@@ -174,6 +174,10 @@ def test_demos_train_evaluate_writes_report(tmp_path):
   assert all(r["reason"] in ("success", "timeout") for r in records), records
   assert all(1 <= r["steps"] <= 6 for r in records)
   assert summary["variants"]["seen"]["episodes"] == 2
+  # Every call after the compiling one timed, at the evaluation's batch size.
+  latency = summary["policy_latency"]
+  assert latency["batch_size"] == workflow.eval_config(config.sim).batch_size
+  assert latency["calls"] >= 1 and 0 < latency["median_ms"] <= latency["p90_ms"]
   # The evaluator ran the trained policy at step 3, on the training tasks, one episode each.
   [during] = summary["during_training"]
   assert during["step"] == 3 and during["closed_loop/seconds"] > 0

@@ -13,7 +13,9 @@ twice for one seed is an error.
 spec: [{"label": str, "command": str, "seeds": {"0": [summary.json, ...], "1": [...]}},
         "trainable": str (optional)}, ...]
 `trainable` is the share of parameters the row trains, as the trainer prints it at start ("Parameters
-by optimizer group"); when any row has one, the table gets a column for it.
+by optimizer group"); when any row has one, the table gets a column for it. Likewise the action-chunk
+latency: the median over seeds of each summary's `policy_latency` median (ms per policy call at the
+evaluation's batch size, `evaluation.summary.policy_latency`), for rows whose runs recorded it.
 """
 from __future__ import annotations
 
@@ -68,10 +70,32 @@ def row_cells(seeds: Mapping[str, Sequence[str]]) -> dict[str, dict[str, Any]]:
   return cells
 
 
+def row_latency(seeds: Mapping[str, Sequence[str]]) -> dict[str, Any] | None:
+  """{median_ms, batch_size, seeds}: the median over seeds of their summaries' median policy-call
+  time; None when no seed recorded one. Seeds evaluated at different batch sizes are an error."""
+  found = {}
+  for seed, paths in seeds.items():
+    for item in paths:
+      with open(item.partition("#")[0]) as f:
+        latency = json.load(f).get("policy_latency")
+      if latency:
+        found[seed] = latency
+        break
+  if not found:
+    return None
+  batches = {int(v["batch_size"]) for v in found.values()}
+  if len(batches) > 1:
+    raise ValueError(f"seeds {sorted(found)} timed policy calls at different batch sizes {sorted(batches)}")
+  return {"median_ms": float(np.median([v["median_ms"] for v in found.values()])),
+          "batch_size": batches.pop(), "seeds": len(found)}
+
+
 def table(rows: Sequence[Mapping[str, Any]], variants: Sequence[str]) -> str:
   """Markdown: one line per row; a cell is 'pooled rate (Wilson 95%) · per-seed rates'."""
   trainable = any("trainable" in row for row in rows)
-  fixed = ["row", "seeds"] + (["trainable"] if trainable else [])
+  latency = any(row.get("latency") for row in rows)
+  fixed = (["row", "seeds"] + (["trainable"] if trainable else [])
+           + (["policy call (median)"] if latency else []))
   lines = ["| " + " | ".join(fixed + list(variants)) + " |",
            "|" + "---|" * (len(variants) + len(fixed))]
   for row in rows:
@@ -85,6 +109,9 @@ def table(rows: Sequence[Mapping[str, Any]], variants: Sequence[str]) -> str:
       seeds = " / ".join(f"{r:.2f}" for r in c["per_seed"].values())
       out.append(f"**{c['rate']:.3f}** ({c['ci95'][0]:.2f}–{c['ci95'][1]:.2f}, n={c['episodes']}) · {seeds}")
     share = [row.get("trainable", "—")] if trainable else []
+    if latency:
+      lat = row.get("latency")
+      share.append(f"{lat['median_ms']:.0f} ms at batch {lat['batch_size']}" if lat else "—")
     lines.append("| " + " | ".join([row["label"], str(len(row["seeds"]))] + share + out) + " |")
   lines.append("")
   lines.append("Commands (one per row; seed S replaces `$S`):")
@@ -108,6 +135,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if missing:
       raise SystemExit(f"row {row['label']!r}: summary files not found: {missing}")
     row["cells"] = row_cells(row["seeds"])
+    row["latency"] = row_latency(row["seeds"])
   variants = [v for v in args.variants.split(",") if v]
   text = table(rows, variants)
   with open(args.out, "w") as f:

@@ -17,6 +17,7 @@ with export bundles and the MJX rollout.
 """
 from __future__ import annotations
 
+import time
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -61,6 +62,9 @@ class SimPolicyAdapter:
     self._sample = jax.jit(policy.sample_actions)
     self._rng = jax.random.PRNGKey(seed)
     self._calls = 0
+    # (batch size, seconds) of every call's model part (observation in, actions back on the host):
+    # the action-chunk latency an evaluation reports (`evaluation.summary.policy_latency`).
+    self.call_seconds: list[tuple[int, float]] = []
 
   # ------------------------------------------------------------------ builders
   @classmethod
@@ -104,5 +108,7 @@ class SimPolicyAdapter:
     model_obs = self.model_observation(obs)
     rng = jax.random.fold_in(self._rng, self._calls)
     self._calls += 1
+    start = time.perf_counter()
     actions = np.asarray(self._sample(self.params, self.state, model_obs, rng))
+    self.call_seconds.append((len(actions), time.perf_counter() - start))
     return self.unnormalize_actions(actions)

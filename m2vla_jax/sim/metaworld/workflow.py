@@ -116,7 +116,7 @@ def evaluate_run(config: ml_collections.ConfigDict, workdir: str, policy: Any = 
 
   Files under `<workdir>/<config.sim.eval.out_subdir>/`: `<suite>_<variant>.json/.png`, rollout
   GIFs, `summary.json` (`summary.run_summary` with group 'variant': mean success, intervals,
-  wall-clock) and `summary.md`. `policy`: a ready policy callable (tests), default
+  wall-clock, and the action-chunk latency of the policy's calls) and `summary.md`. `policy`: a ready policy callable (tests), default
   `SimPolicyAdapter.from_workdir(workdir)`. Returns the summary dict.
   """
   from m2vla_jax.sim.common import phases  # pylint: disable=g-import-not-at-top
@@ -139,11 +139,17 @@ def evaluate_run(config: ml_collections.ConfigDict, workdir: str, policy: Any = 
         policy, sim.suite, eval_config(sim), out_dir, variants=[variant], tasks=tuple(sim.tasks),
         held_out_tasks=tuple(sim.held_out_tasks), episodes_per_variant=episodes))
     wall[f"eval_{variant}"] = time.time() - t
+  latency = summary_lib.policy_latency(getattr(policy, "call_seconds", ()))
   summary = summary_lib.run_summary(workdir, sim.dataset_name, sim.tasks, "variant", results, wall,
                                     held_out_tasks=list(sim.held_out_tasks))
+  if latency is not None:
+    summary["policy_latency"] = latency
   return phases.write_evaluation(
       out_dir, summary, summary_lib.markdown(results, "variant"),
-      [summary_lib.headline(f"{sim.suite} {v}", r, wall[f"eval_{v}"]) for v, r in results.items()])
+      [summary_lib.headline(f"{sim.suite} {v}", r, wall[f"eval_{v}"]) for v, r in results.items()]
+      + ([f"action-chunk latency: median {latency['median_ms']:.0f} ms per call of "
+          f"{latency['batch_size']} chunks (p90 {latency['p90_ms']:.0f} ms, {latency['calls']} calls)"]
+         if latency else []))
 
 
 def training_evaluators(config: ml_collections.ConfigDict) -> tuple[Any, ...]:

@@ -50,3 +50,24 @@ def test_trainable_column_appears_when_a_row_states_it(tmp_path):
   assert lines[2].startswith("| frozen | 1 | 1.29% | **0.750**")
   assert lines[3].startswith("| other | 1 | — | **0.750**")
   assert compare.table(rows[1:], ["seen"]).splitlines()[0] == "| row | seeds | seen |"
+
+
+def test_latency_column_is_the_median_over_seeds(tmp_path):
+  def timed(name, median_ms, batch=8):
+    path = tmp_path / name
+    path.write_text(json.dumps({"variants": {"seen": {"mean_success": 0.5, "episodes": 2}},
+                                "policy_latency": {"batch_size": batch, "median_ms": median_ms}}))
+    return str(path)
+  seeds = {"0": [timed("a.json", 300.0)], "1": [timed("b.json", 100.0)], "2": [timed("c.json", 250.0)]}
+  assert compare.row_latency(seeds) == {"median_ms": 250.0, "batch_size": 8, "seeds": 3}
+  untimed = {"0": [_summary(tmp_path / "d.json", {"seen": (1, 2)})]}
+  assert compare.row_latency(untimed) is None
+  rows = [{"label": "timed", "command": "c", "seeds": seeds, "cells": compare.row_cells(seeds),
+           "latency": compare.row_latency(seeds)},
+          {"label": "untimed", "command": "c", "seeds": untimed, "cells": compare.row_cells(untimed),
+           "latency": None}]
+  lines = compare.table(rows, ["seen"]).splitlines()
+  assert lines[0] == "| row | seeds | policy call (median) | seen |"
+  assert lines[2].startswith("| timed | 3 | 250 ms at batch 8 | ") and lines[3].startswith("| untimed | 1 | — |")
+  with pytest.raises(ValueError, match="different batch sizes"):
+    compare.row_latency({"0": [timed("e.json", 1.0, 8)], "1": [timed("f.json", 1.0, 1)]})
