@@ -442,6 +442,7 @@ class Gemma(nn.Module):
     cfg = self.config
     n_run = cfg.depth
     if route is not None:
+      skip_impl = layer_skip.resolve_impl(skip_impl, x.shape[0])
       n_run = self._check_route(route, skip_impl, x.shape[0])
     b, t, d = x.shape
     if d != cfg.width:

@@ -555,7 +555,8 @@ class VLM(nn.Module):
       logits = self.router(zeroed[0], masks[0], zeroed[1], masks[1])
       if not full_depth:
         route = layer_skip.route_from_logits(logits, cfg.router.num_skip)
-        routing = (route, cfg.router.skip_impl if skip_impl is None else skip_impl)
+        routing = (route, layer_skip.resolve_impl(
+            cfg.router.skip_impl if skip_impl is None else skip_impl, b))
     if cfg.query_attention == "readout" and cfg.num_queries:
       out, mask, positions = self._readout(parts, masks, routing)
     else:

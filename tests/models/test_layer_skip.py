@@ -222,6 +222,22 @@ def test_per_sample_strategies_and_a_shared_route_agree():
   np.testing.assert_allclose(shared["hidden"], per_sample["hidden"], **TOL)
 
 
+def test_auto_runs_only_the_kept_layers_at_batch_1_and_masks_above():
+  assert [ls.resolve_impl("auto", b) for b in (1, 2, 8)] == ["gather", "masked", "masked"]
+  assert ls.resolve_impl("loop", 8) == "loop" and ls.RouterConfig(num_skip=1).skip_impl == "auto"
+  with pytest.raises(ValueError, match="skip_impl='scatter'"):
+    ls.resolve_impl("scatter", 1)
+  cfg, _, params, (x, positions, mask) = _gemma()
+  gates, ids = _routes(x.shape[0], cfg.depth, 3, seed=5)
+  batched = _gemma_apply("auto")(params, x, positions, mask, ids, gates)
+  masked = _gemma_apply("masked")(params, x, positions, mask, ids, gates)
+  assert batched["key"].shape[0] == cfg.depth            # every layer ran (masked)
+  np.testing.assert_allclose(batched["final"], masked["final"], **TOL)
+  one = _gemma_apply("auto")(params, x[:1], positions[:1], mask[:1], ids[:1], gates[:1])
+  assert one["key"].shape[0] == 3                         # only the 3 kept layers ran
+  np.testing.assert_allclose(one["final"], masked["final"][:1], **TOL)
+
+
 def test_keeping_every_layer_equals_the_plain_backbone():
   cfg, model, params, (x, positions, mask) = _gemma()
   route = ls.route_from_logits(jnp.asarray(np.random.default_rng(8).standard_normal((3, cfg.depth)),
@@ -254,7 +270,8 @@ def test_vlm_routes_prefix_and_queries_through_the_same_kept_layers():
   assert "router" in params["params"]
 
   def query_of_router(router_params):   # forward mode: cheaper to compile than a VLM gradient
-    out = model.apply({"params": {**params["params"], "router": router_params}}, *inputs)
+    out = model.apply({"params": {**params["params"], "router": router_params}}, *inputs,
+                      skip_impl="gather")     # the kept layers alone ('auto' masks at batch 2)
     return out["query"], out
 
   def everything(params, router, tangent):   # one program: compile time is most of this test
