@@ -8,7 +8,12 @@ cores hits all alike (best of --rounds, and the median). The first run is the re
 ratios. Unlike the latency an evaluation records (`summary.json`'s `policy_latency`), all runs here
 are timed in one process at one time, so their ratios are comparable.
 
+With --skip_impls, a MoLe-VLA run's backbone alone (`VLM.apply`, no head) is also timed under each
+layer-skipping implementation (`layer_skip.SKIP_IMPLS`) and at full depth, same rounds; those rows'
+ratios are to the run's own full-depth backbone.
+
   python bench/chunk_latency.py --run m2=/tmp/sim_pretrained_97_seed0 --run mole=/tmp/mole [--batch 1,8]
+      [--skip_impls auto,gather,loop,masked]
 Last line: each run's batch-1 speed-up over the first run (best times); the last number is the last
 run's (higher is faster).
 """
@@ -54,6 +59,7 @@ def main(argv=None):
   p.add_argument("--run", action="append", required=True, help="LABEL=WORKDIR; the first is the reference")
   p.add_argument("--batch", default="1,8", help="comma-separated batch sizes")
   p.add_argument("--rounds", type=int, default=10)
+  p.add_argument("--skip_impls", default="", help="comma-separated; MoLe runs' backbones under each")
   args = p.parse_args(argv)
   runs = []
   for item in args.run:
@@ -76,6 +82,13 @@ def main(argv=None):
       rng = jax.random.PRNGKey(0)
       calls[(label, b)] = (lambda s=sample, l=loaded, o=obs, r=rng:
                            np.asarray(s(l.params, l.state, o, r)))
+      if args.skip_impls and getattr(loaded.policy.vlm.config, "router", None) is not None:
+        for impl in [i for i in args.skip_impls.split(",") if i] + ["full depth"]:
+          kw = {"full_depth": True} if impl == "full depth" else {"skip_impl": impl}
+          fn = jax.jit(lambda p, o, pol=loaded.policy, kw=kw: pol.vlm.apply(
+              {"params": p}, *pol.vlm_inputs(o), **kw)["final"])
+          calls[(f"{label} backbone {impl}", b)] = (
+              lambda fn=fn, l=loaded, o=obs: jax.block_until_ready(fn(l.params["vlm"], o)))
     print(f"loaded {label}: {workdir} ({loaded.config.policy}) in {time.perf_counter() - t:.0f} s",
           flush=True)
 
@@ -89,12 +102,15 @@ def main(argv=None):
       times[k].append(time.perf_counter() - t)
 
   ref = runs[0][0]
-  print(f"\n{'run':>16} {'batch':>5} {'best ms':>9} {'median ms':>10} {'vs ' + ref:>10}")
+  width = max(16, *(len(k[0]) for k in calls))
+  print(f"\n{'run':>{width}} {'batch':>5} {'best ms':>9} {'median ms':>10} {'vs ' + ref:>10}")
   for b in batches:
-    for label, _ in runs:
+    for label in dict.fromkeys(k[0] for k in calls):
       best, median = min(times[(label, b)]), float(np.median(times[(label, b)]))
-      print(f"{label:>16} {b:>5} {best * 1e3:>9.1f} {median * 1e3:>10.1f} "
-            f"{min(times[(ref, b)]) / best:>9.2f}x")
+      # Backbone rows against their own run's full-depth backbone; policy rows against the first run.
+      base = label.split(" backbone ")[0] + " backbone full depth" if " backbone " in label else ref
+      print(f"{label:>{width}} {b:>5} {best * 1e3:>9.1f} {median * 1e3:>10.1f} "
+            f"{min(times[(base, b)]) / best:>9.2f}x")
   b = batches[0]
   ratios = [min(times[(ref, b)]) / min(times[(label, b)]) for label, _ in runs[1:]] or [1.0]
   print(f"batch-{b} speed-up over {ref}: " + ", ".join(
