@@ -10,8 +10,8 @@ twice for one seed is an error.
     python -m m2vla_jax.sim.common.compare --spec docs/results/metaworld_rows.json \
         --out docs/results/metaworld.md
 
-spec: [{"label": str, "command": str, "seeds": {"0": [summary.json, ...], "1": [...]}},
-        "trainable": str (optional)}, ...]
+spec: [{"label": str, "command": str, "seeds": {"0": [summary.json, ...], "1": [...]},
+         "trainable": str (optional)}, ...]
 `trainable` is the share of parameters the row trains, as the trainer prints it at start ("Parameters
 by optimizer group"); when any row has one, the table gets a column for it. Likewise the action-chunk
 latency: the median over seeds of each summary's `policy_latency` median (ms per policy call at the
