@@ -111,7 +111,8 @@ def table(rows: Sequence[Mapping[str, Any]], variants: Sequence[str]) -> str:
     share = [row.get("trainable", "—")] if trainable else []
     if latency:
       lat = row.get("latency")
-      share.append(f"{lat['median_ms']:.0f} ms at batch {lat['batch_size']}" if lat else "—")
+      part = "" if not lat or lat["seeds"] == len(row["seeds"]) else f" ({lat['seeds']} of {len(row['seeds'])} seeds)"
+      share.append(f"{lat['median_ms']:.0f} ms at batch {lat['batch_size']}{part}" if lat else "—")
     lines.append("| " + " | ".join([row["label"], str(len(row["seeds"]))] + share + out) + " |")
   lines.append("")
   lines.append("Commands (one per row; seed S replaces `$S`):")

@@ -69,5 +69,8 @@ def test_latency_column_is_the_median_over_seeds(tmp_path):
   lines = compare.table(rows, ["seen"]).splitlines()
   assert lines[0] == "| row | seeds | policy call (median) | seen |"
   assert lines[2].startswith("| timed | 3 | 250 ms at batch 8 | ") and lines[3].startswith("| untimed | 1 | — |")
+  seeds["3"] = untimed["0"]                       # a seed evaluated before latency was recorded
+  rows[0]["latency"] = compare.row_latency(seeds)
+  assert "| 250 ms at batch 8 (3 of 4 seeds) |" in compare.table(rows, ["seen"])
   with pytest.raises(ValueError, match="different batch sizes"):
     compare.row_latency({"0": [timed("e.json", 1.0, 8)], "1": [timed("f.json", 1.0, 1)]})
