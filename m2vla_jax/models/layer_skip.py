@@ -85,7 +85,7 @@ class RouterConfig:
       per-sample parameter gather, vmapped), 'loop' (only the kept layers; per-sample routes one
       sample after another, each with its own shared-route scan), 'masked' (every layer computed and
       masked: the public code's formulation, no saving, and its gradient: skipped gates get one).
-      All three give the same forward; a batch of one always takes the shared-route path.
+      All give the same forward; a batch of one always takes the shared-route path.
       Measured on 2 CPU cores, Gemma 3 270M, 80 tokens, 9 of 18 layers (`bench/mole.py`): batch 1,
       ~2.0x faster than full depth; batch 8 inference, 'loop' ~1.2-1.9x, 'gather' ~0.9-1.3x (per-
       sample weights defeat batched matmuls, and the gather copies B layers' weights per step);

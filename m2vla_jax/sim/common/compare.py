@@ -85,7 +85,8 @@ def row_latency(seeds: Mapping[str, Sequence[str]]) -> dict[str, Any] | None:
     return None
   batches = {int(v["batch_size"]) for v in found.values()}
   if len(batches) > 1:
-    raise ValueError(f"seeds {sorted(found)} timed policy calls at different batch sizes {sorted(batches)}")
+    raise ValueError(f"seeds {sorted(found)} timed policy calls at different batch sizes "
+                     f"{sorted(batches)}")
   return {"median_ms": float(np.median([v["median_ms"] for v in found.values()])),
           "batch_size": batches.pop(), "seeds": len(found)}
 
@@ -111,8 +112,11 @@ def table(rows: Sequence[Mapping[str, Any]], variants: Sequence[str]) -> str:
     share = [row.get("trainable", "—")] if trainable else []
     if latency:
       lat = row.get("latency")
-      part = "" if not lat or lat["seeds"] == len(row["seeds"]) else f" ({lat['seeds']} of {len(row['seeds'])} seeds)"
-      share.append(f"{lat['median_ms']:.0f} ms at batch {lat['batch_size']}{part}" if lat else "—")
+      if lat is None:
+        share.append("—")
+      else:
+        some = "" if lat["seeds"] == len(row["seeds"]) else f" ({lat['seeds']} of {len(row['seeds'])} seeds)"
+        share.append(f"{lat['median_ms']:.0f} ms at batch {lat['batch_size']}{some}")
     lines.append("| " + " | ".join([row["label"], str(len(row["seeds"]))] + share + out) + " |")
   lines.append("")
   lines.append("Commands (one per row; seed S replaces `$S`):")

@@ -116,8 +116,9 @@ def evaluate_run(config: ml_collections.ConfigDict, workdir: str, policy: Any = 
 
   Files under `<workdir>/<config.sim.eval.out_subdir>/`: `<suite>_<variant>.json/.png`, rollout
   GIFs, `summary.json` (`summary.run_summary` with group 'variant': mean success, intervals,
-  wall-clock, and the action-chunk latency of the policy's calls) and `summary.md`. `policy`: a ready policy callable (tests), default
-  `SimPolicyAdapter.from_workdir(workdir)`. Returns the summary dict.
+  wall-clock, and the action-chunk latency of the policy's calls) and `summary.md`. `policy`: a
+  ready policy callable (tests), default `SimPolicyAdapter.from_workdir(workdir)`. Returns the
+  summary dict.
   """
   from m2vla_jax.sim.common import phases  # pylint: disable=g-import-not-at-top
   from m2vla_jax.sim.common import policy_adapter  # pylint: disable=g-import-not-at-top
