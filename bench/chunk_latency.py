@@ -1,8 +1,8 @@
 """Action-chunk latency of trained runs, side by side: one policy call (observation in, chunk out).
 
 Loads each run's newest checkpoint (`InferencePolicy.from_workdir`: the policy its config names, M²-VLA,
-MoLe-VLA; adapters applied as in training, LoRA unmerged: only the export bundle merges it) and times `sample_actions` on the run's own batch
-geometry (its stored batch spec; random uint8 images, random instruction tokens, all masks on), at
+MoLe-VLA; LoRA folded into the weights as every loaded run is, VLA-GSE's routed experts as trained)
+and times `sample_actions` on the run's own batch geometry (its stored batch spec; random uint8 images, random instruction tokens, all masks on), at
 each batch size, every run and batch size interleaved in each round so a load change on the shared
 cores hits all alike (best of --rounds, and the median). The first run is the reference of the
 ratios. Unlike the latency an evaluation records (`summary.json`'s `policy_latency`), all runs here

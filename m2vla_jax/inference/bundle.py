@@ -46,14 +46,9 @@ def export(workdir: str, out: str, *, step: Optional[int] = None, dtype: Optiona
       raise ValueError("--ema: this run kept no EMA (config.ema_decay == 0)")
     trainable = state.ema
   params = freezing.merge(trainable, state.frozen)
-  adapter = getattr(s.policy, "adapter_config", None)
-  if adapter is not None and adapter.kind == "lora":
-    # LoRA folds into the weights it adapts: the bundle is a plain backbone, as fast as the unadapted
-    # one (GSE's routed experts cannot fold and stay as trained).
-    from m2vla_jax.models import adapters  # pylint: disable=g-import-not-at-top
-    params = {**params, "vlm": adapters.merge_lora(params["vlm"], adapter)}
-    config = config.copy_and_resolve_references()
-    config.model.adapter.kind = None
+  # LoRA folds into the weights it adapts: the bundle is a plain backbone, as fast as the unadapted
+  # one (GSE's routed experts cannot fold and stay as trained).
+  config, _, params = policy_lib.fold_lora(config, s.policy, params)
   if dtype:
     cast = dtypes.dtype(dtype, "--dtype")
     params = jax.tree_util.tree_map(lambda x: x.astype(cast) if jnp.issubdtype(x.dtype, jnp.floating) else x,

@@ -21,6 +21,21 @@ from m2vla_jax.inference import normalization
 from m2vla_jax.training import trainer
 
 
+def fold_lora(config, policy, params):
+  """(config, policy, params) with a LoRA policy's W + (alpha / r) B A folded into its weights and the
+  adapter turned off: the plain backbone then computes what the adapted one did, at the unadapted
+  backbone's speed (unfolded, every wrapped einsum runs twice more). Anything else is returned as is:
+  GSE's experts are routed per token and cannot fold."""
+  adapter = getattr(policy, "adapter_config", None)
+  if adapter is None or adapter.kind != "lora":
+    return config, policy, params
+  from m2vla_jax.models import adapters  # pylint: disable=g-import-not-at-top
+  params = {**params, "vlm": adapters.merge_lora(params["vlm"], adapter)}
+  config = config.copy_and_resolve_references()
+  config.model.adapter.kind = None
+  return config, trainer.build_policy(config), params
+
+
 class InferencePolicy:
   """Policy + params + state + statistics; see the module docstring."""
 
@@ -31,12 +46,16 @@ class InferencePolicy:
     self._sample = jax.jit(self.policy.sample_actions)
 
   @classmethod
-  def from_workdir(cls, workdir: str, step: Optional[int] = None) -> "InferencePolicy":
-    """A training run's newest (or given) checkpoint, restored on one device."""
+  def from_workdir(cls, workdir: str, step: Optional[int] = None, fold: bool = True) -> "InferencePolicy":
+    """A training run's newest (or given) checkpoint, restored on one device. `fold`: LoRA adapters
+    are folded into the weights they adapt (`fold_lora`), as the export bundle does."""
     from m2vla_jax.inference import restore  # pylint: disable=g-import-not-at-top
     config, setup, state, assets = restore.restore_run(workdir, step)
-    return cls(config, freezing.merge(state.trainable, state.frozen), state.policy_state,
-               assets["statistics"], assets.get("batch_spec"), policy=setup.policy)
+    params, policy = freezing.merge(state.trainable, state.frozen), setup.policy
+    if fold:
+      config, policy, params = fold_lora(config, policy, params)
+    return cls(config, params, state.policy_state, assets["statistics"], assets.get("batch_spec"),
+               policy=policy)
 
   @classmethod
   def from_bundle(cls, path: str) -> "InferencePolicy":

@@ -1,11 +1,12 @@
 """LoRA, VLA-GSE and full fine-tuning as policy configs (policies/m2vla.py `adapter`, the trainer's
-`prepare` hook, export's LoRA merge, configs/sim_pretrained.py's comparison rows)."""
+`prepare` hook, LoRA folded for inference and export, configs/sim_pretrained.py's comparison rows)."""
 import jax
 import numpy as np
 import pytest
 
 from m2vla_jax.core import freezing
 from m2vla_jax.core import tree_util
+from m2vla_jax.inference import policy as inference_policy
 from m2vla_jax.models import adapters
 from m2vla_jax.policies import m2vla
 from m2vla_jax.training import config_base
@@ -36,8 +37,22 @@ def _batch(seed=0, b=3, t=4):
           "action_mask": np.ones((b, H), bool), "frame_id": np.arange(b, dtype=np.int32)}
 
 
-def test_lora_trains_only_adapters_and_head_and_folds_for_export():
-  policy = m2vla.M2VLA(_config("lora"))
+def _trainer_config(model):
+  c = config_base.base_config()
+  c.policy = "m2vla"
+  c.model = m2vla.get_config()
+  for k, v in model.items():
+    if isinstance(v, dict):
+      c.model[k].update(v)
+    else:
+      c.model[k] = v
+  c.mesh.data = 1
+  return c
+
+
+def test_lora_trains_only_adapters_and_head_and_folds_for_inference():
+  config = _trainer_config(_config("lora"))
+  policy = trainer.build_policy(config)
   batch = _batch()
   params, state = jax.jit(policy.init)(jax.random.PRNGKey(0), batch)
   mask = tree_util.flatten(policy.frozen_mask(params))
@@ -47,7 +62,8 @@ def test_lora_trains_only_adapters_and_head_and_folds_for_export():
   # What trains is decided by the policy's rules; that no gradient reaches a frozen path is checked
   # for the adapter layers in tests/models/test_adapters.py and for the policy's stop-gradient in tests/policies/test_m2vla.py.
   # A trained head (its output layer starts at zero, which would hide the backbone) and trained
-  # adapters (B perturbed), folded into the weights: the plain policy acts the same.
+  # adapters (B perturbed), folded into the weights the way inference and export load a LoRA run
+  # (`inference.policy.fold_lora`): the plain policy it returns acts the same.
   r = np.random.default_rng(1)
   flat = tree_util.flatten(params)
   for k in flat:
@@ -57,8 +73,10 @@ def test_lora_trains_only_adapters_and_head_and_folds_for_export():
     if k.endswith("_lora_b"):
       flat[k] = r.normal(scale=0.05, size=flat[k].shape).astype(np.float32)
   params = tree_util.unflatten(flat)
-  merged = {**params, "vlm": adapters.merge_lora(params["vlm"], policy.adapter_config)}
-  plain = m2vla.M2VLA(_config(None, trainable=[("vlm/.*", False), (".*", True)]))
+  folded_config, plain, merged = inference_policy.fold_lora(config, policy, params)
+  assert plain.adapter_config is None and folded_config.model.adapter.kind is None
+  assert config.model.adapter.kind == "lora"                     # the run's own config is untouched
+  assert not any("_lora_" in k for k in tree_util.flatten(merged))
   obs = batch["observation"]
   adapted = np.asarray(jax.jit(policy.sample_actions)(params, state, obs, jax.random.PRNGKey(2)))
   folded = np.asarray(jax.jit(plain.sample_actions)(merged, state, obs, jax.random.PRNGKey(2)))
@@ -71,18 +89,14 @@ def test_lora_trains_only_adapters_and_head_and_folds_for_export():
   scale = np.abs(adapted).max()
   np.testing.assert_allclose(folded, adapted, rtol=0, atol=1e-4 * scale)
   assert np.abs(unadapted - adapted).max() > 100 * 1e-4 * scale
+  # GSE's experts are routed per token: nothing folds, the policy comes back as it was.
+  gse_config = _trainer_config(_config("gse", adapter=dict(kind="gse", targets="llm/.*", rank=8)))
+  gse = trainer.build_policy(gse_config)
+  assert inference_policy.fold_lora(gse_config, gse, params) == (gse_config, gse, params)
 
 
 def test_gse_is_spectrally_initialised_at_setup_and_adds_its_aux_loss():
-  c = config_base.base_config()
-  c.policy = "m2vla"
-  c.model = m2vla.get_config()
-  for k, v in _config("gse", adapter=dict(kind="gse", targets="llm/.*", rank=8, svd="exact")).items():
-    if isinstance(v, dict):
-      c.model[k].update(v)
-    else:
-      c.model[k] = v
-  c.mesh.data = 1
+  c = _trainer_config(_config("gse", adapter=dict(kind="gse", targets="llm/.*", rank=8, svd="exact")))
   batch = _batch(1)
   s = trainer.setup(c, batch, devices=jax.devices()[:1])
   policy, params = s.policy, s.state.params()
