@@ -2,9 +2,9 @@
 
 Loads each run's newest checkpoint (`InferencePolicy.from_workdir`: the policy its config names, M²-VLA,
 MoLe-VLA; LoRA folded into the weights as every loaded run is, VLA-GSE's routed experts as trained)
-and times `sample_actions` on the run's own batch geometry (its stored batch spec; random uint8 images, random instruction tokens, all masks on), at
-each batch size, every run and batch size interleaved in each round so a load change on the shared
-cores hits all alike (best of --rounds, and the median). The first run is the reference of the
+and times `sample_actions` on the run's own batch geometry (its stored batch spec; random uint8
+images, random instruction tokens, all masks on), at each batch size, every run and batch size
+interleaved in each round so a load change on the shared cores hits all alike (best of --rounds, and the median). The first run is the reference of the
 ratios. Unlike the latency an evaluation records (`summary.json`'s `policy_latency`), all runs here
 are timed in one process at one time, so their ratios are comparable.
 

@@ -26,7 +26,8 @@ The comparison's other rows (`method=`, same tasks, demos, head and budget; READ
   m2     (default) M²-VLA on the frozen backbone, as above.
   full   full fine-tuning: every VLM parameter trains, at `backbone_lr` (the head at `lr`).
   lora   LoRA (rank `rank`, alpha = rank) on the LLM's linear layers (adapter.targets 'llm/.*'; '.*'
-         adds the image tower and projector, which then run live every step), merged at export.
+         adds the image tower and projector, which then run live every step), folded into the
+         weights when a run is loaded or exported.
   gse    VLA-GSE on the same layers at the same total rank (1 generalized + 7 specialized experts,
          top-2), spectrally initialised from the pretrained weights, aux loss 0.01.
   mole   MoLe-VLA (policies/mole_vla.py): the router skips `skip` of the 18 Gemma layers per sample;
