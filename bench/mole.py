@@ -14,10 +14,15 @@ backbones' prefixes). Variants, each jitted and timed interleaved (best of --rep
                            heads / 2048, sized for a 4096-wide LLM: at batch 1 its ~35 MB of weights
                            cost about 1.5 Gemma 3 270M layers, since a CPU forward at batch 1 is bound
                            by reading weights); 'router 256' is scaled to this LLM (256 / 128 / 4 / 512);
+  union                    batch 8: every layer that some sample keeps, batched and masked; a layer
+                           nobody keeps is skipped by `lax.cond` (`layer_skip.run_union_layers`, the
+                           'auto' default above batch 1): one route for all runs k layers, the
+                           distinct random routes here cover (nearly) all L;
   masked                   every layer computed and masked (the public code's formulation).
 GFLOP are XLA's own count (`compiled.cost_analysis()`), from separately compiled copies with the layer
 scans fully unrolled (XLA counts a while loop's body once); for 'loop' the per-sample `lax.map` is a
-loop too, so b - 1 more samples' layers are added. The timed programs keep the default scan.
+loop too, so b - 1 more samples' layers are added; 'union' counts both branches of its cond, so its
+rows show the layers it runs as a share of full depth's count. The timed programs keep the default scan.
 
   python bench/mole.py [--skip 9] [--image_tokens 64] [--text_tokens 16] [--repeats 5]
 Last line: batch-1 speed-ups over full depth; the last number is router 256 + kept layers (higher is
@@ -132,6 +137,8 @@ def main(argv=None):
       for name in routers:
         for impl in ("gather", "loop"):
           out[f"{name} + kept ({impl})"] = routed(impl, name)
+      out["union, one route for all"] = routed("union", shared=True)
+      out["union, per-sample routes"] = routed("union")
     out["masked (public code)"] = routed("masked")
     return out
 
@@ -153,7 +160,13 @@ def main(argv=None):
     # The 'loop' programs' per-sample lax.map is a while loop counted once: add the other b - 1 samples
     # (one sample's k layers = the LLM-only loop program's count).
     per_sample = counts.get("kept layers, per-sample loop", 0.0)
+    # XLA counts both branches of the 'union' programs' lax.cond: count the layers they run instead,
+    # as that share of full depth (the layer stack is all of an LLM-only program's work).
+    union = {"union, one route for all": k,
+             "union, per-sample routes": int(np.any(np.asarray(gates_all[:b]) > 0, axis=0).sum())}
     for name in timed:
+      if name in union:
+        counts[name] = counts["full depth"] * union[name] / num_layers
       rows.append((name, b, best[name], counts[name] + ((b - 1) * per_sample if "loop" in name else 0)))
 
   dev = jax.devices()[0]

@@ -406,7 +406,8 @@ class Gemma(nn.Module):
       routes run, see `layer_skip.run_kept_layers`): 'hidden', 'key', 'value' then have k layers, a
       kept layer's output is multiplied by its gate, and a context must be the k-layer key/value of
       an earlier call with the same route. skip_impl='masked' computes every layer and masks
-      (`layer_skip.run_masked_layers`; L layers out, 'ids' unused). 'final' is after the last layer
+      (`layer_skip.run_masked_layers`; L layers out, 'ids' unused), 'union' the same without the
+      layers no sample keeps (`layer_skip.run_union_layers`). 'final' is after the last layer
       that ran either way. Each layer runs at its usual module path (adapters apply) with a 'dropout'
       rng per layer and sample when one is given; values sown inside the layers are refused.
     logits(final [B, T, D]) -> [B, T, V] float32 (tied embedding, final soft-cap if configured).
@@ -507,9 +508,9 @@ class Gemma(nn.Module):
               (jnp.arange(cfg.depth, dtype=jnp.int32), is_local, base, scale))
     batch = (positions, attn_mask, ctx, jnp.arange(x.shape[0], dtype=jnp.int32))
     common = dict(remat_policy=cfg.remat_policy, unroll=cfg.scan_unroll)
-    if skip_impl == "masked":
-      x, hidden, (key, value) = layer_skip.run_masked_layers(layer_fn, layers, x, route["gates"], batch,
-                                                             ctx_kv, **common)
+    if skip_impl in layer_skip.ALL_SLOT_IMPLS:
+      run = layer_skip.run_masked_layers if skip_impl == "masked" else layer_skip.run_union_layers
+      x, hidden, (key, value) = run(layer_fn, layers, x, route["gates"], batch, ctx_kv, **common)
     else:
       x, hidden, (key, value) = layer_skip.run_kept_layers(
           layer_fn, layers, x, route["ids"], route["gates"], batch, ctx_kv, per_sample=skip_impl,
@@ -524,7 +525,7 @@ class Gemma(nn.Module):
     if np.shape(route.get("gates")) != (b, cfg.depth):
       raise ValueError(f"Gemma route['gates'] has shape {np.shape(route.get('gates'))}, expected "
                        f"{(b, cfg.depth)} (batch, layers)")
-    if skip_impl == "masked":
+    if skip_impl in layer_skip.ALL_SLOT_IMPLS:
       return cfg.depth
     ids = route.get("ids")
     if ids is None or not jnp.issubdtype(ids.dtype, jnp.integer) or ids.ndim not in (1, 2) or (

@@ -7,6 +7,7 @@ the scores into 0/1 gates with the softmax's gradient and the kept layers' indic
 computes ONLY the kept layers of a stacked (scanned) layer stack, by gathering their parameters inside
 a scan over the static k (the speed-up: a skipped layer costs nothing); `run_masked_layers` computes
 every layer and masks (the public code's formulation, kept as the reference and as a training option);
+`run_union_layers` is the masked form that skips (`lax.cond`) the layers no sample of the batch keeps;
 `expand_hidden` lays the k layers' states back onto the L layer slots for readers of "every layer"
 (Mixture-of-Layers). The losses are `balance_loss` and `cogkd_loss`. Nothing here knows Gemma: the
 executors take the layer as a function (`models/gemma.py` passes its `Block`), so any scanned stack
@@ -46,15 +47,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-SKIP_IMPLS = ("auto", "gather", "loop", "masked")
+SKIP_IMPLS = ("auto", "gather", "loop", "masked", "union")
+# Implementations whose outputs keep all L layer slots (the others return the k layers that ran).
+ALL_SLOT_IMPLS = ("masked", "union")
 
 
 def resolve_impl(skip_impl: str, batch: int) -> str:
   """The implementation 'auto' stands for at this (static) batch size; any other is returned as is.
 
   Batch 1: the kept layers alone (a route shared by the batch, no gather or loop), ~1.9x faster than
-  full depth. Batch > 1, where routes are per sample: every layer masked, at full depth's cost.
-  Skipping per sample did not pay there on 2 CPU cores: the backbone of a
+  full depth. Batch > 1, where routes are per sample: 'union', every layer some sample keeps, batched
+  and masked (never slower than full depth; k layers' cost when the routes agree). Skipping with
+  per-sample weights did not pay there on 2 CPU cores: the backbone of a
   `configs/sim_pretrained.py:method=mole` run (DINOv2 + Gemma 3 270M, 28 prefix + 16 query tokens,
   9 of 18 layers skipped), batch 8, timed interleaved: masked 1.08 s = full depth 1.07 s < 'loop'
   1.38 s < 'gather' 2.10 s (bench/mole.py's 80-token prefix had 'loop' 1.3x faster than full depth).
@@ -63,7 +67,7 @@ def resolve_impl(skip_impl: str, batch: int) -> str:
     raise ValueError(f"skip_impl={skip_impl!r}; use one of {SKIP_IMPLS}")
   if skip_impl != "auto":
     return skip_impl
-  return "gather" if batch == 1 else "masked"
+  return "gather" if batch == 1 else "union"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,10 +85,11 @@ class RouterConfig:
     temperature_bias_init: initial value of the temperature's additive bias b (reference 1).
     dtype: compute dtype of the router (parameters stay float32; logits are returned in float32).
     skip_impl: how the chosen layers run: 'auto' (default: `resolve_impl`, the kept layers alone
-      at batch 1, 'masked' above), 'gather' (only the kept layers; per-sample routes by a
+      at batch 1, 'union' above), 'gather' (only the kept layers; per-sample routes by a
       per-sample parameter gather, vmapped), 'loop' (only the kept layers; per-sample routes one
       sample after another, each with its own shared-route scan), 'masked' (every layer computed and
-      masked: the public code's formulation, no saving, and its gradient: skipped gates get one).
+      masked: the public code's formulation, no saving, and its gradient: skipped gates get one),
+      'union' (masked, but a layer no sample keeps is not computed: `run_union_layers`).
       All give the same forward; a batch of one always takes the shared-route path.
       Measured on 2 CPU cores, Gemma 3 270M, 80 tokens, 9 of 18 layers (`bench/mole.py`): batch 1,
       ~2.0x faster than full depth; batch 8 inference, 'loop' ~1.2-1.9x, 'gather' ~0.9-1.3x (per-
@@ -416,6 +421,43 @@ def run_masked_layers(layer_fn: LayerFn, layers: Any, x: jax.Array, gates: jax.A
     y, aux = fn(layer, step, h, batch)
     g = _gate(g, y)
     y = g * y + (1.0 - jax.lax.stop_gradient(g)) * h
+    return y, (y, aux)
+
+  n = jax.tree_util.tree_leaves(layers)[0].shape[0]
+  x, (hidden, aux) = jax.lax.scan(body, x, (layers, steps, gates.T), unroll=max(1, min(int(unroll), n)))
+  return x, hidden, aux
+
+
+def run_union_layers(layer_fn: LayerFn, layers: Any, x: jax.Array, gates: jax.Array, batch: Any,
+                     steps: Any = None, *, remat_policy: str | None = None, unroll: int = 1):
+  """`run_masked_layers`, except that a layer no sample of the batch keeps is not computed.
+
+  Per-sample routes at batch > 1 without per-sample weights: each scan step is one `lax.cond` on
+  "does any sample keep this layer"; if so the layer runs for the whole batch, batched, and is masked
+  per sample exactly as in `run_masked_layers` (same forward), else the state passes through. The
+  cost is the union of the batch's routes: k layers when the samples agree (trained routers mostly
+  do: their routes depend on the instruction and the scene, not on the sample's noise), L at worst,
+  never more than full depth. Same arguments and returns as `run_masked_layers`; the aux (e.g.
+  key / value) of a layer nobody kept is zeros, which nothing reads when a later call (the query
+  pass over a cached prefix) follows the same route. Inference only: a layer nobody kept gives its
+  gates no gradient (the masked form gives them one).
+  """
+  fn = _checkpointed(layer_fn, remat_policy)
+  first = lambda t: jax.tree_util.tree_map(lambda a: jnp.asarray(a)[0], t)
+  _, aux_like = jax.eval_shape(fn, first(layers), None if steps is None else first(steps), x, batch)
+
+  def body(h, xs):
+    layer, step, g = xs
+
+    def run(h):
+      y, aux = fn(layer, step, h, batch)
+      gate = _gate(g, y)
+      return gate * y + (1.0 - jax.lax.stop_gradient(gate)) * h, aux
+
+    def pass_through(h):
+      return h, jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), aux_like)
+
+    y, aux = jax.lax.cond(jnp.any(jax.lax.stop_gradient(g) != 0), run, pass_through, h)
     return y, (y, aux)
 
   n = jax.tree_util.tree_leaves(layers)[0].shape[0]

@@ -580,7 +580,7 @@ class VLM(nn.Module):
       return self.llm(x, positions, attn_mask, context=context)
     route, impl = routing
     out = self.llm(x, positions, attn_mask, context=context, route=route, skip_impl=impl)
-    if impl != "masked":
+    if impl not in layer_skip.ALL_SLOT_IMPLS:
       out = {**out, "hidden": layer_skip.expand_hidden(out["hidden"], x.astype(out["hidden"].dtype),
                                                        route["ids"], self.config.llm.depth)}
     return out

@@ -53,9 +53,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   router: num_skip (None: half the LLM's layers, rounded down, as MoLe-16 of 32), width / mlp_dim /
     num_heads / ff_dim (the public code's 1024 / 512 / 8 / 2048), temperature_bias_init (1),
-    skip_impl (inference: 'auto' | 'gather' | 'loop' | 'masked', see layer_skip.RouterConfig and
-    resolve_impl; bench/mole.py measures them), train_impl (the training loss's: 'masked' by default — every layer computed and
-    masked, which gives the skipped layers' gates the public code's gradient; measured no slower
+    skip_impl (inference: 'auto' | 'gather' | 'loop' | 'masked' | 'union', see
+    layer_skip.RouterConfig and resolve_impl; bench/mole.py measures them), train_impl (the
+    training loss's: 'masked' by default — every layer computed and masked, which gives the skipped layers' gates the public code's gradient; measured no slower
     than real skipping in a training step on CPU, where the backward dominates).
   head_reads: 'last' | 'layers' (module docstring).
   balance_weight: weight of the balance loss (the released recipe's effective 0.01).

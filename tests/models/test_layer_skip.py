@@ -222,8 +222,8 @@ def test_per_sample_strategies_and_a_shared_route_agree():
   np.testing.assert_allclose(shared["hidden"], per_sample["hidden"], **TOL)
 
 
-def test_auto_runs_only_the_kept_layers_at_batch_1_and_masks_above():
-  assert [ls.resolve_impl("auto", b) for b in (1, 2, 8)] == ["gather", "masked", "masked"]
+def test_auto_runs_only_the_kept_layers_at_batch_1_and_the_union_above():
+  assert [ls.resolve_impl("auto", b) for b in (1, 2, 8)] == ["gather", "union", "union"]
   assert ls.resolve_impl("loop", 8) == "loop" and ls.RouterConfig(num_skip=1).skip_impl == "auto"
   with pytest.raises(ValueError, match="skip_impl='scatter'"):
     ls.resolve_impl("scatter", 1)
@@ -231,11 +231,49 @@ def test_auto_runs_only_the_kept_layers_at_batch_1_and_masks_above():
   gates, ids = _routes(x.shape[0], cfg.depth, 3, seed=5)
   batched = _gemma_apply("auto")(params, x, positions, mask, ids, gates)
   masked = _gemma_apply("masked")(params, x, positions, mask, ids, gates)
-  assert batched["key"].shape[0] == cfg.depth            # every layer ran (masked)
+  assert batched["key"].shape[0] == cfg.depth            # all L slots (union of the routes)
   np.testing.assert_allclose(batched["final"], masked["final"], **TOL)
+  np.testing.assert_allclose(batched["hidden"], masked["hidden"], **TOL)
   one = _gemma_apply("auto")(params, x[:1], positions[:1], mask[:1], ids[:1], gates[:1])
   assert one["key"].shape[0] == 3                         # only the 3 kept layers ran
   np.testing.assert_allclose(one["final"], masked["final"][:1], **TOL)
+
+
+def test_union_computes_only_the_layers_some_sample_keeps():
+  # A toy stack that reports which layers it computed (a host callback fires only in the branch
+  # lax.cond takes): routes of 3 samples over 6 layers whose union leaves layers 1 and 4 out.
+  num_layers, d = 6, 5
+  rng = np.random.default_rng(11)
+  layers = {"w": jnp.asarray(rng.standard_normal((num_layers, d, d)) * 0.5, jnp.float32),
+            "i": jnp.arange(num_layers)}
+  x = jnp.asarray(rng.standard_normal((3, 2, d)), jnp.float32)
+  gates = jnp.asarray([[1, 0, 1, 0, 0, 1], [1, 0, 0, 1, 0, 1], [0, 0, 1, 1, 0, 1]], jnp.float32)
+  ran = []
+
+  def layer_fn(layer, step, h, batch):
+    jax.debug.callback(lambda i: ran.append(int(i)), layer["i"])
+    y = jnp.tanh(h @ layer["w"])
+    return y, y[:, 0] * 2.0                                  # aux [b, d], like a layer's key
+
+  union = jax.jit(lambda g: ls.run_union_layers(layer_fn, layers, x, g, None))(gates)
+  jax.effects_barrier()
+  assert sorted(ran) == [0, 2, 3, 5]
+  masked = jax.jit(lambda g: ls.run_masked_layers(layer_fn, layers, x, g, None))(gates)
+  np.testing.assert_allclose(union[0], masked[0], **TOL)     # x out
+  np.testing.assert_allclose(union[1], masked[1], **TOL)     # every slot's state, skipped = input
+  kept = np.array([0, 2, 3, 5])
+  np.testing.assert_allclose(np.asarray(union[2])[kept], np.asarray(masked[2])[kept], **TOL)
+  assert not np.any(np.asarray(union[2])[np.array([1, 4])])           # aux of a layer nobody kept: zeros
+  # Gemma: routes the batch shares run k of L layers' keys; the forward equals the masked one.
+  cfg, _, params, (xg, positions, mask) = _gemma()
+  g1, i1 = _routes(1, cfg.depth, 3, seed=5)
+  shared_gates, shared_ids = jnp.tile(g1, (3, 1)), jnp.tile(i1, (3, 1))
+  out = _gemma_apply("union")(params, xg, positions, mask, shared_ids, shared_gates)
+  ref = _gemma_apply("masked")(params, xg, positions, mask, shared_ids, shared_gates)
+  np.testing.assert_allclose(out["final"], ref["final"], **TOL)
+  key = np.asarray(out["key"])
+  skipped = np.array(sorted(set(range(cfg.depth)) - set(np.asarray(i1[0]).tolist())))
+  assert not np.any(key[skipped]) and np.all(np.any(key[np.asarray(i1[0])] != 0, axis=(1, 2, 3, 4)))
 
 
 def test_keeping_every_layer_equals_the_plain_backbone():
