@@ -21,6 +21,7 @@ import numpy as np
 
 from m2vla_jax.evaluation import offline
 from m2vla_jax.inference import InferencePolicy
+from m2vla_jax.sim import workflows
 from m2vla_jax.training import trainer
 
 
@@ -46,6 +47,8 @@ def evaluate(policy: InferencePolicy, *, dataset: Optional[str] = None, data_dir
         config.data.pipeline.datasets = dataset
       if data_dir:
         config.data.pipeline.data_dir = data_dir
+  # A simulator run's demonstrations are registered by the process that prepares them: this one too.
+  workflows.prepare_data(config)
   data = trainer.build_data(config, "val")
   names = policy.datasets
   stats = policy.statistics["datasets"]

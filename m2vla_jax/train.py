@@ -25,6 +25,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from m2vla_jax.data import errors as data_errors
+from m2vla_jax.sim import workflows
 from m2vla_jax.training import config_base
 from m2vla_jax.training import sharding
 from m2vla_jax.training import trainer
@@ -45,19 +46,12 @@ def _exit_with_error(message: str) -> None:
   sys.exit(1)
 
 
-# A config with a simulator section runs that simulator's workflow (demonstrations -> train ->
-# closed-loop evaluation) instead of plain training; the section names the workflow.
-WORKFLOWS = {"sim": "m2vla_jax.sim.metaworld.workflow:run", "mjx": "m2vla_jax.sim.mjx.workflow:run",
-             "libero": "m2vla_jax.sim.libero.workflow:run"}
-
-
 def _workflow(config):
-  """The workflow the config's simulator section names, or None for plain training."""
-  from m2vla_jax.core import registry  # pylint: disable=g-import-not-at-top
-  sections = [k for k in WORKFLOWS if k in config]
-  if len(sections) > 1:
-    _exit_with_error(f"config has sections {sections}; a config runs one simulator workflow")
-  return registry.resolve(sections[0], WORKFLOWS, "config section") if sections else None
+  """The workflow the config's simulator section names (`sim.workflows`), or None for plain training."""
+  try:
+    return workflows.resolve(config)
+  except ValueError as e:
+    _exit_with_error(str(e))
 
 
 def main(argv):
@@ -96,7 +90,7 @@ def main(argv):
   print(f"done: step={result['step']} loss={result['loss']} preempted={result['preempted']} "
         f"last_checkpoint={result.get('last_checkpoint')}", flush=True)
   if workflow is not None and not result["preempted"]:
-    section = next(config[k] for k in WORKFLOWS if k in config)
+    section = config[workflows.section(config)]
     print(f"closed-loop report: {_WORKDIR.value}/{section.eval.out_subdir}/summary.json", flush=True)
 
 

@@ -152,7 +152,7 @@ def _sim_config(data_dir):
 
 
 @pytest.mark.slow
-def test_demos_train_evaluate_writes_report(tmp_path):
+def test_demos_train_evaluate_writes_report(tmp_path, monkeypatch):
   from m2vla_jax.sim.metaworld import workflow  # pylint: disable=g-import-not-at-top
   config = _sim_config(str(tmp_path / "demos"))
   path = workflow.prepare_data(config)
@@ -211,6 +211,15 @@ def test_demos_train_evaluate_writes_report(tmp_path):
   assert len(chunks["server"]) == len(chunks["local"]) > 0
   for a, b in zip(chunks["server"], chunks["local"]):
     np.testing.assert_array_equal(a, b)
+
+  # Offline evaluation of the run in a process that never prepared its demonstrations (their data
+  # registry entry removed): it registers them itself (`sim.workflows.prepare_data`) and scores them.
+  from m2vla_jax import evaluate as offline_evaluate  # pylint: disable=g-import-not-at-top
+  from m2vla_jax.data.oxe import registry  # pylint: disable=g-import-not-at-top
+  monkeypatch.delitem(registry.DATASETS, config.sim.dataset_name)
+  metrics = offline_evaluate.evaluate(loaded, max_batches=1)
+  assert metrics["num_batches"] == 1 and list(metrics["datasets"]) == [config.sim.dataset_name]
+  assert config.sim.dataset_name in registry.DATASETS
 
 
 def test_config_mismatch_is_named(tmp_path):

@@ -197,3 +197,12 @@ def test_prepare_data_records_once_per_spec_and_registers(tmp_path, monkeypatch)
   assert json.load(open(os.path.join(path, "mjx_demo_summary.json")))["mean_success"] == 1.0
   assert dict(oxe.get_spec(c.mjx.dataset_name).cameras) == {"primary": "image"}
   assert workflow.prepare_data(c) == (path, None) and len(calls) == 1        # cached
+
+
+def test_a_config_names_at_most_one_simulator_workflow():
+  from m2vla_jax.sim import workflows  # pylint: disable=g-import-not-at-top
+  assert workflows.section({"model": {}}) is None and workflows.resolve({"model": {}}) is None
+  assert not workflows.prepare_data({"model": {}})
+  assert workflows.resolve({"mjx": {}}, "prepare_data") is workflow.prepare_data
+  with pytest.raises(ValueError, match=r"sections \['sim', 'mjx'\]; a config runs one simulator"):
+    workflows.section({"sim": {}, "mjx": {}})
