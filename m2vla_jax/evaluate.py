@@ -1,5 +1,5 @@
 """Offline evaluation: `python -m m2vla_jax.evaluate --checkpoint=BUNDLE_OR_WORKDIR --out=DIR
-[--dataset=bridge --data_dir=...] [--max_batches=N]`.
+[--dataset=bridge --data_dir=...] [--max_batches=N] [--split=val|train]`.
 
 Runs the policy over held-out episodes (the data pipeline's non-train split: each dataset read once, in
 file order), compares its action chunks with the recorded ones in the datasets' own units, and writes
@@ -38,8 +38,18 @@ def _thresholds(stats: dict) -> list[float]:
 
 
 def evaluate(policy: InferencePolicy, *, dataset: Optional[str] = None, data_dir: Optional[str] = None,
-             max_batches: Optional[int] = None, out: Optional[str] = None, seed: int = 0) -> dict:
-  """Metrics dict {'datasets': {name: {...}}, 'num_batches': n}; writes metrics.json and plots to `out`."""
+             max_batches: Optional[int] = None, out: Optional[str] = None, seed: int = 0,
+             split: str = "val") -> dict:
+  """Metrics dict {'datasets': {name: {...}}, 'num_batches': n}; writes metrics.json and plots to `out`.
+
+  `split` 'val' reads the validation split (`config.data.val_split`) once in file order; 'train'
+  reads the training split shuffled (it repeats: give `max_batches`), e.g. router statistics over a
+  sample of every task's frames. Simulator configs validate on their training demonstrations
+  (val_split 'train'), so there 'val' is one ordered pass over all of them."""
+  if split not in ("val", "train"):
+    raise ValueError(f"split={split!r}; use 'val' (held-out episodes) or 'train' (with max_batches)")
+  if split == "train" and max_batches is None:
+    raise ValueError("split='train' repeats forever: give max_batches")
   config = policy.config.copy_and_resolve_references()
   if config.data.kind == "rlds":
     with config.unlocked():
@@ -49,7 +59,7 @@ def evaluate(policy: InferencePolicy, *, dataset: Optional[str] = None, data_dir
         config.data.pipeline.data_dir = data_dir
   # A simulator run's demonstrations are registered by the process that prepares them: this one too.
   workflows.prepare_data(config)
-  data = trainer.build_data(config, "val")
+  data = trainer.build_data(config, split)
   names = policy.datasets
   stats = policy.statistics["datasets"]
   if dataset and config.data.kind != "rlds":
@@ -109,7 +119,7 @@ def main(argv):
   if not f.checkpoint:
     raise app.UsageError("--checkpoint is required")
   result = evaluate(load(f.checkpoint), dataset=f.dataset, data_dir=f.data_dir, max_batches=f.max_batches,
-                    out=f.out)
+                    out=f.out, split=f.split)
   print(json.dumps(result, indent=1, sort_keys=True))
 
 
@@ -121,6 +131,8 @@ def cli():
   flags.DEFINE_string("data_dir", None, "RLDS root (default: the training config's).")
   flags.DEFINE_string("out", None, "Directory for metrics.json and plots.")
   flags.DEFINE_integer("max_batches", None, "Stop after this many batches.")
+  flags.DEFINE_enum("split", "val", ["val", "train"], "'val': held-out episodes, read once; 'train': "
+                    "the training split shuffled (needs --max_batches).")
   app.run(main)
 
 

@@ -56,3 +56,16 @@ def test_bridge_sample_end_to_end(tmp_path):
   assert len(m["l1_per_dim"]) == 7 and all(np.isfinite(m["l1_per_dim"]))
   assert 0.0 <= m["gripper_accuracy"] <= 1.0
   assert (tmp_path / "eval" / "trajectories_bridge_dataset.png").exists()
+
+
+def test_split_train_needs_max_batches_and_reads_the_training_stream(bundle):
+  policy = inference.load_policy(bundle)
+  with pytest.raises(ValueError, match="split='train' repeats forever: give max_batches"):
+    evaluate.evaluate(policy, split="train")
+  with pytest.raises(ValueError, match="split='test'; use 'val'"):
+    evaluate.evaluate(policy, split="test", max_batches=1)
+  train = evaluate.evaluate(policy, split="train", max_batches=2)
+  val = evaluate.evaluate(policy, split="val", max_batches=2)
+  assert train["num_batches"] == val["num_batches"] == 2
+  # The synthetic source draws the two splits from disjoint streams: other frames, other errors.
+  assert train["datasets"]["synthetic"] != val["datasets"]["synthetic"]
