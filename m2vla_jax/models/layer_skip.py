@@ -437,9 +437,9 @@ def run_union_layers(layer_fn: LayerFn, layers: Any, x: jax.Array, gates: jax.Ar
   Per-sample routes at batch > 1 without per-sample weights: each scan step is one `lax.cond` on
   "does any sample keep this layer"; if so the layer runs for the whole batch, batched, and is masked
   per sample exactly as in `run_masked_layers` (same forward), else the state passes through. The
-  cost is the union of the batch's routes: k layers when the samples agree (trained routers mostly
-  do: their routes depend on the instruction and the scene, not on the sample's noise), L at worst,
-  never more than full depth. Same arguments and returns as `run_masked_layers`; the aux (e.g.
+  cost is the union of the batch's routes: k layers when the samples agree (the Meta-World MoLe
+  run's router keeps the same 9 of 18 layers for every frame: docs/results/metaworld_runs.md), L at
+  worst, never more than full depth. Same arguments and returns as `run_masked_layers`; the aux (e.g.
   key / value) of a layer nobody kept is zeros, which nothing reads when a later call (the query
   pass over a cached prefix) follows the same route. Inference only: a layer nobody kept gives its
   gates no gradient (the masked form gives them one).
