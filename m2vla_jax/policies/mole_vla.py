@@ -24,8 +24,11 @@ Regimes (`cogkd.teacher` and `trainable`):
             kept in the policy state ('cogkd_teacher'), run at full depth.
   'off'     no distillation term.
 
-Router statistics: `loss` reports 'router_entropy' (batch mean of the entropy of softmax(logits), nats)
-and 'layer_keep' [L] (fraction of the batch keeping each layer); `route_statistics` accumulates the keep
+Router statistics: `loss` reports 'router_entropy' (batch mean of the entropy of softmax(logits), nats),
+'router_logit_std' (batch mean of the logits' standard deviation over the L layers: the learned
+temperature tau scales it, so a router going uniform shows it falling towards 0 and one going one-hot
+shows it growing, with the entropy at ln L or 0 either way) and 'layer_keep' [L] (fraction of the batch
+keeping each layer); `route_statistics` accumulates the keep
 frequency over a dataset for the paper's figure.
 """
 from __future__ import annotations
@@ -164,6 +167,7 @@ class MoLeVLA(m2vla.M2VLA):
     balance = layer_skip.balance_loss(probs, route["gates"])
     entropy = -jnp.sum(probs * jnp.log(jnp.maximum(probs, 1e-30)), axis=-1).mean()
     metrics = {"balance": balance, "router_entropy": entropy,
+               "router_logit_std": jnp.std(route["logits"], axis=-1).mean(),
                "layer_keep": jax.lax.stop_gradient(route["gates"]).mean(axis=0)}
     loss = c.balance_weight * balance
     if c.cogkd.teacher != "off" and c.cogkd.weight > 0:

@@ -94,6 +94,10 @@ def test_loss_terms_match_their_definitions(frozen_regime, computed):
   assert set(np.unique(hard)) <= {0.0, 1.0}
   loss, metrics = computed["loss"], computed["metrics"]
   np.testing.assert_allclose(float(metrics["balance"]), np.mean(hard * probs), rtol=1e-6)
+  logits = np.asarray(route["logits"], np.float64)
+  np.testing.assert_allclose(float(metrics["router_logit_std"]), logits.std(axis=-1).mean(), rtol=1e-5)
+  entropy = -np.sum(probs * np.log(probs), axis=-1).mean()
+  np.testing.assert_allclose(float(metrics["router_entropy"]), entropy, rtol=1e-5)
   kd = layer_skip.cogkd_loss(teacher["final"], feats["final"], feats["mask"], c.cogkd.mix)
   np.testing.assert_allclose(float(metrics["cogkd"]), float(kd), rtol=1e-5)
   # The teacher runs every layer: its states differ from the skipping student's.
