@@ -31,7 +31,8 @@ Router details read from the public code (`EfficientSpatialTemporalMoE`) and how
     GELU (exact, torch's default) -> Dense(L, no bias); temporal branch: torch's
     `TransformerEncoderLayer(d=width, heads, ff, activation='gelu')`, i.e. POST-norm (norm_first=False):
     h = LN(h + MHA(h)); h = LN(h + FF(h)), LayerNorm eps 1e-5, then mean -> Dense(L, no bias);
-    temperature sigmoid(Dense(1)(text_proj[first text token]) + b), b a parameter initialised to 1.
+    temperature sigmoid(Dense(1)(text_proj[first text token]) + b), b a parameter initialised to 1
+    (`RouterConfig.temperature='fixed'` makes it the constant sigmoid(b_init) instead).
   * ours masks padding: the encoder's keys and both means see valid tokens only (the public code
     averages over padded positions too). Dropout (torch's 0.1 in the encoder) is not used.
   * a sample without image tokens (text-only backbone, every camera absent): the spatial branch
@@ -50,6 +51,7 @@ import numpy as np
 SKIP_IMPLS = ("auto", "gather", "loop", "masked", "union")
 # Implementations whose outputs keep all L layer slots (the others return the k layers that ran).
 ALL_SLOT_IMPLS = ("masked", "union")
+TEMPERATURES = ("learned", "fixed")
 
 
 def resolve_impl(skip_impl: str, batch: int) -> str:
@@ -85,6 +87,16 @@ class RouterConfig:
     mlp_dim: hidden width of the spatial MLP (reference 512).
     num_heads, ff_dim: the temporal encoder layer's heads and feed-forward width (reference 8, 2048).
     temperature_bias_init: initial value of the temperature's additive bias b (reference 1).
+    temperature: 'learned' (the public code: tau = sigmoid(Dense(1)(first text token) + b), trained)
+      or 'fixed' (tau = sigmoid(temperature_bias_init), a constant; no temperature parameters).
+      Why 'fixed' exists: the first text token is BOS for every sample, so the learned tau is one
+      global scalar reached through two linear layers (the shared projection, then Dense(1)) from a
+      constant input. Adam moves each of their coordinates by up to ~lr per step whatever the
+      gradient's size, so while the gradient's sign holds the pre-activation can move by up to
+      ~lr * width * D * |w| per step (our reading). Measured on the frozen Gemma 3 270M at lr 1e-3:
+      tau ran to ~2e-6 (uniform softmax) or to saturation (one-hot) within 4-30 steps depending on
+      the seed, with or without CogKD, after which the router learns nothing
+      (docs/results/metaworld_runs.md, "MoLe-VLA").
     dtype: compute dtype of the router (parameters stay float32; logits are returned in float32).
     skip_impl: how the chosen layers run: 'auto' (default: `resolve_impl`, the kept layers alone
       at batch 1, 'union' above), 'gather' (only the kept layers; per-sample routes by a
@@ -105,6 +117,7 @@ class RouterConfig:
   num_heads: int = 8
   ff_dim: int = 2048
   temperature_bias_init: float = 1.0
+  temperature: str = "learned"
   dtype: str = "float32"
   skip_impl: str = "auto"
 
@@ -122,6 +135,8 @@ class RouterConfig:
                        f"{self.num_heads}")
     if self.skip_impl not in SKIP_IMPLS:
       raise ValueError(f"RouterConfig.skip_impl={self.skip_impl!r}; use one of {SKIP_IMPLS}")
+    if self.temperature not in TEMPERATURES:
+      raise ValueError(f"RouterConfig.temperature={self.temperature!r}; use one of {TEMPERATURES}")
     if self.dtype not in ("float32", "bfloat16", "float16"):
       raise ValueError(f"RouterConfig.dtype={self.dtype!r}; use 'float32' or 'bfloat16'")
 
@@ -207,12 +222,15 @@ class STARRouter(nn.Module):
     temporal = nn.Dense(self.num_layers, use_bias=False, dtype=dtype,
                         name="temporal_out")(_masked_mean(h, text_mask))
 
-    # Temperature from the first instruction token (the public code's text_proj[:, 0], its BOS).
-    first = jnp.argmax(text_mask, axis=1)
-    t0 = jnp.take_along_axis(txt, first[:, None, None], axis=1)[:, 0]
-    bias = self.param("temperature_bias", nn.initializers.constant(cfg.temperature_bias_init), (1,),
-                      jnp.float32)
-    tau = jax.nn.sigmoid(nn.Dense(1, dtype=dtype, name="temperature")(t0).astype(jnp.float32) + bias)
+    if cfg.temperature == "fixed":
+      tau = jax.nn.sigmoid(jnp.float32(cfg.temperature_bias_init))
+    else:
+      # From the first instruction token (the public code's text_proj[:, 0], its BOS).
+      first = jnp.argmax(text_mask, axis=1)
+      t0 = jnp.take_along_axis(txt, first[:, None, None], axis=1)[:, 0]
+      bias = self.param("temperature_bias", nn.initializers.constant(cfg.temperature_bias_init), (1,),
+                        jnp.float32)
+      tau = jax.nn.sigmoid(nn.Dense(1, dtype=dtype, name="temperature")(t0).astype(jnp.float32) + bias)
     return (spatial + temporal).astype(jnp.float32) * tau
 
 

@@ -48,7 +48,8 @@ from m2vla_jax.policies import m2vla
 
 HEAD_READS = ("last", "layers")
 TEACHERS = ("frozen", "ema", "off")
-_ROUTER_FIELDS = ("width", "mlp_dim", "num_heads", "ff_dim", "temperature_bias_init", "skip_impl")
+_ROUTER_FIELDS = ("width", "mlp_dim", "num_heads", "ff_dim", "temperature_bias_init", "temperature",
+                  "skip_impl")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -56,6 +57,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   router: num_skip (None: half the LLM's layers, rounded down, as MoLe-16 of 32), width / mlp_dim /
     num_heads / ff_dim (the public code's 1024 / 512 / 8 / 2048), temperature_bias_init (1),
+    temperature ('learned', the public code's, or 'fixed': see layer_skip.RouterConfig),
     skip_impl (inference: 'auto' | 'gather' | 'loop' | 'masked' | 'union', see
     layer_skip.RouterConfig and resolve_impl; bench/mole.py measures them), train_impl (the
     training loss's: 'masked' by default — every layer computed and masked, which gives the skipped layers' gates the public code's gradient; measured no slower

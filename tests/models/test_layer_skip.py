@@ -134,6 +134,37 @@ def test_router_ignores_padding_and_a_sample_without_images_gets_no_spatial_term
   assert not np.allclose(ref, logits)
 
 
+def test_fixed_temperature_is_the_constant_sigmoid_of_the_bias_init():
+  rng = np.random.default_rng(5)
+  img = rng.standard_normal((3, 4, 8)).astype(np.float32)
+  txt = rng.standard_normal((3, 5, 8)).astype(np.float32)
+  img_mask, txt_mask = np.ones((3, 4), bool), np.ones((3, 5), bool)
+  learned = ls.STARRouter(ls.RouterConfig(num_skip=2, temperature_bias_init=0.3, **SMALL_ROUTER), 6)
+  fixed = ls.STARRouter(ls.RouterConfig(num_skip=2, temperature_bias_init=0.3, temperature="fixed",
+                                        **SMALL_ROUTER), 6)
+  params = _random_like(jax.eval_shape(learned.init, jax.random.PRNGKey(0), img, img_mask, txt,
+                                       txt_mask), 6)
+  fixed_params = jax.eval_shape(fixed.init, jax.random.PRNGKey(0), img, img_mask, txt, txt_mask)
+  # 'fixed' has no temperature parameters; everything else is the learned router's.
+  assert set(params["params"]) - set(fixed_params["params"]) == {"temperature", "temperature_bias"}
+  ours = {"params": {k: v for k, v in params["params"].items() if k in fixed_params["params"]}}
+  # The learned router with its temperature's input weights at 0 and b = 0.3 has the same tau.
+  params["params"]["temperature"]["kernel"][:] = 0.0
+  params["params"]["temperature"]["bias"][:] = 0.0
+  params["params"]["temperature_bias"] = np.full((1,), 0.3, np.float32)
+  want = learned.apply(params, img, img_mask, txt, txt_mask)
+  got = fixed.apply(ours, img, img_mask, txt, txt_mask)
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+  # tau scales the logits: a different fixed b gives logits * sigmoid(b') / sigmoid(b).
+  other = ls.STARRouter(ls.RouterConfig(num_skip=2, temperature_bias_init=-2.0, temperature="fixed",
+                                        **SMALL_ROUTER), 6)
+  ratio = (1 / (1 + np.exp(2.0))) / (1 / (1 + np.exp(-0.3)))
+  np.testing.assert_allclose(other.apply(ours, img, img_mask, txt, txt_mask), np.asarray(got) * ratio,
+                             rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="RouterConfig.temperature='frozen'"):
+    ls.RouterConfig(num_skip=2, temperature="frozen")
+
+
 def test_expand_hidden_matches_a_loop():
   rng = np.random.default_rng(4)
   k, b, num_layers = 3, 2, 6
