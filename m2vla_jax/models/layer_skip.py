@@ -94,7 +94,7 @@ class RouterConfig:
       constant input. Adam moves each of their coordinates by up to ~lr per step whatever the
       gradient's size, so while the gradient's sign holds the pre-activation can move by up to
       ~lr * width * D * |w| per step (our reading). Measured on the frozen Gemma 3 270M at lr 1e-3:
-      tau ran to ~2e-6 (uniform softmax) or to saturation (one-hot) within 4-30 steps depending on
+      tau ran to ~2e-6 (uniform softmax) or to saturation (one-hot) within 4-32 steps depending on
       the seed, with or without CogKD, after which the router learns nothing
       (docs/results/metaworld_runs.md, "MoLe-VLA").
     dtype: compute dtype of the router (parameters stay float32; logits are returned in float32).
