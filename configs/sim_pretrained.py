@@ -31,7 +31,10 @@ The comparison's other rows (`method=`, same tasks, demos, head and budget; READ
   gse    VLA-GSE on the same layers at the same total rank (1 generalized + 7 specialized experts,
          top-2), spectrally initialised from the pretrained weights, aux loss 0.01.
   mole   MoLe-VLA (policies/mole_vla.py): the router skips `skip` of the 18 Gemma layers per sample;
-         the frozen backbone is CogKD's teacher (weight `kd`; 0 turns it off).
+         the frozen backbone is CogKD's teacher (weight `kd`; 0 turns it off). The router trains at
+         `router_lr` (2e-5, the public script's learning rate for the whole VLA): at the head's 1e-3
+         its learned temperature runs to 0 or 1 within ~30 steps and every input gets the same route
+         (docs/results/metaworld_runs.md, sessions 19-20); `router_lr=1e-3` is that recipe.
 Adapter and full fine-tuning rows train the backbone through the frozen-feature cache's
 'image_features' stage (the DINOv2 tower stays frozen unless the targets reach it).
 
@@ -39,7 +42,7 @@ Short args: those of configs/sim.py (steps (default 2000 here), batch, episodes,
 (default 10 here), mol, msm, horizon, execute (default 4 here), lr, width, data_dir) plus queries
 ('frozen' | 'train'), projector ('frozen' | 'train'), image_size (a multiple of 14 divisible into
 2 x 2 pools: 56, 112, 168, 224), method (above), rank (adapters, 16), backbone_lr (full / lora / gse,
-1e-5: VLA-GSE's adapter rate), skip (mole, 9), kd (mole, 0.5).
+1e-5: VLA-GSE's adapter rate), skip (mole, 9), kd (mole, 0.5), router_lr (mole, 2e-5).
 """
 import ml_collections
 
@@ -53,11 +56,12 @@ METHODS = ("m2", "full", "lora", "gse", "mole")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  own = ("queries", "projector", "image_size", "method", "rank", "backbone_lr", "skip", "kd")
+  own = ("queries", "projector", "image_size", "method", "rank", "backbone_lr", "skip", "kd",
+         "router_lr")
   items = [i for i in (arg or "").split(",") if i]
   a = config_base.parse_arg(",".join(i for i in items if i.split("=", 1)[0] in own),
                             queries="frozen", projector="frozen", image_size=112, method="m2", rank=16,
-                            backbone_lr=1e-5, skip=9, kd=0.5)
+                            backbone_lr=1e-5, skip=9, kd=0.5, router_lr=2e-5)
   for name in ("queries", "projector"):
     if a[name] not in ("frozen", "train"):
       raise config_base.ConfigError(f"config argument {name}={a[name]!r}: use 'frozen' or 'train'")
@@ -135,5 +139,6 @@ def apply_method(c: ml_collections.ConfigDict, a: ml_collections.ConfigDict) -> 
     model.router.num_heads = 4
     queries = [("vlm/queries", True)] if a.queries == "train" else []
     model.trainable = [("vlm/router/.*", True)] + queries + [("vlm/.*", False), (".*", True)]
+    c.optimizer.groups = (("router", "vlm/router/.*", float(a.router_lr)),)
     c.policy = "mole_vla"
     c.model = model

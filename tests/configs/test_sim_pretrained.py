@@ -103,6 +103,24 @@ def test_every_method_loads_the_pretrained_image_tower(method):
   assert set(loaded) == {k for k in tree_util.flatten(params) if k.startswith("vlm/img/")}
 
 
+def test_mole_router_trains_in_its_own_group_at_router_lr():
+  # At the head's 1e-3 the router's learned temperature runs away within ~30 steps (one route for
+  # every input); its group must catch every router parameter and nothing else.
+  from m2vla_jax.training import optimizer as optimizer_lib
+  for arg, lr in (("method=mole", 2e-5), ("method=mole,router_lr=1e-3", 1e-3)):
+    c = _config(arg)
+    assert [tuple(g) for g in c.optimizer.groups] == [("router", "vlm/router/.*", lr)]
+  policy = registry.policy_class(c.policy)(c.model)
+  init_fn = train_state.make_init_fn(policy, optax.sgd(0.1), _example(c), policy.trainable_rules,
+                                     dtypes.DTYPES[policy.frozen_dtype], False)
+  trainable = jax.eval_shape(init_fn, jax.random.PRNGKey(0)).trainable
+  rules = optimizer_lib.groups(c)
+  by_group = {k: optimizer_lib.group_of(k, rules) for k in trainable}
+  assert {k for k, g in by_group.items() if g == "router"} == {k for k in trainable if k.startswith("vlm/router/")}
+  assert any(g == optimizer_lib.DEFAULT_GROUP for g in by_group.values())   # the head
+  assert _config("method=m2").optimizer.groups == ()
+
+
 @pytest.mark.parametrize("method", ["lora", "gse"])
 def test_adapted_backbone_loads_both_towers_around_its_adapters(method, monkeypatch):
   # No pretrained file holds LoRA or GSE parameters: they keep the policy's init (GSE's spectral
