@@ -9,11 +9,12 @@
 Pure numpy float64; `plot_trajectories` draws predicted vs true first-step actions (matplotlib, Agg).
 
 `RouterStatistics` (layer-skipping policies, policies/mole_vla.py): how often each LLM layer is kept
-over the evaluated frames and the router's mean entropy; `plot_router` draws the keep frequency per
+over the evaluated frames, the router's mean entropy and its distinct routes; `plot_router` draws the keep frequency per
 layer (MoLe-VLA's layer-usage figure).
 """
 from __future__ import annotations
 
+import collections
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -71,12 +72,19 @@ class OfflineMetrics:
 
 
 class RouterStatistics:
-  """Accumulates a layer-skipping router's decisions: gates [N, L] (0/1), probs [N, L]."""
+  """Accumulates a layer-skipping router's decisions: gates [N, L] (0/1), probs [N, L].
 
-  def __init__(self):
+  Besides the keep frequency per layer (the paper's figure) it counts the distinct routes: the
+  frequency alone cannot tell per-sample routing from a few fixed routes (a layer kept by half the
+  frames may be one coin flip or many routes), and a router that stopped learning shows as 1-2.
+  """
+
+  def __init__(self, top_routes: int = 8):
     self._kept = None
     self._entropy = 0.0
     self._frames = 0
+    self._routes = collections.Counter()
+    self._top_routes = top_routes
 
   def add(self, gates: np.ndarray, probs: np.ndarray) -> None:
     gates, probs = np.asarray(gates, np.float64), np.asarray(probs, np.float64)
@@ -85,12 +93,15 @@ class RouterStatistics:
     self._kept += gates.sum(0)
     self._entropy += float(-(probs * np.log(np.maximum(probs, 1e-300))).sum())
     self._frames += gates.shape[0]
+    self._routes.update(tuple(np.flatnonzero(g > 0.5).tolist()) for g in gates)
 
   def summary(self) -> dict:
     n = max(self._frames, 1)
     kept = [] if self._kept is None else (self._kept / n).tolist()
     return {"keep_frequency": kept, "mean_entropy_nats": self._entropy / n, "num_frames": self._frames,
-            "layers_kept_per_frame": float(sum(kept))}
+            "layers_kept_per_frame": float(sum(kept)), "distinct_routes": len(self._routes),
+            "top_routes": [{"kept_layers": list(r), "frames": c}
+                           for r, c in self._routes.most_common(self._top_routes)]}
 
 
 def plot_router(summary: dict, out_dir: str) -> str:

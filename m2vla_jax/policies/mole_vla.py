@@ -28,8 +28,8 @@ Router statistics: `loss` reports 'router_entropy' (batch mean of the entropy of
 'router_logit_std' (batch mean of the logits' standard deviation over the L layers: the learned
 temperature tau scales it, so a router going uniform shows it falling towards 0 and one going one-hot
 shows it growing, with the entropy at ln L or 0 either way) and 'layer_keep' [L] (fraction of the batch
-keeping each layer); `route_statistics` accumulates the keep
-frequency over a dataset for the paper's figure.
+keeping each layer); evaluation.offline.RouterStatistics accumulates the keep
+frequency and the distinct routes over a dataset for the paper's figure.
 """
 from __future__ import annotations
 

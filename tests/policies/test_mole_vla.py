@@ -179,4 +179,12 @@ def test_router_statistics_over_frames(computed, tmp_path):
   entropy = np.mean([-(p * np.log(p)).sum() for p in probs.astype(np.float64)])
   np.testing.assert_allclose(summary["mean_entropy_nats"], entropy, rtol=1e-9)
   assert summary["layers_kept_per_frame"] == pytest.approx(4.0) and summary["num_frames"] == 4
+  routes = [tuple(np.flatnonzero(g).tolist()) for g in gates]
+  assert summary["distinct_routes"] == len(set(routes))
+  assert sorted((tuple(r["kept_layers"]), r["frames"]) for r in summary["top_routes"]) == sorted(
+      (r, routes.count(r)) for r in set(routes))
+  # One route repeated: the count a router that stopped learning shows.
+  same = offline.RouterStatistics()
+  same.add(np.repeat(gates[:1], 5, axis=0), np.repeat(probs[:1], 5, axis=0))
+  assert same.summary()["distinct_routes"] == 1 and same.summary()["top_routes"][0]["frames"] == 5
   assert (tmp_path / "router_keep.png").name in offline.plot_router(summary, str(tmp_path))
