@@ -23,7 +23,8 @@ Short args: steps (1500), batch (32), demos (30 per task), eval_episodes (10 per
 horizon (8), execute (4), lr (1e-3), width (64), mol, msm, suite ('spatial' | 'object'),
 tasks ('0-1' style or '0,3'), data_dir (demo cache), and the comparison rows of
 configs/sim_pretrained.py: method (m2 | full | lora | gse | mole; only m2 was measured here), rank,
-backbone_lr, skip, kd. Rows other than m2 run the LLM every step (only DINOv2's features are cached).
+backbone_lr, skip, kd, router_lr. Rows other than m2 run the LLM every step (only DINOv2's features
+are cached).
 """
 import os
 
@@ -51,7 +52,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   a = config_base.parse_arg(arg, steps=1500, batch=32, demos=30, eval_episodes=10, noise=0.1,
                             horizon=8, execute=4, lr=1e-3, width=64, mol=True, msm=True,
                             suite="spatial", tasks="0-1", method="m2", rank=16, backbone_lr=1e-5,
-                            skip=9, kd=0.5,
+                            skip=9, kd=0.5, router_lr=2e-5,
                             data_dir=os.environ.get("M2VLA_LIBERO_DATA", demos.DEFAULT_DATA_DIR))
   if a.suite not in ("spatial", "object"):
     raise config_base.ConfigError(f"config argument suite={a.suite!r}: the scripted experts cover "
@@ -109,6 +110,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                     f"{sim_pretrained.METHODS}")
     sim_pretrained.apply_method(c, ml_collections.ConfigDict(dict(
         method=a.method, rank=a.rank, backbone_lr=a.backbone_lr, skip=a.skip, kd=a.kd,
-        queries="frozen")))
+        router_lr=a.router_lr, queries="frozen")))
   c.lock()
   return c

@@ -118,6 +118,7 @@ def test_libero_cpu_config_evaluates_on_init_states_no_demo_started_from():
   assert lora.model.adapter.kind == "lora" and lora.model.adapter.rank == 8
   mole = config_base.load_config_file("configs/libero_cpu.py").get_config("method=mole,skip=6")
   assert mole.policy == "mole_vla" and mole.model.router.num_skip == 6
+  assert [tuple(g) for g in mole.optimizer.groups] == [("router", "vlm/router/.*", 2e-5)]
   assert (mole.model.num_cameras, mole.model.state_dim, mole.model.action_dim) == (2, 8, 7)
   with pytest.raises(config_base.ConfigError, match="method="):
     config_base.load_config_file("configs/libero_cpu.py").get_config("method=dora")

@@ -185,6 +185,7 @@ def test_libero_config_builds_every_suite_backbone_and_row():
   assert pretrained.model.adapter.kind == "lora" and pretrained.model.adapter.rank == 8
   mole = _libero_config("method=mole")
   assert mole.policy == "mole_vla" and mole.model.router.num_skip == 9 and mole.model.vlm == "paligemma_3b"
+  assert [tuple(g) for g in mole.optimizer.groups] == [("router", "vlm/router/.*", 2e-5)]
   for arg, match in [("suite=libero_100", "suite="), ("backbone=siglip", "backbone="),
                      ("method=dora", "method="), ("queries=some", "queries=")]:
     with pytest.raises(config_base.ConfigError, match=match):
