@@ -9,8 +9,8 @@
 Pure numpy float64; `plot_trajectories` draws predicted vs true first-step actions (matplotlib, Agg).
 
 `RouterStatistics` (layer-skipping policies, policies/mole_vla.py): how often each LLM layer is kept
-over the evaluated frames, the router's mean entropy and its distinct routes; `plot_router` draws the keep frequency per
-layer (MoLe-VLA's layer-usage figure).
+over the evaluated frames, the router's mean entropy and its distinct routes; `plot_router` draws the
+keep frequency per layer (MoLe-VLA's layer-usage figure).
 """
 from __future__ import annotations
 
