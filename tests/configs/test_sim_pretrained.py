@@ -23,6 +23,7 @@ from m2vla_jax.policies import registry
 from m2vla_jax.sim.metaworld import instructions
 from m2vla_jax.text import tokenizers
 from m2vla_jax.training import config_base
+from m2vla_jax.training import optimizer as optimizer_lib
 from m2vla_jax.training import pretrained
 from m2vla_jax.training import train_state
 from m2vla_jax.training import trainer
@@ -106,7 +107,6 @@ def test_every_method_loads_the_pretrained_image_tower(method):
 def test_mole_router_trains_in_its_own_group_at_router_lr():
   # At the head's 1e-3 the router's learned temperature runs away within ~30 steps (one route for
   # every input); its group must catch every router parameter and nothing else.
-  from m2vla_jax.training import optimizer as optimizer_lib
   for arg, lr in (("method=mole", 2e-5), ("method=mole,router_lr=1e-3", 1e-3)):
     c = _config(arg)
     assert [tuple(g) for g in c.optimizer.groups] == [("router", "vlm/router/.*", lr)]
@@ -116,7 +116,8 @@ def test_mole_router_trains_in_its_own_group_at_router_lr():
   trainable = jax.eval_shape(init_fn, jax.random.PRNGKey(0)).trainable
   rules = optimizer_lib.groups(c)
   by_group = {k: optimizer_lib.group_of(k, rules) for k in trainable}
-  assert {k for k, g in by_group.items() if g == "router"} == {k for k in trainable if k.startswith("vlm/router/")}
+  assert ({k for k, g in by_group.items() if g == "router"}
+          == {k for k in trainable if k.startswith("vlm/router/")})
   assert any(g == optimizer_lib.DEFAULT_GROUP for g in by_group.values())   # the head
   assert _config("method=m2").optimizer.groups == ()
 
