@@ -23,8 +23,10 @@ GFLOP are XLA's own count (`compiled.cost_analysis()`), from separately compiled
 scans fully unrolled (XLA counts a while loop's body once); for 'loop' the per-sample `lax.map` is a
 loop too, so b - 1 more samples' layers are added; 'union' counts both branches of its cond, so its
 rows show the layers it runs as a share of full depth's count. The timed programs keep the default scan.
+Before the last line, each batch's largest difference between the skipping programs and the masked
+full-depth one on the same routes: a fast path that computed something else would show there.
 
-  python bench/mole.py [--skip 9] [--image_tokens 64] [--text_tokens 16] [--repeats 5]
+  python bench/mole.py [--skip 9] [--image_tokens 64] [--text_tokens 16] [--repeats 5] [--dtype bfloat16]
 Last line: batch-1 speed-ups over full depth; the last number is router 256 + kept layers (higher is
 better).
 """
@@ -72,10 +74,12 @@ def main(argv=None):
   p.add_argument("--text_tokens", type=int, default=16)
   p.add_argument("--batches", default="1,8")
   p.add_argument("--repeats", type=int, default=5)
+  p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                 help="compute dtype (weights stay float32); bfloat16 is how a GPU would serve")
   a = p.parse_args(argv)
 
   def build(unroll):
-    cfg = gemma.get_config(a.variant, dtype="float32", remat_policy="none", scan_unroll=unroll)
+    cfg = gemma.get_config(a.variant, dtype=a.dtype, remat_policy="none", scan_unroll=unroll)
     return cfg, gemma.Gemma(cfg)
 
   cfg, model = build(1)
@@ -148,7 +152,7 @@ def main(argv=None):
     return float(c["flops"])
 
   _, unrolled = build(num_layers)
-  rows = []
+  rows, agreement = [], []
   for b in batches:
     timed = programs(model, b)
     counted = programs(unrolled, b)
@@ -156,6 +160,13 @@ def main(argv=None):
     jitted = {name: jax.jit(fn) for name, fn in timed.items()}
     fns = {name: (lambda f=f: jax.block_until_ready(f(params, router_params, x))) for name, f in jitted.items()}
     best = timed_interleaved(fns, a.repeats)
+    # The skipping programs must compute what the masked full-depth one does on the same routes.
+    ref = np.asarray(jitted["masked (public code)"](params, router_params, x), np.float64)
+    same_route = ["kept layers"] if b == 1 else ["kept layers, per-sample gather",
+                                                 "kept layers, per-sample loop", "union, per-sample routes"]
+    agreement.append((b, max(float(np.max(np.abs(np.asarray(jitted[n](params, router_params, x),
+                                                              np.float64) - ref)))
+                             for n in same_route), float(np.max(np.abs(ref)))))
     counts = {name: flops(fn, b) for name, fn in counted.items()}
     # The 'loop' programs' per-sample lax.map is a while loop counted once: add the other b - 1 samples
     # (one sample's k layers = the LLM-only loop program's count).
@@ -170,7 +181,7 @@ def main(argv=None):
       rows.append((name, b, best[name], counts[name] + ((b - 1) * per_sample if "loop" in name else 0)))
 
   dev = jax.devices()[0]
-  print(f"{a.variant} ({num_layers} layers, width {cfg.width}) forward, float32, prefix {n_img} image + "
+  print(f"{a.variant} ({num_layers} layers, width {cfg.width}) forward, {a.dtype}, prefix {n_img} image + "
         f"{n_txt} text tokens, {skip} of {num_layers} layers skipped (k = {k}); device {dev.device_kind}"
         f" ({dev.platform}), best of {a.repeats} interleaved rounds")
   print(f"{'variant':<34} {'batch':>5} {'ms':>9} {'speed-up':>9} {'GFLOP':>8} {'FLOP ratio':>10}")
@@ -179,6 +190,9 @@ def main(argv=None):
     _, _, base_sec, base_fl = base[b]
     print(f"{name:<34} {b:>5} {sec * 1e3:>9.1f} {base_sec / sec:>9.2f} {fl / 1e9:>8.2f} "
           f"{base_fl / fl:>10.2f}")
+  for b, diff, scale in agreement:
+    print(f"batch {b}: skipping programs vs masked full depth on the same routes, max |diff| {diff:.2e}"
+          f" (outputs up to {scale:.1f})")
   if 1 in batches:
     b1 = {r[0]: r[2] for r in rows if r[1] == 1}
     up = lambda name: b1["full depth"] / b1[name]
