@@ -54,24 +54,39 @@ ALL_SLOT_IMPLS = ("masked", "union")
 TEMPERATURES = ("learned", "fixed")
 
 
-def resolve_impl(skip_impl: str, batch: int) -> str:
+# Largest batch at which 'auto' takes the per-sample parameter gather on a GPU: the batch measured.
+GPU_GATHER_MAX_BATCH = 8
+
+
+def resolve_impl(skip_impl: str, batch: int, platform: str | None = None) -> str:
   """The implementation 'auto' stands for at this (static) batch size; any other is returned as is.
 
+  platform: the backend the program compiles for ('cpu', 'gpu', 'tpu'); default jax.default_backend().
+
   Batch 1: the kept layers alone (a route shared by the batch, no gather or loop), ~1.9x faster than
-  full depth. Batch > 1, where routes are per sample: 'union', every layer some sample keeps, batched
-  and masked: `bench/mole.py --batches 8 --image_tokens 16 --text_tokens 12` (9 of 18 skipped),
-  one route for the batch 2.05x faster than full depth (the kept layers alone: 2.06x), distinct
-  routes covering all 18 layers 1.07x (masked 1.00x). Skipping with per-sample weights did not pay
-  there on 2 CPU cores: the backbone of a
-  `configs/sim_pretrained.py:method=mole` run (DINOv2 + Gemma 3 270M, 28 prefix + 16 query tokens,
-  9 of 18 layers skipped), batch 8, timed interleaved: masked 1.08 s = full depth 1.07 s < 'loop'
-  1.38 s < 'gather' 2.10 s (bench/mole.py's 80-token prefix had 'loop' 1.3x faster than full depth).
+  full depth on CPU, 1.8x on an H200 GPU (float32; 1.7x in bfloat16).
+  Batch > 1, where routes are per sample, the answer depends on the device:
+  - CPU (and TPU, not measured): 'union', every layer some sample keeps, batched and masked:
+    `bench/mole.py --batches 8 --image_tokens 16 --text_tokens 12` (9 of 18 skipped), one route for
+    the batch 2.05x faster than full depth (the kept layers alone: 2.06x), distinct routes covering
+    all 18 layers 1.07x (masked 1.00x). Skipping with per-sample weights did not pay there on 2 CPU
+    cores: the backbone of a `configs/sim_pretrained.py:method=mole` run (DINOv2 + Gemma 3 270M,
+    28 prefix + 16 query tokens, 9 of 18 layers skipped), batch 8, timed interleaved: masked 1.08 s =
+    full depth 1.07 s < 'loop' 1.38 s < 'gather' 2.10 s.
+  - GPU, batch up to GPU_GATHER_MAX_BATCH: 'gather'. `bench/mole.py --batches 8` on one H200
+    (float32, 80 tokens, docs/results/gpu/mole_h200.txt): per-sample gather 1.24x faster than full
+    depth, where union over distinct routes is 0.95x and 'loop' 0.49x (one route for all: kept
+    layers 1.64x, union 1.50x). The weight gather is cheap at HBM bandwidth, and the batched matmuls
+    it defeats are latency-bound at these sizes anyway. Larger batches were not measured: 'union'.
   """
   if skip_impl not in SKIP_IMPLS:
     raise ValueError(f"skip_impl={skip_impl!r}; use one of {SKIP_IMPLS}")
   if skip_impl != "auto":
     return skip_impl
-  return "gather" if batch == 1 else "union"
+  if batch == 1:
+    return "gather"
+  platform = jax.default_backend() if platform is None else platform
+  return "gather" if platform == "gpu" and batch <= GPU_GATHER_MAX_BATCH else "union"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,10 +114,11 @@ class RouterConfig:
       (docs/results/metaworld_runs.md, "MoLe-VLA").
     dtype: compute dtype of the router (parameters stay float32; logits are returned in float32).
     skip_impl: how the chosen layers run: 'auto' (default: `resolve_impl`, the kept layers alone
-      at batch 1, 'union' above), 'gather' (only the kept layers; per-sample routes by a
-      per-sample parameter gather, vmapped), 'loop' (only the kept layers; per-sample routes one
-      sample after another, each with its own shared-route scan), 'masked' (every layer computed and
-      masked: the public code's formulation, no saving, and its gradient: skipped gates get one),
+      at batch 1, 'union' above; 'gather' up to batch 8 on a GPU), 'gather' (only the kept layers;
+      per-sample routes by a per-sample parameter gather, vmapped), 'loop' (only the kept layers;
+      per-sample routes one sample after another, each with its own shared-route scan), 'masked'
+      (every layer computed and masked: the public code's formulation, no saving, and its gradient:
+      skipped gates get one),
       'union' (masked, but a layer no sample keeps is not computed: `run_union_layers`).
       All give the same forward; a batch of one always takes the shared-route path.
       Measured on 2 CPU cores, Gemma 3 270M, 80 tokens, 9 of 18 layers (`bench/mole.py`): batch 1,

@@ -253,8 +253,12 @@ def test_per_sample_strategies_and_a_shared_route_agree():
   np.testing.assert_allclose(shared["hidden"], per_sample["hidden"], **TOL)
 
 
-def test_auto_runs_only_the_kept_layers_at_batch_1_and_the_union_above():
-  assert [ls.resolve_impl("auto", b) for b in (1, 2, 8)] == ["gather", "union", "union"]
+def test_auto_runs_the_kept_layers_at_batch_1_and_the_union_above_or_the_gather_on_gpu():
+  assert [ls.resolve_impl("auto", b) for b in (1, 2, 8)] == ["gather", "union", "union"]  # cpu here
+  assert [ls.resolve_impl("auto", b, "gpu") for b in (1, 8, ls.GPU_GATHER_MAX_BATCH + 1)] == [
+      "gather", "gather", "union"]
+  assert ls.resolve_impl("auto", 8, "tpu") == "union"
+  assert ls.resolve_impl("masked", 8, "gpu") == "masked"
   assert ls.resolve_impl("loop", 8) == "loop" and ls.RouterConfig(num_skip=1).skip_impl == "auto"
   with pytest.raises(ValueError, match="skip_impl='scatter'"):
     ls.resolve_impl("scatter", 1)
