@@ -19,8 +19,8 @@ in bfloat16) or `backbone=dinov2_gemma3` (DINOv2 ViT-S/14 + Gemma 3 270M from th
 configs/sim_pretrained.py: nothing REQUIRED beyond the data).
 
 The policy and the comparison rows are configs/sim_pretrained.py's `method=` (m2 | full | lora | gse |
-mole, with rank, backbone_lr, skip (9 of both backbones' 18 layers), kd, router_lr (2e-5)): the same
-recipes on this data.
+mole, with rank, backbone_lr, skip (of both backbones' 18 layers), kd, router_lr; defaults from its
+METHOD_DEFAULTS): the same recipes on this data.
 
 Short args: suite (spatial | object | goal | 10 | all), backbone, method, rank, backbone_lr, skip, kd,
 router_lr, batch (64), steps (15000), lr (1e-4), fsdp (1), queries ('train': the paper's learnable
@@ -42,9 +42,10 @@ MAX_TOKENS = 32
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  a = config_base.parse_arg(arg, suite="spatial", backbone="paligemma", method="m2", rank=16,
-                            backbone_lr=1e-5, skip=9, kd=0.5, router_lr=2e-5, batch=64, steps=15_000,
-                            lr=1e-4, fsdp=1, queries="train")
+  sim_pretrained = config_base.load_config_file("sim_pretrained.py", relative_to=__file__)
+  a = config_base.parse_arg(arg, suite="spatial", backbone="paligemma", batch=64, steps=15_000,
+                            lr=1e-4, fsdp=1, queries="train", **sim_pretrained.METHOD_DEFAULTS)
+  sim_pretrained.check_method(a.method)
   if str(a.suite) not in SUITES:
     raise config_base.ConfigError(f"config argument suite={a.suite!r}: use one of {SUITES}")
   if a.backbone not in BACKBONES:
@@ -107,14 +108,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # The released demonstrations have one split: no held-out loss; the closed loop is the measure.
   c.eval_every = 0
 
-  method = ml_collections.ConfigDict(dict(method=a.method, rank=a.rank, backbone_lr=a.backbone_lr,
-                                          skip=a.skip, kd=a.kd, router_lr=a.router_lr,
-                                          queries=a.queries))
-  if a.method != "m2":
-    sim_pretrained = config_base.load_config_file("sim_pretrained.py", relative_to=__file__)
-    if a.method not in sim_pretrained.METHODS:
-      raise config_base.ConfigError(f"config argument method={a.method!r}: use one of "
-                                    f"{sim_pretrained.METHODS}")
-    sim_pretrained.apply_method(c, method)
+  sim_pretrained.apply_method(c, sim_pretrained.method_args(a, queries=a.queries))
   c.lock()
   return c

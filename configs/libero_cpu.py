@@ -49,11 +49,13 @@ def _tasks(spec: str) -> tuple[int, ...]:
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  sim_pretrained = config_base.load_config_file("sim_pretrained.py", relative_to=__file__)
   a = config_base.parse_arg(arg, steps=1500, batch=32, demos=30, eval_episodes=10, noise=0.1,
                             horizon=8, execute=4, lr=1e-3, width=64, mol=True, msm=True,
-                            suite="spatial", tasks="0-1", method="m2", rank=16, backbone_lr=1e-5,
-                            skip=9, kd=0.5, router_lr=2e-5,
-                            data_dir=os.environ.get("M2VLA_LIBERO_DATA", demos.DEFAULT_DATA_DIR))
+                            suite="spatial", tasks="0-1",
+                            data_dir=os.environ.get("M2VLA_LIBERO_DATA", demos.DEFAULT_DATA_DIR),
+                            **sim_pretrained.METHOD_DEFAULTS)
+  sim_pretrained.check_method(a.method)
   if a.suite not in ("spatial", "object"):
     raise config_base.ConfigError(f"config argument suite={a.suite!r}: the scripted experts cover "
                                   f"'spatial' and 'object'")
@@ -103,13 +105,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.feature_cache.stage = "auto"
   c.feature_cache.dtype = "bfloat16"
   config_base.single_checkpoint_schedule(c, steps=a.steps, lr=a.lr, warmup_steps=100)
-  if a.method != "m2":
-    sim_pretrained = config_base.load_config_file("sim_pretrained.py", relative_to=__file__)
-    if a.method not in sim_pretrained.METHODS:
-      raise config_base.ConfigError(f"config argument method={a.method!r}: use one of "
-                                    f"{sim_pretrained.METHODS}")
-    sim_pretrained.apply_method(c, ml_collections.ConfigDict(dict(
-        method=a.method, rank=a.rank, backbone_lr=a.backbone_lr, skip=a.skip, kd=a.kd,
-        router_lr=a.router_lr, queries="frozen")))
+  sim_pretrained.apply_method(c, sim_pretrained.method_args(a, queries="frozen"))
   c.lock()
   return c

@@ -53,20 +53,20 @@ from m2vla_jax.training import config_base
 # (tests/configs/test_sim_pretrained.py checks them all); every cached frame stores this many text positions.
 MAX_TOKENS = 12
 METHODS = ("m2", "full", "lora", "gse", "mole")
+# The comparison rows' short args and their defaults (module docstring). configs/libero.py and
+# libero_cpu.py take the same ones from here, so a recipe change reaches every benchmark.
+METHOD_DEFAULTS = dict(method="m2", rank=16, backbone_lr=1e-5, skip=9, kd=0.5, router_lr=2e-5)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  own = ("queries", "projector", "image_size", "method", "rank", "backbone_lr", "skip", "kd",
-         "router_lr")
+  own = ("queries", "projector", "image_size") + tuple(METHOD_DEFAULTS)
   items = [i for i in (arg or "").split(",") if i]
   a = config_base.parse_arg(",".join(i for i in items if i.split("=", 1)[0] in own),
-                            queries="frozen", projector="frozen", image_size=112, method="m2", rank=16,
-                            backbone_lr=1e-5, skip=9, kd=0.5, router_lr=2e-5)
+                            queries="frozen", projector="frozen", image_size=112, **METHOD_DEFAULTS)
   for name in ("queries", "projector"):
     if a[name] not in ("frozen", "train"):
       raise config_base.ConfigError(f"config argument {name}={a[name]!r}: use 'frozen' or 'train'")
-  if a.method not in METHODS:
-    raise config_base.ConfigError(f"config argument method={a.method!r}: use one of {METHODS}")
+  check_method(a.method)
   # configs/sim.py's arguments, with this config's defaults first (a later item wins): evaluation
   # runs the 22M + 270M backbone live, so fewer episodes and 4 of 8 actions per policy call; 2000
   # steps (configs/sim.py: 3000) because the 18-block head makes a cached step ~6x the tiny default's
@@ -111,10 +111,22 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   return c
 
 
+def check_method(method: str) -> None:
+  if method not in METHODS:
+    raise config_base.ConfigError(f"config argument method={method!r}: use one of {METHODS}")
+
+
+def method_args(a: ml_collections.ConfigDict, queries: str) -> ml_collections.ConfigDict:
+  """`apply_method`'s argument from another config's parsed short args (METHOD_DEFAULTS' keys)."""
+  return ml_collections.ConfigDict(dict({k: a[k] for k in METHOD_DEFAULTS}, queries=queries))
+
+
 def apply_method(c: ml_collections.ConfigDict, a: ml_collections.ConfigDict) -> None:
-  """In place: the comparison row `a.method` (module docstring) on the M²-VLA config built above."""
+  """In place: the comparison row `a.method` (module docstring) on an M²-VLA config (this file's, or
+  configs/libero*.py's); 'm2' leaves it as it is. `a` holds METHOD_DEFAULTS' keys and `queries`."""
   from m2vla_jax.policies import m2vla  # pylint: disable=g-import-not-at-top
   from m2vla_jax.policies import mole_vla  # pylint: disable=g-import-not-at-top
+  check_method(a.method)
   if a.method == "full":
     c.model.trainable = [(".*", True)]
     c.optimizer.groups = (("backbone", "vlm/.*", float(a.backbone_lr)),)
