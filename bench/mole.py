@@ -152,6 +152,14 @@ def main(argv=None):
     return float(c["flops"])
 
   _, unrolled = build(num_layers)
+  # Each batch's rows print as soon as they are measured (flushed): a run stopped by a time limit
+  # (large batches compile many programs) keeps what it finished.
+  dev = jax.devices()[0]
+  print(f"{a.variant} ({num_layers} layers, width {cfg.width}) forward, {a.dtype}, prefix {n_img} image + "
+        f"{n_txt} text tokens, {skip} of {num_layers} layers skipped (k = {k}); device {dev.device_kind}"
+        f" ({dev.platform}), best of {a.repeats} interleaved rounds")
+  print(f"{'variant':<34} {'batch':>5} {'ms':>9} {'speed-up':>9} {'GFLOP':>8} {'FLOP ratio':>10}",
+        flush=True)
   rows, agreement = [], []
   for b in batches:
     timed = programs(model, b)
@@ -175,21 +183,18 @@ def main(argv=None):
     # as that share of full depth (the layer stack is all of an LLM-only program's work).
     union = {"union, one route for all": k,
              "union, per-sample routes": int(np.any(np.asarray(gates_all[:b]) > 0, axis=0).sum())}
+    batch_rows = []
     for name in timed:
       if name in union:
         counts[name] = counts["full depth"] * union[name] / num_layers
-      rows.append((name, b, best[name], counts[name] + ((b - 1) * per_sample if "loop" in name else 0)))
+      batch_rows.append((name, b, best[name],
+                         counts[name] + ((b - 1) * per_sample if "loop" in name else 0)))
+    _, _, base_sec, base_fl = batch_rows[0]   # full depth
+    for name, _, sec, fl in batch_rows:
+      print(f"{name:<34} {b:>5} {sec * 1e3:>9.1f} {base_sec / sec:>9.2f} {fl / 1e9:>8.2f} "
+            f"{base_fl / fl:>10.2f}", flush=True)
+    rows += batch_rows
 
-  dev = jax.devices()[0]
-  print(f"{a.variant} ({num_layers} layers, width {cfg.width}) forward, {a.dtype}, prefix {n_img} image + "
-        f"{n_txt} text tokens, {skip} of {num_layers} layers skipped (k = {k}); device {dev.device_kind}"
-        f" ({dev.platform}), best of {a.repeats} interleaved rounds")
-  print(f"{'variant':<34} {'batch':>5} {'ms':>9} {'speed-up':>9} {'GFLOP':>8} {'FLOP ratio':>10}")
-  base = {b: next(r for r in rows if r[0] == "full depth" and r[1] == b) for b in batches}
-  for name, b, sec, fl in rows:
-    _, _, base_sec, base_fl = base[b]
-    print(f"{name:<34} {b:>5} {sec * 1e3:>9.1f} {base_sec / sec:>9.2f} {fl / 1e9:>8.2f} "
-          f"{base_fl / fl:>10.2f}")
   for b, diff, scale in agreement:
     print(f"batch {b}: skipping programs vs masked full depth on the same routes, max |diff| {diff:.2e}"
           f" (outputs up to {scale:.1f})")
